@@ -1,0 +1,268 @@
+"""Typed, validated views of the Hydra config.
+
+Every check runs before a process group exists, and every failure is a
+``ConfigError`` whose message names the key and what would be valid.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+BACKENDS = ("auto", "gloo", "nccl")
+BUILTIN_HOOKS = ("allreduce", "fp16", "bf16", "powersgd", "mpi")
+AMP_MODES = ("none", "bf16")
+WANDB_MODES = ("offline", "online", "disabled")
+MODELS = ("resnet18", "resnet50", "transformer", "mlp")
+DATA_KINDS = ("images", "imagefolder", "tokens", "vectors")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class ConfigError(ValueError):
+    """A configuration or command-line mistake, reported as one line."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive_int(key: str, value: Any, allow_zero: bool = False) -> int:
+    lowest = 0 if allow_zero else 1
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= lowest,
+        f"{key} must be an integer >= {lowest} (got {value!r})",
+    )
+    return value
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    """Measured steps."""
+    warmup_steps: int
+    """Steps run before the measured ones, left out of every statistic."""
+    batch_size: int
+    """Samples per rank per step (ignored when global_batch_size is set)."""
+    global_batch_size: int | None
+    """When set, per-rank batch = global / world size (strong scaling)."""
+    log_every: int
+    """Steps between cross-rank gathers, flushes of steps.jsonl and progress lines."""
+    amp: str
+    """none | bf16 autocast."""
+    seed: int
+
+    def __post_init__(self) -> None:
+        _positive_int("train.steps", self.steps)
+        _positive_int("train.warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive_int("train.batch_size", self.batch_size)
+        if self.global_batch_size is not None:
+            _positive_int("train.global_batch_size", self.global_batch_size)
+        _positive_int("train.log_every", self.log_every)
+        _require(self.amp in AMP_MODES, f"train.amp must be one of {'|'.join(AMP_MODES)} (got {self.amp!r})")
+
+    def per_rank_batch(self, world_size: int) -> int:
+        if self.global_batch_size is None:
+            return self.batch_size
+        _require(
+            self.global_batch_size % world_size == 0,
+            f"train.global_batch_size={self.global_batch_size} is not divisible by the world size "
+            f"{world_size}; choose a multiple of {world_size}",
+        )
+        return self.global_batch_size // world_size
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    backend: str
+    """auto (nccl with CUDA, else gloo) | gloo | nccl."""
+    bucket_cap_mb: float
+    """DDP gradient bucket size."""
+    timeout_s: float
+    """Process-group timeout: how long a rank waits for a dead or hung peer."""
+    threads: int | str
+    """Intra-op threads per process, or auto."""
+
+    def __post_init__(self) -> None:
+        _require(self.backend in BACKENDS, f"dist.backend must be one of {'|'.join(BACKENDS)} (got {self.backend!r})")
+        _require(
+            isinstance(self.bucket_cap_mb, (int, float)) and self.bucket_cap_mb > 0,
+            f"dist.bucket_cap_mb must be a number > 0 (got {self.bucket_cap_mb!r})",
+        )
+        _require(
+            isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0,
+            f"dist.timeout_s must be a number of seconds > 0 (got {self.timeout_s!r})",
+        )
+        if self.threads != "auto":
+            _positive_int("dist.threads", self.threads)
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    hook: str
+    """allreduce | fp16 | bf16 | powersgd | mpi | package.module:function."""
+    powersgd_rank: int
+
+    def __post_init__(self) -> None:
+        _positive_int("comm.powersgd_rank", self.powersgd_rank)
+        if self.hook in BUILTIN_HOOKS:
+            return
+        _require(
+            ":" in self.hook,
+            f"comm.hook must be one of {'|'.join(BUILTIN_HOOKS)} or package.module:function (got {self.hook!r})",
+        )
+        resolve_user_hook(self.hook)
+
+
+def resolve_user_hook(spec: str):
+    """Import ``package.module:function``; a ConfigError names what is missing."""
+    module_name, _, func_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"comm.hook={spec!r}: cannot import module {module_name!r} ({exc})") from None
+    hook = getattr(module, func_name, None)
+    _require(callable(hook), f"comm.hook={spec!r}: module {module_name!r} has no callable {func_name!r}")
+    return hook
+
+
+@dataclass(frozen=True)
+class InstrumentConfig:
+    enabled: bool
+    """False: the same loop with nothing but a per-step wall clock."""
+    flops: bool
+    memory: bool
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    root: str
+    run_id: str | None
+
+    def __post_init__(self) -> None:
+        check_writable("paths.root", Path(self.root))
+        if self.run_id is not None:
+            _require(
+                bool(self.run_id) and "/" not in self.run_id and self.run_id not in (".", ".."),
+                f"paths.run_id must be a plain directory name (got {self.run_id!r})",
+            )
+
+
+def check_writable(key: str, path: Path) -> None:
+    """The nearest existing ancestor of ``path`` must be a writable directory."""
+    probe = path.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    _require(probe.is_dir(), f"{key}={str(path)!r}: {str(probe)!r} exists and is not a directory")
+    _require(os.access(probe, os.W_OK | os.X_OK), f"{key}={str(path)!r}: {str(probe)!r} is not writable")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    mode: str
+    project: str
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(self.mode in WANDB_MODES, f"logger.wandb.mode must be one of {'|'.join(WANDB_MODES)} (got {self.mode!r})")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything the training job reads, validated."""
+
+    exp_name: str
+    train: TrainConfig
+    dist: DistConfig
+    comm: CommConfig
+    instrument: InstrumentConfig
+    paths: PathsConfig
+    wandb: WandbConfig
+    console: bool
+    study_name: str
+    study_kind: str
+    peak_tflops: float | None
+    model: dict[str, Any]
+    data: dict[str, Any]
+    optim: dict[str, Any]
+    raw: dict[str, Any]
+    """The resolved config, as written to config.yaml."""
+
+    def __post_init__(self) -> None:
+        _require(self.model.get("name") in MODELS, f"model must be one of {'|'.join(MODELS)} (got {self.model.get('name')!r})")
+        _require(self.data.get("kind") in DATA_KINDS, f"data.kind must be one of {'|'.join(DATA_KINDS)} (got {self.data.get('kind')!r})")
+        _require(self.optim.get("name") in OPTIMIZERS, f"optim must be one of {'|'.join(OPTIMIZERS)} (got {self.optim.get('name')!r})")
+        _require(bool(self.study_name) and "/" not in self.study_name, f"study.name must be a plain directory name (got {self.study_name!r})")
+        if self.peak_tflops is not None:
+            _require(
+                isinstance(self.peak_tflops, (int, float)) and self.peak_tflops > 0,
+                f"hardware.peak_tflops must be a number > 0 or null (got {self.peak_tflops!r})",
+            )
+        if self.data["kind"] == "imagefolder":
+            root = self.data.get("root")
+            _require(root not in (None, "", "???"), "data.root must be set for data=imagefolder (a folder of <class>/<image> files)")
+            _require(Path(root).is_dir(), f"data.root={root!r} is not a directory (data=imagefolder needs root/<class>/<image>)")
+        model_is_images = self.model["kind"] == "resnet"
+        data_is_images = self.data["kind"] in ("images", "imagefolder")
+        _require(
+            model_is_images == data_is_images
+            and (self.model["kind"] != "transformer" or self.data["kind"] == "tokens")
+            and (self.model["kind"] != "mlp" or self.data["kind"] == "vectors"),
+            f"model={self.model['name']} cannot train on data={self.data.get('name')}: "
+            "resnet takes synthetic_images|imagefolder, transformer synthetic_tokens, mlp synthetic_vectors",
+        )
+
+
+def _section(cfg: dict[str, Any], key: str) -> dict[str, Any]:
+    value = cfg.get(key)
+    _require(isinstance(value, dict), f"config section {key!r} is missing")
+    return value
+
+
+def _typed(cls, key: str, section: dict[str, Any]):
+    names = {f.name for f in cls.__dataclass_fields__.values()}
+    unknown = sorted(set(section) - names)
+    _require(not unknown, f"unknown key {key}.{unknown[0]}; valid keys: {', '.join(sorted(names))}")
+    try:
+        return cls(**section)
+    except TypeError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """Resolve interpolations; a missing mandatory value (???) becomes a ConfigError."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    except Exception as exc:  # omegaconf.errors.MissingMandatoryValue and friends
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"{key} must be set ({type(exc).__name__})") from None
+
+
+def parse(cfg: DictConfig | dict[str, Any]) -> RunConfig:
+    raw = to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+    study = raw.get("study") or {}
+    logger = _section(raw, "logger")
+    hardware = raw.get("hardware") or {}
+    return RunConfig(
+        exp_name=str(raw.get("exp_name", "default")),
+        train=_typed(TrainConfig, "train", _section(raw, "train")),
+        dist=_typed(DistConfig, "dist", _section(raw, "dist")),
+        comm=_typed(CommConfig, "comm", _section(raw, "comm")),
+        instrument=_typed(InstrumentConfig, "instrument", _section(raw, "instrument")),
+        paths=_typed(PathsConfig, "paths", _section(raw, "paths")),
+        wandb=_typed(WandbConfig, "logger.wandb", _section(logger, "wandb")),
+        console=bool(logger.get("console", True)),
+        study_name=str(study.get("name", "adhoc")),
+        study_kind=str(study.get("kind", "adhoc")),
+        peak_tflops=hardware.get("peak_tflops"),
+        model=_section(raw, "model"),
+        data=_section(raw, "data"),
+        optim=_section(raw, "optim"),
+        raw=raw,
+    )
