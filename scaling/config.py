@@ -228,7 +228,8 @@ def _section(cfg: dict[str, Any], key: str) -> dict[str, Any]:
 def _typed(cls, key: str, section: dict[str, Any]):
     names = {f.name for f in cls.__dataclass_fields__.values()}
     unknown = sorted(set(section) - names)
-    _require(not unknown, f"unknown key {key}.{unknown[0]}; valid keys: {', '.join(sorted(names))}")
+    if unknown:
+        raise ConfigError(f"unknown key {key}.{unknown[0]}; valid keys: {', '.join(sorted(names))}")
     try:
         return cls(**section)
     except TypeError as exc:

@@ -1,0 +1,104 @@
+"""Human-readable output: per-rank loggers and the end-of-run table."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+def make_logger(rank: int, console: bool) -> logging.Logger:
+    """Rank 0 logs to the console; every rank logs to its file once the run folder exists."""
+    logger = logging.getLogger(f"scaling.rank{rank}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.handlers.clear()
+    if console and rank == 0:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    return logger
+
+
+def add_file(logger: logging.Logger, path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    if n >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    return f"{n / MIB:.1f} MiB"
+
+
+def fmt_flops(n: float | None) -> str:
+    if not n:
+        return "-"
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} FLOP"
+
+
+def verdict_sentence(summary: dict[str, Any], world_size: int) -> str:
+    bound = summary.get("bound")
+    pct = {k: 100 * summary.get(f"{k}_frac", 0.0) for k in ("compute", "comm_exposed", "data", "other")}
+    hidden = 100 * summary.get("overlap", 0.0)
+    if bound == "communication":
+        return (f"Communication-bound on {world_size} processes: the exposed gradient all-reduce is "
+                f"{pct['comm_exposed']:.0f}% of the step (compute {pct['compute']:.0f}%), and only "
+                f"{hidden:.0f}% of the communication is hidden behind backward.")
+    if bound == "data":
+        return (f"Data-bound on {world_size} processes: waiting for batches is {pct['data']:.0f}% of the step "
+                f"(compute {pct['compute']:.0f}%); more loader workers or faster storage would help first.")
+    return (f"Compute-bound on {world_size} processes: compute is {pct['compute']:.0f}% of the step; exposed "
+            f"communication is {pct['comm_exposed']:.0f}% ({hidden:.0f}% of the all-reduce is hidden behind backward).")
+
+
+def render(run: dict[str, Any]) -> str:
+    s = run.get("summary", {})
+    lines = [
+        f"run {run['run_id']}: {run['exp']} ({run['model']}) on {run['world_size']} process(es), "
+        f"{run['nodes']} node(s), {run['backend']} on {run['device']}, {run['threads_per_process']} thread(s) each",
+        f"  batch {run['batch_size_per_rank']} per rank, {run['global_batch_size']} global; "
+        f"{s.get('steps', 0)} measured steps after {run['warmup_steps']} warm-up",
+        "",
+        f"  step time (median)   {s.get('step_s', 0):9.4f} s   (p05 {s.get('step_s_p05', 0):.4f}, p95 {s.get('step_s_p95', 0):.4f})",
+        f"  throughput           {s.get('samples_per_s', 0):9.1f} samples/s",
+    ]
+    if "compute_s" not in s:
+        lines.append("  (instrumentation off: only the step wall clock was measured)")
+        return "\n".join(lines)
+    lines += ["", "  where the step goes        seconds    share"]
+    for label, key in (("compute", "compute"), ("exposed communication", "comm_exposed"), ("data loading", "data"),
+                       ("framework overhead", "other")):
+        lines.append(f"    {label:<22} {s[f'{key}_s']:9.4f}   {100 * s[f'{key}_frac']:5.1f}%")
+    lines += [
+        "",
+        f"  gradient all-reduce: busy {s['comm_s']:.4f} s, exposed {s['comm_exposed_s']:.4f} s, "
+        f"overlap {100 * s['overlap']:.0f}%, {fmt_bytes(s['comm_bytes'])} per step, "
+        f"bus bandwidth {s['busbw_GBps']:.2f} GB/s",
+    ]
+    memory = run.get("memory", {}).get("max")
+    if memory:
+        lines += ["", "  memory per rank (max over ranks)"]
+        for key in ("params", "grads", "optimizer_state", "activations", "comm_buffers", "peak", "rss_peak"):
+            lines.append(f"    {key:<22} {fmt_bytes(memory.get(key)):>12}")
+    flops = run.get("flops") or {}
+    if flops.get("per_sample"):
+        mfu = flops.get("mfu")
+        lines += [
+            "",
+            f"  FLOPs per sample {fmt_flops(flops['per_sample'])}, achieved {fmt_flops(flops.get('achieved_per_s'))}/s "
+            f"per rank, peak {fmt_flops(flops.get('peak_per_s'))}/s ({flops.get('peak_source')}), "
+            f"MFU {100 * mfu:.1f}%" if mfu is not None else "",
+        ]
+    lines += ["", "  " + verdict_sentence(s, run["world_size"])]
+    return "\n".join(lines)

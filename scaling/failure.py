@@ -1,0 +1,181 @@
+"""What happens when a rank fails.
+
+Every rank that sees an exception writes ``logs/rank<R>.error.json``. One rank
+writes the failed ``run.json``: the first to claim ``logs/.finalized`` (an
+exclusive create, safe across processes and hosts sharing the folder). A rank
+whose own code raised claims at once; a rank that only saw the consequence
+(a broken connection, a timeout, the launcher's SIGTERM) waits briefly so that
+the root cause can be named, then names the ranks that never reported (killed).
+The finalizer rebuilds ``steps.jsonl`` from the per-rank step files, so every
+step measured on all ranks is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scaling.instruments import aggregate
+from scaling.records import RunFiles, atomic_write_text, read_json, read_rank_steps, write_json
+
+WAIT_FOR_ROOT_CAUSE_S = 2.0
+
+
+class Terminated(BaseException):
+    """A signal asked this rank to stop (launcher teardown, scheduler time limit, preemption)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        name = signal.Signals(signum).name
+        reason = {
+            "SIGTERM": "the launcher or scheduler ended the job",
+            "SIGUSR1": "the scheduler's early-stop signal (time limit or preemption ahead)",
+        }.get(name, "")
+        super().__init__(f"stopped by {name}" + (f": {reason}" if reason else ""))
+
+
+class SignalGuard:
+    """Turns SIGTERM/SIGUSR1 into ``Terminated`` until failure handling begins."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.handling = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalGuard:
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._raise)
+        return self
+
+    def _raise(self, signum: int, frame: Any) -> None:
+        if not self.handling:
+            raise Terminated(signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+COMM_ERROR_MARKERS = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout",
+                      "gloo", "nccl", "socket", "peer", "abort")
+
+
+def is_root_cause(exc: BaseException) -> bool:
+    """False for errors that are the consequence of another rank's failure."""
+    if isinstance(exc, (Terminated, KeyboardInterrupt)):
+        return False
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return False
+    text = str(exc).lower()
+    return not (isinstance(exc, RuntimeError) and any(marker in text for marker in COMM_ERROR_MARKERS))
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C / SIGINT)"
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def record_rank_error(files: RunFiles, exc: BaseException) -> dict[str, Any]:
+    entry = {
+        "rank": files.rank,
+        "root_cause": is_root_cause(exc),
+        "error": describe(exc),
+        "time": time.time(),
+        "traceback": "".join(traceback.format_exception(exc))[-4000:],
+    }
+    atomic_write_text(files.logs / f"rank{files.rank}.error.json", json.dumps(entry, indent=2))
+    return entry
+
+
+def _claim(files: RunFiles) -> bool:
+    try:
+        fd = os.open(files.logs / ".finalized", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, str(files.rank).encode())
+    os.close(fd)
+    return True
+
+
+def _rank_errors(files: RunFiles, world_size: int) -> dict[int, dict[str, Any]]:
+    errors = {}
+    for rank in range(world_size):
+        path = files.logs / f"rank{rank}.error.json"
+        try:
+            errors[rank] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    return errors
+
+
+def failure_cause(own: dict[str, Any], errors: dict[int, dict[str, Any]], world_size: int) -> str:
+    roots = sorted((e for e in errors.values() if e["root_cause"]), key=lambda e: e["time"])
+    if roots:
+        return f"rank {roots[0]['rank']} failed: {roots[0]['error']}"
+    silent = [rank for rank in range(world_size) if rank not in errors]
+    if silent:
+        names = ", ".join(map(str, silent))
+        return (f"rank {names} ended without reporting an error (killed by a signal or crashed); "
+                f"rank {own['rank']} saw: {own['error']}")
+    return f"rank {own['rank']}: {own['error']}"
+
+
+def rebuild_steps(files: RunFiles, world_size: int, global_batch: int, keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """steps.jsonl from the per-rank files: every step that every rank recorded."""
+    per_rank = [read_rank_steps(files.rank_steps_path(rank)) for rank in range(world_size)]
+    common = sorted(set.intersection(*(set(steps) for steps in per_rank))) if per_rank else []
+    if not common:
+        atomic_write_text(files.steps_jsonl, "")
+        return []
+    values = np.array([[[steps[s].get(k, 0.0) for k in keys] for s in common] for steps in per_rank])
+    records = aggregate.reduce_ranks(values, keys, common, global_batch)
+    atomic_write_text(files.steps_jsonl, "".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def finalize_failed(files: RunFiles, exc: BaseException, world_size: int, global_batch: int,
+                    keys: tuple[str, ...]) -> str | None:
+    """Record this rank's error; if this rank is the finalizer, write the failed run.json. Returns the cause."""
+    own = record_rank_error(files, exc)
+    if not own["root_cause"] and world_size > 1:
+        deadline = time.monotonic() + WAIT_FOR_ROOT_CAUSE_S
+        while time.monotonic() < deadline:
+            if (files.logs / ".finalized").exists():
+                return None
+            if any(e["root_cause"] for e in _rank_errors(files, world_size).values()):
+                break
+            time.sleep(0.05)
+    if not _claim(files):
+        return None
+    cause = failure_cause(own, _rank_errors(files, world_size), world_size)
+    records = rebuild_steps(files, world_size, global_batch, keys)
+    try:
+        run = read_json(files.run_json)
+    except (OSError, ValueError):
+        run = {"world_size": world_size}
+    run.update(status="failed", error=cause, failed_at=time.time(), measured_steps_kept=len(records))
+    if records:
+        run["summary"] = {**aggregate.summarize(records, keys), "partial": True}
+    write_json(files.run_json, run)
+    return cause
+
+
+def wait_for_file(path: Path, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return True
+        time.sleep(0.05)
+    return path.exists()

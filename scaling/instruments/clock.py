@@ -1,0 +1,42 @@
+"""Timestamps that can be turned into seconds later.
+
+On CPU a mark is ``time.perf_counter()``. On CUDA it is an event recorded on the
+current stream: nothing synchronises until ``seconds_between`` is asked, which
+the loop does only at log intervals (SPEC: no ``synchronize()`` per step).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+import torch
+
+
+class Clock(Protocol):
+    def mark(self) -> Any: ...
+
+    def seconds_between(self, start: Any, end: Any) -> float: ...
+
+
+class HostClock:
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def seconds_between(self, start: float, end: float) -> float:
+        return end - start
+
+
+class CudaClock:
+    def mark(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds_between(self, start: torch.cuda.Event, end: torch.cuda.Event) -> float:
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
+
+
+def clock_for(device: torch.device) -> Clock:
+    return CudaClock() if device.type == "cuda" else HostClock()

@@ -1,0 +1,99 @@
+"""FLOPs per sample, the device's peak FLOP/s, and model FLOP utilisation.
+
+Keys: ``per_sample`` (forward + backward FLOPs of one sample, counted once with
+``torch.utils.flop_counter``), ``achieved_per_s`` (per rank: per_sample x
+samples per rank per second at the median step), ``peak_per_s`` (per rank: a
+short GEMM probe on the device, or ``hardware.peak_tflops``), ``mfu``
+(achieved / peak) and ``peak_source`` (probe | config).
+
+The probe measures what one process of this job can reach with its own
+threads and dtype, which is the honest denominator when several processes
+share a host's cores. It is cached per host, device and thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_step_flops(model: torch.nn.Module, loss_fn, batch, amp_dtype: torch.dtype | None) -> int:
+    """FLOPs of one forward + backward on ``batch`` (gradients are cleared after)."""
+    inputs, targets = batch
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(inputs.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = loss_fn(model(inputs), targets)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "scaling" / "peak_flops.json"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def gemm_probe_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, seconds: float = 0.3) -> float:
+    """Best FLOP/s of square matrix products of the given dtype on ``device``."""
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    flops_per_mm = 2 * size**3
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    torch.mm(a, b)  # warm-up: kernels selected, pages touched
+    while True:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                torch.mm(a, b)
+            end.record()
+            end.synchronize()
+            best = max(best, 10 * flops_per_mm / (start.elapsed_time(end) / 1e3))
+        else:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, flops_per_mm / (time.perf_counter() - t0))
+        if time.perf_counter() > deadline:
+            return best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """The probe's result, from the cache when this host, device and thread count were probed before."""
+    key = f"{socket.gethostname()}|{_device_name(device)}|{device.type}|{dtype}|threads={torch.get_num_threads()}"
+    path = _cache_path()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return float(cache[key])
+    value = gemm_probe_flops(device, dtype)
+    cache[key] = value
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs a re-probe next time
+    return value

@@ -1,0 +1,254 @@
+"""The instrumented DDP training loop.
+
+``prepare()`` builds and checks everything that needs no process group (so a
+configuration mistake never reaches one); ``Trainer.run()`` is the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from scaling import dist as distsetup
+from scaling import hooks
+from scaling.config import RunConfig
+from scaling.data import Batches, build_dataset
+from scaling.dist import Context, Launch
+from scaling.instruments import aggregate, flops as flops_mod, memory as mem
+from scaling.instruments.clock import clock_for
+from scaling.instruments.comm import CommTimer
+from scaling.instruments.timing import StepMarks, StepTimer
+from scaling.models import build_model, loss_fn_for
+from scaling.records import RunFiles
+from scaling.sinks import Sink
+
+MEMORY_KEYS = ("params", "grads", "optimizer_state", "activations", "comm_buffers", "peak", "rss_peak")
+
+
+@dataclass
+class Job:
+    """Everything decided before the process group exists."""
+
+    cfg: RunConfig
+    launch: Launch
+    backend: str
+    batch_size: int
+    dataset: Any
+    num_classes: int
+    model: torch.nn.Module
+    hook: hooks.HookChoice
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.launch.world_size
+
+    @property
+    def step_keys(self) -> tuple[str, ...]:
+        return aggregate.STEP_KEYS if self.cfg.instrument.enabled else aggregate.BARE_KEYS
+
+
+def prepare(cfg: RunConfig) -> Job:
+    launch = distsetup.detect()
+    backend = distsetup.resolve_backend(cfg.dist.backend)
+    batch_size = cfg.train.per_rank_batch(launch.world_size)
+    hook = hooks.resolve(cfg.comm, backend, launch.launcher)
+    dataset, num_classes = build_dataset(cfg.data, cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, cfg.data, num_classes)
+    return Job(cfg, launch, backend, batch_size, dataset, num_classes, model, hook)
+
+
+def make_optimizer(optim: dict[str, Any], params) -> torch.optim.Optimizer:
+    if optim["name"] == "adamw":
+        return torch.optim.AdamW(params, lr=optim["lr"], weight_decay=optim["weight_decay"])
+    return torch.optim.SGD(params, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"])
+
+
+@dataclass
+class PendingStep:
+    step: int
+    marks: StepMarks
+    buckets: list
+
+
+@dataclass
+class Trainer:
+    job: Job
+    ctx: Context
+    files: RunFiles
+    log: logging.Logger
+    sinks: list[Sink] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)
+    flops: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cfg = self.job.cfg
+        self.instrumented = cfg.instrument.enabled
+        self.clock = clock_for(self.ctx.device)
+        self.timer = StepTimer(self.clock)
+        self.comm = CommTimer(self.clock, self.ctx.world_size)
+        self.amp_dtype = torch.bfloat16 if cfg.train.amp == "bf16" else None
+        self.loss_fn = loss_fn_for(cfg.model)
+        self._pending: list[PendingStep] = []  # measured steps not yet resolved into seconds
+        self._resolved: list[tuple[int, dict[str, float]]] = []  # resolved, not yet gathered
+        self.rss_at_start = mem.rss_bytes()
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        cfg, job, device = self.job.cfg, self.job, self.ctx.device
+        self.batches = Batches(job.dataset, job.batch_size, self.ctx.rank, self.ctx.world_size, device,
+                               cfg.data.get("num_workers", 0), cfg.train.seed)
+        model = job.model.to(device)
+        if self.instrumented and cfg.instrument.flops:
+            self.flops["per_sample"] = flops_mod.count_step_flops(
+                model, self.loss_fn, self.batches.next(), self.amp_dtype) / job.batch_size
+        self.model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
+                         bucket_cap_mb=cfg.dist.bucket_cap_mb, gradient_as_bucket_view=False)
+        state = hooks.make_state(job.hook, cfg.comm)
+        if self.instrumented:
+            self.model.register_comm_hook(state, self.comm.wrap(job.hook.hook))
+        elif not job.hook.builtin_reducer:
+            self.model.register_comm_hook(state, job.hook.hook)
+        self.optimizer = make_optimizer(cfg.optim, self.model.parameters())
+        self.memory["params"] = mem.params_bytes(model)
+        self.activations = mem.SavedActivations(model)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.build()
+        train = self.job.cfg.train
+        total = train.warmup_steps + train.steps
+        self.log.info(f"training {total} steps ({train.warmup_steps} warm-up), batch {self.job.batch_size} per rank")
+        previous: PendingStep | None = None
+        self.timer.restart()
+        for step in range(total):
+            if step == train.warmup_steps:
+                self._begin_measuring()
+            inputs, targets = self.batches.next()
+            self.timer.mark("data")
+            with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                if step == 0 and self.instrumented and self.job.cfg.instrument.memory:
+                    with self.activations.active():
+                        loss = self.loss_fn(self.model(inputs), targets)
+                else:
+                    loss = self.loss_fn(self.model(inputs), targets)
+            self.timer.mark("forward")
+            loss.backward()
+            self.timer.mark("backward")
+            self.optimizer.step()
+            if step == 0:
+                self.memory["grads"] = mem.grads_bytes(self.model)
+            self.optimizer.zero_grad(set_to_none=False)
+            self.timer.mark("optimizer")
+            self._bookkeeping(step, previous)
+            self.timer.mark("other")
+            previous = PendingStep(step, self.timer.finish(), self.comm.take_step())
+        self._end_measuring(previous)
+
+    def _begin_measuring(self) -> None:
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize()  # once, so that the wall clock starts on an idle device
+        self.wall_start = time.perf_counter()
+        self.timer.restart()
+
+    def _end_measuring(self, last: PendingStep) -> None:
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.wall_s = time.perf_counter() - self.wall_start
+        self._pending.append(last)
+        self._resolve_pending()
+        self._gather_and_record()
+
+    def _bookkeeping(self, step: int, previous: PendingStep | None) -> None:
+        """Per-step work of the instrument itself; it is timed as ``other_s`` of this step."""
+        if previous is not None and previous.step >= self.job.cfg.train.warmup_steps:
+            self._pending.append(previous)
+        if self.ctx.device.type != "cuda":
+            self._resolve_pending()  # host timestamps cost nothing to resolve
+        measured = step - self.job.cfg.train.warmup_steps
+        if measured > 0 and measured % self.job.cfg.train.log_every == 0:
+            self._resolve_pending()  # on CUDA: the one synchronisation of this log interval
+            self._gather_and_record()
+
+    def _resolve_pending(self) -> None:
+        for pending in self._pending:
+            values = self.timer.resolve(pending.marks)
+            if self.instrumented:
+                values.update(self.comm.resolve(pending.buckets))
+                aggregate.derive(values)
+                self.files.append_rank_step(pending.step, values)
+            self._resolved.append((pending.step, values))
+        self._pending.clear()
+
+    def _gather_and_record(self) -> None:
+        if not self._resolved:
+            return
+        keys = self.job.step_keys
+        steps = [step for step, _ in self._resolved]
+        local = torch.tensor([[values[k] for k in keys] for _, values in self._resolved], dtype=torch.float64)
+        self._resolved.clear()
+        gathered = self.ctx.gather_tensor(local).numpy()
+        records = aggregate.reduce_ranks(gathered, keys, steps, self.job.global_batch)
+        self.records.extend(records)
+        if self.ctx.is_main:
+            self.files.append_steps(records)
+            for sink in self.sinks:
+                sink.on_steps(records)
+            self._progress(records[-1])
+
+    def _progress(self, last: dict[str, Any]) -> None:
+        train = self.job.cfg.train
+        done = len(self.records)
+        recent = [r["step_s_max"] for r in self.records[-train.log_every:]]
+        eta = (train.steps - done) * float(np.median(recent))
+        line = f"step {done:>5}/{train.steps}  step {last['step_s']:.4f} s  {last['samples_per_s']:8.1f} samples/s"
+        if "comm_exposed_s" in last and last["step_s"] > 0:
+            line += f"  exposed comm {100 * last['comm_exposed_s'] / last['step_s']:4.1f}%"
+        self.log.info(f"{line}  slowest rank {last['slowest_rank']}  eta {eta:.0f} s")
+
+    # -- results --------------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        summary = aggregate.summarize(self.records, self.job.step_keys)
+        summary["measured_wall_s"] = self.wall_s
+        summary["wall_samples_per_s"] = self.job.global_batch * len(self.records) / self.wall_s
+        return summary
+
+    def memory_report(self) -> dict[str, Any]:
+        """Every rank's categories, gathered once at the end."""
+        model = self.model.module
+        self.memory.setdefault("grads", mem.grads_bytes(model))
+        self.memory["optimizer_state"] = mem.optimizer_state_bytes(self.optimizer)
+        if self.instrumented:
+            self.memory["activations"] = self.activations.bytes if self.job.cfg.instrument.memory else None
+            self.memory["comm_buffers"] = sum(self.comm.bucket_buffer_bytes.values())
+        self.memory["peak"] = mem.peak_bytes(self.ctx.device, self.rss_at_start)
+        self.memory["rss_peak"] = mem.rss_peak_bytes()
+        local = torch.tensor([float(self.memory.get(k) if self.memory.get(k) is not None else -1) for k in MEMORY_KEYS],
+                             dtype=torch.float64)
+        table = self.ctx.gather_tensor(local).numpy()
+        per_rank = [{k: (int(v) if v >= 0 else None) for k, v in zip(MEMORY_KEYS, row)} for row in table]
+        maximum = {k: (max(r[k] for r in per_rank) if per_rank[0][k] is not None else None) for k in MEMORY_KEYS}
+        return {"max": maximum, "per_rank": per_rank}
+
+    def flops_report(self, summary: dict[str, Any]) -> dict[str, Any]:
+        if "per_sample" not in self.flops:
+            return {}
+        cfg = self.job.cfg
+        if cfg.peak_tflops is not None:
+            peak, source = cfg.peak_tflops * 1e12, "config"
+        else:
+            peak = flops_mod.peak_flops(self.ctx.device, self.amp_dtype or torch.float32)
+            source = "probe"
+        achieved = self.flops["per_sample"] * self.job.batch_size / summary["step_s"]
+        return {"per_sample": self.flops["per_sample"], "achieved_per_s": achieved, "peak_per_s": peak,
+                "peak_source": source, "mfu": achieved / peak if peak > 0 else None}

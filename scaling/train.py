@@ -1,0 +1,135 @@
+"""``python -m scaling.train +exp=NAME [overrides]``: one instrumented DDP training job.
+
+Works as a single process, under torchrun, srun or mpiexec. The loop lives in
+``scaling.loop``; this module parses, sets up, runs, records and tears down.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from scaling import cli, config, console, failure, provenance
+from scaling import dist as distsetup
+from scaling.loop import Job, Trainer, prepare
+from scaling.records import RunFiles, create_run_dir, write_json
+from scaling.sinks import Sink
+
+
+def agree_on_run_dir(ctx: distsetup.Context, cfg: config.RunConfig, prefix: str) -> Path:
+    """Rank 0 claims the folder and tells everyone; no rank derives it from its own clock."""
+    run_dir: Any = None
+    error: str | None = None
+    if ctx.is_main:
+        try:
+            run_dir = str(create_run_dir(Path(cfg.paths.root) / cfg.study_name, cfg.paths.run_id, prefix))
+        except OSError as exc:
+            error = str(exc)
+    run_dir, error = ctx.broadcast_object((run_dir, error))
+    if error:
+        raise config.ConfigError(error)
+    return Path(run_dir)
+
+
+def describe_run(job: Job, ctx: distsetup.Context, files: RunFiles) -> dict[str, Any]:
+    cfg = job.cfg
+    device = str(ctx.device)
+    prov = provenance.collect(ctx.device, ctx.hostnames)
+    return {
+        "status": "running",
+        "run_id": files.dir.name,
+        "study": cfg.study_name,
+        "study_kind": cfg.study_kind,
+        "exp": cfg.exp_name,
+        "model": cfg.model["name"],
+        "world_size": ctx.world_size,
+        "nodes": ctx.nodes,
+        "procs_per_node": job.launch.local_world_size,
+        "backend": ctx.backend,
+        "launcher": job.launch.launcher,
+        "device": f"{device} ({prov['gpu']})" if prov.get("gpu") else f"cpu ({prov['cpu']})",
+        "threads_per_process": ctx.threads,
+        "batch_size_per_rank": job.batch_size,
+        "global_batch_size": job.global_batch,
+        "steps": cfg.train.steps,
+        "warmup_steps": cfg.train.warmup_steps,
+        "instrumented": cfg.instrument.enabled,
+        "comm_hook": cfg.comm.hook,
+        "bucket_cap_mb": cfg.dist.bucket_cap_mb,
+        "amp": cfg.train.amp,
+        "started_at": time.time(),
+        "provenance": prov,
+    }
+
+
+def build_sinks(job: Job, ctx: distsetup.Context) -> list[Sink]:
+    """Rank 0 alone gets sinks; other ranks an empty list."""
+    if not ctx.is_main:
+        return []
+    sinks: list[Sink] = []
+    try:
+        from scaling import wandb_sink
+    except ImportError:
+        return sinks
+    sink = wandb_sink.make(job.cfg)
+    return [sink] if sink is not None else sinks
+
+
+def train(cfg: DictConfig | config.RunConfig, sinks: list[Sink] | None = None) -> dict[str, Any]:
+    """Run one job; returns run.json's content (on every rank). Raises on failure."""
+    run_cfg = cfg if isinstance(cfg, config.RunConfig) else config.parse(cfg)
+    job = prepare(run_cfg)  # every configuration check happens before the process group
+    log = console.make_logger(job.launch.rank, run_cfg.console)
+    ctx = distsetup.init(job.launch, run_cfg.dist)
+    try:
+        prefix = f"{run_cfg.exp_name}-n{ctx.world_size}"
+        files = RunFiles(agree_on_run_dir(ctx, run_cfg, prefix), ctx.rank)
+        console.add_file(log, files.rank_log_path(ctx.rank))
+        run = describe_run(job, ctx, files)
+        if ctx.is_main:
+            files.write_config(run_cfg.raw)
+            write_json(files.run_json, run)
+        trainer = Trainer(job, ctx, files, log, sinks=(sinks if sinks is not None else build_sinks(job, ctx)))
+        for sink in trainer.sinks:
+            sink.on_start(run)
+        log.info(f"run folder {files.dir}")
+        with failure.SignalGuard() as guard:
+            try:
+                trainer.run()
+                summary = trainer.summary()
+                run.update(status="completed", finished_at=time.time(), summary=summary,
+                           memory=trainer.memory_report(), flops=trainer.flops_report(summary))
+            except BaseException as exc:
+                guard.handling = True
+                cause = failure.finalize_failed(files, exc, ctx.world_size, job.global_batch, job.step_keys)
+                if cause:
+                    log.error(f"run failed: {cause}")
+                    print(f"scaling.train: run failed: {cause} (records in {files.dir})", file=sys.stderr)
+                raise
+        if ctx.is_main:
+            write_json(files.run_json, run)
+            for sink in trainer.sinks:
+                sink.on_end(run)
+            log.info("\n" + console.render(run) + f"\n\n  records: {files.dir}")
+        files.close()
+        return run
+    finally:
+        distsetup.teardown()
+
+
+def main(cfg: DictConfig) -> int:
+    try:
+        train(cfg)
+    except KeyboardInterrupt:
+        return 130
+    except failure.Terminated:
+        return 143
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run("scaling.train", main))
