@@ -11,12 +11,16 @@ all-reduce can be compared with gloo's inside real training.
 
 mpi4py is imported on first use only: nothing else in the package needs it.
 
-Running as root, or more ranks than cores: the MPICH wheel (``pip install
-'scaling[mpi]'``) needs nothing. Open MPI refuses both unless told, before
-``mpirun`` starts (our code runs too late to set these)::
+Running as root, or more ranks than cores: MPICH (``pip install 'scaling[mpi]'``
+installs its PyPI wheel) needs nothing. Open MPI refuses both unless ``mpirun``
+is told so in its own environment (our code starts too late to set it)::
 
     export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1   # as root
-    mpirun --oversubscribe -n 4 python -m scaling.train ...            # more ranks than cores
+    export PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe        # Open MPI 5, more ranks than cores
+    export OMPI_MCA_rmaps_base_oversubscribe=1                         # the same for Open MPI 4
+
+mpi4py must use the MPI library of the ``mpiexec`` that starts it; a mismatch
+shows as every rank being rank 0 of 1, which ``discover()`` reports.
 """
 
 from __future__ import annotations
