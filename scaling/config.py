@@ -7,7 +7,7 @@ Every check runs before a process group exists, and every failure is a
 from __future__ import annotations
 
 import importlib
-import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,7 +159,13 @@ def check_writable(key: str, path: Path) -> None:
     while not probe.exists():
         probe = probe.parent
     _require(probe.is_dir(), f"{key}={str(path)!r}: {str(probe)!r} exists and is not a directory")
-    _require(os.access(probe, os.W_OK | os.X_OK), f"{key}={str(path)!r}: {str(probe)!r} is not writable")
+    # A real write, not os.access: root passes every permission check, yet
+    # cannot write to a read-only or virtual file system such as /proc.
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key}={str(path)!r}: cannot write in {str(probe)!r} ({exc.strerror})") from None
 
 
 @dataclass(frozen=True)
@@ -242,7 +248,7 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
     except Exception as exc:  # omegaconf.errors.MissingMandatoryValue and friends
         key = getattr(exc, "full_key", None) or "?"
-        raise ConfigError(f"{key} must be set ({type(exc).__name__})") from None
+        raise ConfigError(f"{key} must be set: it has no default (add {key}=... to the command line)") from None
 
 
 def parse(cfg: DictConfig | dict[str, Any]) -> RunConfig:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import traceback
@@ -80,10 +81,19 @@ def is_root_cause(exc: BaseException) -> bool:
     return not (isinstance(exc, RuntimeError) and any(marker in text for marker in COMM_ERROR_MARKERS))
 
 
+WRAPPER = re.compile(r"^(?:\w+Error: )?Got the following error when running the callback: ")
+SOURCE_LOCATION = re.compile(r"\[[^\]]*\.(?:cc|cpp|h):\d+\] ")
+
+
 def describe(exc: BaseException) -> str:
+    """One line: the exception type and the first line of its message, without torch's wrappers."""
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted (Ctrl-C / SIGINT)"
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    while WRAPPER.search(message):
+        message = WRAPPER.sub("", message)
+    message = SOURCE_LOCATION.sub("", message).split(". This is typically")[0]
+    message = message.removeprefix(f"{type(exc).__name__}: ")
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
@@ -127,7 +137,7 @@ def failure_cause(own: dict[str, Any], errors: dict[int, dict[str, Any]], world_
     silent = [rank for rank in range(world_size) if rank not in errors]
     if silent:
         names = ", ".join(map(str, silent))
-        return (f"rank {names} ended without reporting an error (killed by a signal or crashed); "
+        return (f"rank {names} stopped without reporting an error (killed, crashed or hung); "
                 f"rank {own['rank']} saw: {own['error']}")
     return f"rank {own['rank']}: {own['error']}"
 

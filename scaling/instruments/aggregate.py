@@ -17,7 +17,7 @@ import numpy as np
 
 STEP_KEYS = (
     "step_s", "data_s", "forward_s", "backward_s", "optimizer_s", "other_s",
-    "comm_s", "comm_exposed_s", "compute_s", "overlap", "comm_bytes", "algbw_GBps", "busbw_GBps",
+    "comm_s", "comm_exposed_s", "compute_s", "overlap", "comm_bytes", "comm_buckets", "algbw_GBps", "busbw_GBps",
 )
 BARE_KEYS = ("step_s",)
 SHARES = ("compute", "comm_exposed", "data", "other")

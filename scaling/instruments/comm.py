@@ -5,7 +5,7 @@ Keys (per rank, per step): ``comm_s`` (busy time: the union of the
 backward included), ``comm_exposed_s`` (from the moment the last bucket became
 ready, i.e. backward compute finished, to the completion of the last
 all-reduce), ``overlap`` (1 - exposed / busy), ``comm_bytes`` (gradient bytes
-handed to the hook), ``algbw_GBps`` (comm_bytes / comm_s) and ``busbw_GBps``
+handed to the hook), ``comm_buckets`` (buckets all-reduced), ``algbw_GBps`` (comm_bytes / comm_s) and ``busbw_GBps``
 (algbw * 2(n-1)/n, the ring all-reduce factor used by nccl-tests).
 
 The wrapper is the documented ``register_comm_hook`` API: DDP calls the hook
@@ -75,7 +75,7 @@ class CommTimer:
     def resolve(self, events: list[BucketEvent]) -> dict[str, float]:
         if not events:
             return {"comm_s": 0.0, "comm_exposed_s": 0.0, "overlap": 0.0, "comm_bytes": 0.0,
-                    "algbw_GBps": 0.0, "busbw_GBps": 0.0}
+                    "comm_buckets": 0.0, "algbw_GBps": 0.0, "busbw_GBps": 0.0}
         origin = events[0].launch
         intervals = sorted(
             (self.clock.seconds_between(origin, e.launch), self.clock.seconds_between(origin, e.done))
@@ -93,6 +93,7 @@ class CommTimer:
             "comm_exposed_s": exposed,
             "overlap": 1.0 - exposed / busy if busy > 0 else 0.0,
             "comm_bytes": nbytes,
+            "comm_buckets": float(len(events)),
             "algbw_GBps": algbw,
             "busbw_GBps": algbw * 2 * (n - 1) / n,
         }

@@ -1,0 +1,203 @@
+"""Scaling numbers from the records (SPEC "Scaling definitions").
+
+Baseline ``b`` = the smallest world size with a completed run; ``T(N)`` = the
+median over repeats of each run's median ``step_s``.
+
+- strong: ``speedup = T(b)/T(N)``, ``efficiency = speedup * b / N``
+- weak:   ``efficiency = T(b)/T(N)``, ``scaled_speedup = efficiency * N / b``
+
+Per run, the same formulas with that run's own step time in place of ``T(N)``;
+the spread over repeats (min and max of the per-run values) gives the error bars.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from scaling.report.records import RunRecord, StudyRecords
+
+SHARES = ("compute", "comm_exposed", "data", "other")
+SHARE_LABELS = {"compute": "compute", "comm_exposed": "exposed communication", "data": "data loading",
+                "other": "framework overhead"}
+MEMORY_CATEGORIES = ("params", "grads", "optimizer_state", "activations", "comm_buffers")
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median over repeats with the smallest and largest value."""
+
+    median: float
+    low: float
+    high: float
+    count: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread | None:
+        values = [float(v) for v in values if v is not None]
+        if not values:
+            return None
+        return cls(statistics.median(values), min(values), max(values), len(values))
+
+    @property
+    def relative_range(self) -> float:
+        return (self.high - self.low) / self.median if self.median else 0.0
+
+
+@dataclass
+class SizeStats:
+    """Everything the report shows for one world size of one study."""
+
+    world_size: int
+    completed: int
+    not_completed: int
+    batch_per_rank: int | None
+    global_batch: int | None
+    nodes: int | None
+    step_s: Spread
+    samples_per_s: Spread
+    speedup: Spread
+    """strong: speedup; weak: scaled speedup."""
+    efficiency: Spread
+    shares: dict[str, float]
+    """Median share of the step for each of SHARES, normalised to sum to 1."""
+    parts_s: dict[str, float]
+    """Each share times the median step: seconds per step that stack up to T(N)."""
+    comm_s: Spread | None
+    comm_exposed_s: Spread | None
+    overlap: float | None
+    busbw_GBps: float | None
+    memory_bytes: dict[str, float | None]
+    """Median over repeats of the max over ranks, per category, plus peak and rss_peak."""
+    bound: str | None
+
+
+@dataclass
+class StudyStats:
+    records: StudyRecords
+    baseline: int | None
+    sizes: list[SizeStats] = field(default_factory=list)
+    run_speedup: dict[str, float] = field(default_factory=dict)
+    run_efficiency: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.records.name
+
+    @property
+    def kind(self) -> str:
+        return self.records.kind
+
+    def size(self, world_size: int) -> SizeStats | None:
+        return next((s for s in self.sizes if s.world_size == world_size), None)
+
+
+def scaling_pair(kind: str, t_base: float, t_run: float, base: int, world_size: int) -> tuple[float, float] | None:
+    """(speedup, efficiency) by the SPEC definitions; the speedup of a weak study is its scaled speedup."""
+    if t_run <= 0 or t_base <= 0:
+        return None
+    if kind == "strong":
+        speedup = t_base / t_run
+        return speedup, speedup * base / world_size
+    if kind == "weak":
+        efficiency = t_base / t_run
+        return efficiency * world_size / base, efficiency
+    return None
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [float(v) for v in values if isinstance(v, (int, float))]
+    return statistics.median(present) if present else None
+
+
+def _spread(runs: Sequence[RunRecord], get: Callable[[RunRecord], Any]) -> Spread | None:
+    return Spread.of([v for v in (get(r) for r in runs) if isinstance(v, (int, float))])
+
+
+def verdict(shares: dict[str, float]) -> str:
+    largest = max(shares, key=shares.get)
+    return {"comm_exposed": "communication", "data": "data"}.get(largest, "compute")
+
+
+def _shares(runs: Sequence[RunRecord]) -> dict[str, float]:
+    medians = {name: _median([r.summary.get(f"{name}_frac") for r in runs]) for name in SHARES}
+    if any(v is None for v in medians.values()):
+        return {}
+    total = sum(medians.values())  # medians of shares need not sum to 1 over repeats
+    return {name: (v / total if total > 0 else 0.0) for name, v in medians.items()}
+
+
+def size_stats(kind: str, world_size: int, runs: list[RunRecord], t_base: float | None, base: int | None,
+               speedups: dict[str, float], efficiencies: dict[str, float]) -> SizeStats:
+    done = [r for r in runs if r.completed]
+    step = _spread(done, lambda r: r.summary.get("step_s"))
+    shares = _shares(done)
+    pair = scaling_pair(kind, t_base, step.median, base, world_size) if step and t_base and base else None
+    memory_keys = (*MEMORY_CATEGORIES, "peak", "rss_peak")
+    return SizeStats(
+        world_size=world_size,
+        completed=len(done),
+        not_completed=len(runs) - len(done),
+        batch_per_rank=_first(r.batch_per_rank for r in runs),
+        global_batch=_first(r.global_batch for r in runs),
+        nodes=_first(r.nodes for r in runs),
+        step_s=step,
+        samples_per_s=_spread(done, lambda r: r.summary.get("samples_per_s")),
+        speedup=_with_median(Spread.of([speedups[r.run_id] for r in done if r.run_id in speedups]),
+                             pair[0] if pair else None),
+        efficiency=_with_median(Spread.of([efficiencies[r.run_id] for r in done if r.run_id in efficiencies]),
+                                pair[1] if pair else None),
+        shares=shares,
+        parts_s={name: share * step.median for name, share in shares.items()} if step else {},
+        comm_s=_spread(done, lambda r: r.summary.get("comm_s")),
+        comm_exposed_s=_spread(done, lambda r: r.summary.get("comm_exposed_s")),
+        overlap=_median([r.summary.get("overlap") for r in done]),
+        busbw_GBps=_median([r.summary.get("busbw_GBps") for r in done]),
+        memory_bytes={k: _median([r.memory_max.get(k) for r in done]) for k in memory_keys},
+        bound=verdict(shares) if shares else None,
+    )
+
+
+def _with_median(spread: Spread | None, median: float | None) -> Spread | None:
+    """The point's value is T(b)/T(N) (SPEC); the per-run values give only the range around it."""
+    if spread is None or median is None:
+        return spread
+    return Spread(median, min(spread.low, median), max(spread.high, median), spread.count)
+
+
+def _first(values) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def study_stats(records: StudyRecords) -> StudyStats:
+    done = [r for r in records.runs if r.completed]
+    base = min((r.world_size for r in done), default=None)
+    t_base = _median([r.summary["step_s"] for r in done if r.world_size == base]) if base else None
+    stats = StudyStats(records, base)
+    if t_base:
+        for run in done:
+            pair = scaling_pair(records.kind, t_base, run.summary["step_s"], base, run.world_size)
+            if pair:
+                stats.run_speedup[run.run_id], stats.run_efficiency[run.run_id] = pair
+    for world_size in sorted({r.world_size for r in records.runs}):
+        runs = [r for r in records.runs if r.world_size == world_size]
+        if any(r.completed for r in runs):
+            stats.sizes.append(size_stats(records.kind, world_size, runs, t_base, base,
+                                          stats.run_speedup, stats.run_efficiency))
+    return stats
+
+
+def failed_points(stats: StudyStats) -> list[tuple[str, str]]:
+    """(run id, cause) of points with no completed run; superseded failed attempts are not listed."""
+    completed = {(r.world_size, r.repeat) for r in stats.records.runs if r.completed}
+    out: dict[tuple[int, int | None], tuple[str, str]] = {}
+    for run in stats.records.runs:
+        key = (run.world_size, run.repeat)
+        if not run.completed and key not in completed:
+            out[key] = (run.run_id, run.error or f"status {run.status}")
+    for point in stats.records.missing_points:
+        out.setdefault((point.get("world_size"), point.get("repeat")),
+                       (str(point.get("run_id")), str(point.get("error") or "failed before writing records")))
+    return [out[k] for k in sorted(out, key=lambda k: (k[0] or 0, k[1] or 0))]

@@ -1,0 +1,223 @@
+"""Reading a study folder: every run's run.json, config.yaml and steps.jsonl.
+
+Nothing here imports torch: the records are plain JSON and YAML. A run folder
+whose run.json is unreadable or lacks what a report needs is named in a
+warning and left out; everything else is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RUN_ID = re.compile(r"^n(?P<world_size>\d+)-r(?P<repeat>\d+)$")
+REQUIRED = ("status", "world_size")
+SUMMARY_REQUIRED = ("step_s", "samples_per_s")
+
+
+@dataclass
+class RunRecord:
+    """One training job as its records describe it."""
+
+    study: str
+    folder: Path
+    status: str
+    """completed | failed | running (interrupted, or still running)."""
+    world_size: int
+    nodes: int | None
+    repeat: int | None
+    batch_per_rank: int | None
+    global_batch: int | None
+    threads_per_process: int | None
+    summary: dict[str, Any]
+    memory_max: dict[str, Any]
+    error: str | None
+    run: dict[str, Any]
+    config: dict[str, Any]
+    """config.yaml flattened to dotted keys."""
+    measured_steps: int
+    """Lines in steps.jsonl (for a failed run: the steps kept)."""
+
+    @property
+    def run_id(self) -> str:
+        return self.folder.name
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+
+@dataclass
+class StudyRecords:
+    name: str
+    folder: Path
+    kind: str
+    """strong | weak | unknown (neither batch size is fixed)."""
+    kind_source: str
+    """study.json, run.json, or inferred from batch sizes."""
+    runs: list[RunRecord]
+    definition: dict[str, Any]
+    """study.json, when the study was run by ``scaling.study``."""
+    missing_points: list[dict[str, Any]] = field(default_factory=list)
+    """Points study.json lists as failed that left no run folder (the job died before making one)."""
+    warnings: list[str] = field(default_factory=list)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror})"
+    if not text.strip():
+        return None, "is empty"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+    if not isinstance(data, dict):
+        return None, "is not a JSON object"
+    return data, None
+
+
+def _count_steps(path: Path) -> int:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return 0
+    count = 0
+    for line in lines:
+        try:
+            json.loads(line)
+            count += 1
+        except ValueError:
+            continue  # a torn last line of a killed job
+    return count
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return flatten(data) if isinstance(data, dict) else {}
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def read_run(study: str, folder: Path) -> tuple[RunRecord | None, str | None]:
+    """A run folder's records, or a warning naming what is wrong with them."""
+    path = folder / "run.json"
+    run, problem = _read_json(path)
+    if run is None:
+        return None, f"{path} {problem}; run left out"
+    missing = [k for k in REQUIRED if not isinstance(run.get(k), (str, int)) or run.get(k) == ""]
+    if missing:
+        return None, f"{path} lacks {', '.join(missing)}; run left out"
+    status = str(run["status"])
+    summary = run.get("summary") if isinstance(run.get("summary"), dict) else {}
+    warning = None
+    if status == "completed" and any(not isinstance(summary.get(k), (int, float)) for k in SUMMARY_REQUIRED):
+        warning = f"{path} says completed but its summary lacks step_s/samples_per_s; reported as incomplete"
+        status = "incomplete"
+    elif status == "running":
+        warning = f"{path} says running: the job was interrupted (or is still running); reported as incomplete"
+    memory = run.get("memory") if isinstance(run.get("memory"), dict) else {}
+    match = RUN_ID.match(str(run.get("run_id", folder.name))) or RUN_ID.match(folder.name)
+    record = RunRecord(
+        study=study,
+        folder=folder,
+        status=status,
+        world_size=int(run["world_size"]),
+        nodes=_int_or_none(run.get("nodes")),
+        repeat=int(match["repeat"]) if match else None,
+        batch_per_rank=_int_or_none(run.get("batch_size_per_rank")),
+        global_batch=_int_or_none(run.get("global_batch_size")),
+        threads_per_process=_int_or_none(run.get("threads_per_process")),
+        summary=summary,
+        memory_max=memory.get("max") if isinstance(memory.get("max"), dict) else {},
+        error=str(run["error"]) if run.get("error") else None,
+        run=run,
+        config=_read_config(folder / "config.yaml"),
+        measured_steps=_count_steps(folder / "steps.jsonl"),
+    )
+    return record, warning
+
+
+def _number_repeats(runs: list[RunRecord]) -> None:
+    """Runs without an n<N>-r<R> name get repeat numbers by start time within their world size."""
+    by_size: dict[int, list[RunRecord]] = {}
+    for run in sorted(runs, key=lambda r: r.run.get("started_at") or 0):
+        by_size.setdefault(run.world_size, []).append(run)
+    for group in by_size.values():
+        taken = {r.repeat for r in group if r.repeat is not None}
+        free = (i for i in range(len(group) * 2) if i not in taken)
+        for run in group:
+            if run.repeat is None:
+                run.repeat = next(free)
+
+
+def infer_kind(runs: list[RunRecord]) -> str:
+    """Strong when the global batch is the same at every world size, weak when the per-rank batch is."""
+    sizes = {r.world_size for r in runs}
+    if len(sizes) < 2:
+        return "unknown"
+    if len({r.global_batch for r in runs}) == 1:
+        return "strong"
+    if len({r.batch_per_rank for r in runs}) == 1:
+        return "weak"
+    return "unknown"
+
+
+def load_study(folder: Path) -> StudyRecords:
+    folder = Path(folder)
+    warnings: list[str] = []
+    definition: dict[str, Any] = {}
+    if (folder / "study.json").exists():
+        data, problem = _read_json(folder / "study.json")
+        if data is None:
+            warnings.append(f"{folder / 'study.json'} {problem}; the study's kind is taken from the runs")
+        else:
+            definition = data
+    name = str(definition.get("name") or folder.name)
+    runs: list[RunRecord] = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if not (sub / "run.json").exists():
+            if (sub / "config.yaml").exists():
+                warnings.append(f"{sub} has no run.json (the job ended before writing it); left out")
+            continue
+        record, warning = read_run(name, sub)
+        if warning:
+            warnings.append(warning)
+        if record is not None:
+            runs.append(record)
+    _number_repeats(runs)
+    kind, source = _kind(definition, runs)
+    present = {r.run_id for r in runs}
+    missing = [p for p in definition.get("points", []) if isinstance(p, dict)
+               and p.get("status") == "failed" and p.get("run_id") not in present]
+    return StudyRecords(name, folder, kind, source, runs, definition, missing, warnings)
+
+
+def _kind(definition: dict[str, Any], runs: list[RunRecord]) -> tuple[str, str]:
+    if definition.get("kind") in ("strong", "weak"):
+        return definition["kind"], "study.json"
+    kinds = {r.run.get("study_kind") for r in runs}
+    if len(kinds) == 1 and next(iter(kinds)) in ("strong", "weak"):
+        return str(next(iter(kinds))), "run.json"
+    return infer_kind(runs), "inferred from the batch sizes"

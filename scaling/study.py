@@ -1,0 +1,557 @@
+"""``python -m scaling.study +exp=NAME study=strong|weak study.nprocs=[1,2,4] [overrides]``.
+
+A local scaling study: every point (world size N, repeat r) is a real
+``torchrun --standalone --nproc_per_node=N -m scaling.train`` job whose records
+land in ``<paths.root>/<study.name>/n<N>-r<r>/``. Every point runs with the same
+intra-op threads per process, so the points differ only in the number of
+processes. The study resumes: a point whose run.json says ``completed`` is not
+run again, and a failed or interrupted one is moved aside and rerun. It ends with
+the report (``scaling.report``) over the study folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig
+
+from scaling import cli, config
+from scaling.config import ConfigError
+
+KINDS = ("strong", "weak")
+STUDY_JSON = "study.json"
+# Keys the study sets for every point; the user's values for them are replaced.
+POINT_KEYS = ("study.name", "paths.root", "paths.run_id", "dist.threads", "train.global_batch_size")
+# Keys that may change when a study is resumed (extending it is fine); any other difference is refused.
+RESUMABLE_KEYS = ("study.nprocs", "study.repeats", "study.fail_fast", "paths.", "logger.")
+STOP_GRACE_S = 30.0
+
+
+@dataclass(frozen=True)
+class Point:
+    world_size: int
+    repeat: int
+
+    @property
+    def run_id(self) -> str:
+        return f"n{self.world_size}-r{self.repeat}"
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A validated study definition: what runs, where, with which settings."""
+
+    name: str
+    kind: str
+    """strong (fixed global batch) | weak (fixed per-rank batch)."""
+    exp: str
+    nprocs: tuple[int, ...]
+    """World sizes, ascending, each once."""
+    repeats: int
+    fail_fast: bool
+    threads_per_process: int
+    """Intra-op threads of every process at every point."""
+    global_batch_size: int | None
+    """Strong scaling: the fixed global batch."""
+    batch_size_per_rank: int | None
+    """Weak scaling: the fixed per-rank batch."""
+    root: Path
+    user_overrides: tuple[str, ...]
+    """The user's Hydra overrides, forwarded to every point."""
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.name
+
+    def points(self) -> list[Point]:
+        # Repeat-major order: the first pass gives a whole curve early, and slow drift of
+        # the machine (other load, heat) spreads over all world sizes instead of biasing one.
+        return [Point(n, r) for r in range(self.repeats) for n in self.nprocs]
+
+    def batch_per_rank(self, world_size: int) -> int:
+        if self.kind == "strong":
+            assert self.global_batch_size is not None
+            return self.global_batch_size // world_size
+        assert self.batch_size_per_rank is not None
+        return self.batch_size_per_rank
+
+    def definition(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "exp": self.exp,
+            "nprocs": list(self.nprocs),
+            "repeats": self.repeats,
+            "fail_fast": self.fail_fast,
+            "threads_per_process": self.threads_per_process,
+            "global_batch_size": self.global_batch_size,
+            "batch_size_per_rank": {str(n): self.batch_per_rank(n) for n in self.nprocs},
+            "launcher": "torchrun --standalone",
+            "overrides": list(self.user_overrides),
+        }
+
+
+@dataclass
+class Outcome:
+    """What happened to one point in this invocation."""
+
+    run_id: str
+    world_size: int
+    repeat: int
+    status: str
+    """completed | failed | skipped (completed earlier) | pending (not reached)."""
+    elapsed_s: float = 0.0
+    error: str | None = None
+    moved_aside: list[str] = field(default_factory=list)
+
+
+class StudyInterrupted(Exception):
+    """Ctrl-C or a termination signal (scheduler time limit, preemption) reached the study."""
+
+
+# -- input ------------------------------------------------------------------------------------
+
+
+def override_key(override: str) -> str:
+    key = override.split("=", 1)[0]
+    return key.lstrip("+~")
+
+
+def _int_list(key: str, value: Any) -> tuple[int, ...]:
+    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if not items:
+        raise ConfigError(f"{key} is empty; give the world sizes to run, e.g. {key}=[1,2,4]")
+    for item in items:
+        if not isinstance(item, int) or isinstance(item, bool) or item < 1:
+            raise ConfigError(f"{key} must list positive integers, e.g. {key}=[1,2,4] (got {item!r} in {items})")
+    return tuple(sorted(set(items)))
+
+
+def _positive(key: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key} must be an integer >= 1 (got {value!r})")
+    return value
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_threads(study_threads: Any, dist_threads: Any, nprocs: Sequence[int]) -> int:
+    """One thread count for every point: explicit, or the cores shared by the largest point."""
+    if study_threads != "auto":
+        return _positive("study.threads", study_threads)
+    if dist_threads != "auto":
+        return _positive("dist.threads", dist_threads)
+    return max(1, available_cores() // max(nprocs))
+
+
+def spec_from_config(cfg: DictConfig, user_overrides: Sequence[str]) -> StudySpec:
+    """Check the study input; every mistake is one ConfigError before anything runs."""
+    study = cfg.get("study")
+    if study is None:
+        raise ConfigError("no study section; choose study=strong or study=weak")
+    kind = study.get("kind")
+    if kind not in KINDS:
+        raise ConfigError(f"study.kind must be one of {'|'.join(KINDS)} (got {kind!r}); choose study=strong or study=weak")
+    for key in ("paths.run_id",):
+        if any(override_key(o) == key for o in user_overrides):
+            raise ConfigError(f"{key} is set by the study for every point (n<N>-r<repeat>); leave it out")
+    name = str(study.get("name"))
+    if not name or "/" in name or name in (".", ".."):
+        raise ConfigError(f"study.name must be a plain directory name (got {name!r})")
+    nprocs = _int_list("study.nprocs", study.get("nprocs"))
+    repeats = _positive("study.repeats", study.get("repeats", 1))
+    fail_fast = study.get("fail_fast", False)
+    if not isinstance(fail_fast, bool):
+        raise ConfigError(f"study.fail_fast must be true or false (got {fail_fast!r})")
+    threads = resolve_threads(study.get("threads", "auto"), cfg.dist.threads, nprocs)
+    global_batch, per_rank = _batch_sizes(kind, cfg, nprocs)
+    return StudySpec(
+        name=name, kind=kind, exp=str(cfg.get("exp_name", "default")), nprocs=nprocs, repeats=repeats,
+        fail_fast=fail_fast, threads_per_process=threads, global_batch_size=global_batch,
+        batch_size_per_rank=per_rank, root=Path(str(cfg.paths.root)).absolute(),
+        user_overrides=tuple(o for o in user_overrides if override_key(o) not in POINT_KEYS),
+    )
+
+
+def _batch_sizes(kind: str, cfg: DictConfig, nprocs: Sequence[int]) -> tuple[int | None, int | None]:
+    train = cfg.train
+    if kind == "weak":
+        if train.global_batch_size is not None:
+            raise ConfigError(
+                f"train.global_batch_size={train.global_batch_size} fixes the global batch, which is strong "
+                "scaling; weak scaling keeps train.batch_size per rank (use study=strong, or leave it unset)")
+        return None, _positive("train.batch_size", train.batch_size)
+    # Strong scaling without an explicit global batch: the smallest point runs the experiment's per-rank batch.
+    global_batch = train.global_batch_size
+    if global_batch is None:
+        global_batch = _positive("train.batch_size", train.batch_size) * min(nprocs)
+    global_batch = _positive("train.global_batch_size", global_batch)
+    bad = [n for n in nprocs if global_batch % n]
+    if bad:
+        multiple = math.lcm(*nprocs)
+        raise ConfigError(
+            f"train.global_batch_size={global_batch} is not divisible by world size {bad[0]} of "
+            f"study.nprocs={list(nprocs)}; choose a multiple of {multiple}")
+    return global_batch, None
+
+
+def job_overrides(spec: StudySpec, point: Point) -> list[str]:
+    extra = [f"study.name={spec.name}", f"paths.root={spec.root}", f"paths.run_id={point.run_id}",
+             f"dist.threads={spec.threads_per_process}"]
+    if spec.kind == "strong":
+        extra.append(f"train.global_batch_size={spec.global_batch_size}")
+    return [*spec.user_overrides, *extra]
+
+
+def job_command(spec: StudySpec, point: Point) -> list[str]:
+    """torchrun, as ``python -m torch.distributed.run`` so that it is the Python running the study."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={point.world_size}",
+            "-m", "scaling.train", *job_overrides(spec, point)]
+
+
+def job_env(spec: StudySpec) -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(spec.threads_per_process)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def check_points(spec: StudySpec) -> dict[str, Any]:
+    """Compose the training config of the first point and check it as the training job would."""
+    first = spec.points()[0]
+    run_cfg = config.parse(cli.compose_config(job_overrides(spec, first)))
+    for n in spec.nprocs:
+        run_cfg.train.per_rank_batch(n)
+    return run_cfg.raw
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def comparable(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flatten(raw).items()
+            if not any(k == p or k.startswith(p) for p in RESUMABLE_KEYS) and k != "paths.run_id"}
+
+
+def check_resumable(spec: StudySpec, settings: dict[str, Any]) -> None:
+    """A study resumed under its name must have the same settings, or its points would mix."""
+    path = spec.dir / STUDY_JSON
+    if not path.exists():
+        return
+    try:
+        previous = read_json_object(path)
+    except ValueError:
+        return  # an unreadable study.json is rewritten; the run folders decide what is done
+    before = previous.get("settings") or {}
+    changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+    if previous.get("kind") not in (None, spec.kind):
+        changed.insert(0, "study.kind")
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in changed[:3])
+        raise ConfigError(
+            f"study {spec.name!r} in {spec.dir} was run with other settings ({shown}); "
+            "use another study.name, or the same settings to resume it")
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return data
+
+
+# -- points -----------------------------------------------------------------------------------
+
+
+def point_state(run_dir: Path) -> str:
+    """completed | absent | incomplete (failed, interrupted, or unreadable records)."""
+    if not run_dir.exists():
+        return "absent"
+    try:
+        status = read_json_object(run_dir / "run.json").get("status")
+    except ValueError:
+        return "incomplete"
+    return "completed" if status == "completed" else "incomplete"
+
+
+def move_aside(spec: StudySpec, point: Point, stamp: str) -> list[str]:
+    """Rename a failed or partial point's folder (and its launcher log) so the point can run again."""
+    moved = []
+    for path in (spec.dir / point.run_id, launch_log(spec, point)):
+        if path.exists():
+            target = path.with_name(f"{point.run_id}.failed-{stamp}{path.suffix if path.is_file() else ''}")
+            path.rename(target)
+            moved.append(target.name)
+    return moved
+
+
+def launch_log(spec: StudySpec, point: Point) -> Path:
+    return spec.dir / "logs" / f"{point.run_id}.log"
+
+
+def failure_reason(spec: StudySpec, point: Point, returncode: int) -> str:
+    """The cause as the records name it, else the job's last error line."""
+    try:
+        error = read_json_object(spec.dir / point.run_id / "run.json").get("error")
+        if error:
+            return str(error)
+    except ValueError:
+        pass
+    try:
+        lines = [ln.strip() for ln in launch_log(spec, point).read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        if "error" in line.lower() and not line.startswith(("[", "W", "I")):
+            return line[:300]
+    return f"torchrun exited with status {returncode}"
+
+
+def stop_job(proc: subprocess.Popen) -> None:
+    """End torchrun and every rank: SIGTERM to the job's process group, SIGKILL after a grace period."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for signum, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(proc.pid, signum)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_point(spec: StudySpec, point: Point) -> Outcome:
+    log_path = launch_log(spec, point)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = job_command(spec, point)
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        log.write(f"$ OMP_NUM_THREADS={spec.threads_per_process} {shlex.join(cmd)}\n")
+        log.flush()
+        # A session of its own: Ctrl-C reaches the study alone, which then ends the whole job.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=job_env(spec), start_new_session=True)
+        try:
+            returncode = proc.wait()
+        except BaseException:
+            stop_job(proc)
+            raise
+    elapsed_s = time.monotonic() - started
+    if returncode == 0 and point_state(spec.dir / point.run_id) == "completed":
+        return Outcome(point.run_id, point.world_size, point.repeat, "completed", elapsed_s)
+    return Outcome(point.run_id, point.world_size, point.repeat, "failed", elapsed_s,
+                   error=failure_reason(spec, point, returncode))
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+@dataclass
+class Progress:
+    """Elapsed time and an estimate of what is left, from the points already run at each size."""
+
+    total: int
+    started: float = field(default_factory=time.monotonic)
+    durations_s: dict[int, list[float]] = field(default_factory=dict)
+
+    def record(self, world_size: int, elapsed_s: float) -> None:
+        self.durations_s.setdefault(world_size, []).append(elapsed_s)
+
+    def estimate_s(self, remaining: Sequence[Point]) -> float | None:
+        every = [d for ds in self.durations_s.values() for d in ds]
+        if not every:
+            return None
+        fallback = sum(every) / len(every)
+        return sum(_mean(self.durations_s.get(p.world_size)) or fallback for p in remaining)
+
+    def line(self, index: int, point: Point, repeats: int, remaining: Sequence[Point]) -> str:
+        eta = self.estimate_s(remaining)
+        return (f"[point {index}/{self.total}] {point.run_id}: {point.world_size} process(es), "
+                f"repeat {point.repeat + 1}/{repeats}  elapsed {fmt_duration(time.monotonic() - self.started)}  "
+                f"eta {fmt_duration(eta) if eta is not None else '?'}")
+
+
+def _mean(values: list[float] | None) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+# -- the study --------------------------------------------------------------------------------
+
+
+@contextmanager
+def study_lock(spec: StudySpec) -> Iterator[None]:
+    """One study process per study folder; the lock goes with the process, however it ends."""
+    spec.dir.mkdir(parents=True, exist_ok=True)
+    with open(spec.dir / ".study.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"study {spec.name!r} in {spec.dir} is being run by another process; "
+                              "wait for it or choose another study.name") from None
+        yield
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (scheduler time limit, kill) stops the study like Ctrl-C does."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise StudyInterrupted(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def write_study_json(spec: StudySpec, settings: dict[str, Any], outcomes: list[Outcome], status: str,
+                     started_at: float) -> None:
+    from scaling.records import write_json
+
+    write_json(spec.dir / STUDY_JSON, {
+        **spec.definition(),
+        "status": status,
+        "started_at": started_at,
+        "updated_at": time.time(),
+        "command": shlex.join([sys.executable, "-m", "scaling.study", *spec.user_overrides]),
+        "points": [asdict(o) for o in outcomes],
+        "settings": settings,
+    })
+
+
+def announce(spec: StudySpec) -> None:
+    batches = ", ".join(f"{n}: {spec.batch_per_rank(n)}" for n in spec.nprocs)
+    fixed = (f"global batch {spec.global_batch_size} fixed" if spec.kind == "strong"
+             else f"per-rank batch {spec.batch_size_per_rank} fixed")
+    print(f"study {spec.name}: {spec.kind} scaling of {spec.exp}, world sizes {list(spec.nprocs)}, "
+          f"{spec.repeats} repeat(s), {fixed} (per-rank batch by world size: {batches})", flush=True)
+    print(f"  every point: torchrun --standalone, {spec.threads_per_process} thread(s) per process "
+          f"(OMP_NUM_THREADS and dist.threads); {available_cores()} core(s) here", flush=True)
+    print(f"  records: {spec.dir}", flush=True)
+
+
+def execute(spec: StudySpec, settings: dict[str, Any]) -> list[Outcome]:
+    """Run every point not completed before; raises StudyInterrupted after stopping a running job."""
+    points = spec.points()
+    outcomes = [Outcome(p.run_id, p.world_size, p.repeat, "pending") for p in points]
+    started_at = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    progress = Progress(total=len(points))
+    write_study_json(spec, settings, outcomes, "running", started_at)
+    status = "interrupted"
+    try:
+        for index, (point, outcome) in enumerate(zip(points, outcomes), start=1):
+            state = point_state(spec.dir / point.run_id)
+            if state == "completed":
+                outcome.status = "skipped"
+                print(f"[point {index}/{len(points)}] {point.run_id}: completed earlier, skipped", flush=True)
+                continue
+            if state == "incomplete":
+                outcome.moved_aside = move_aside(spec, point, stamp)
+                print(f"[point {index}/{len(points)}] {point.run_id}: earlier attempt failed or was cut short; "
+                      f"moved aside to {', '.join(outcome.moved_aside)}; running again", flush=True)
+            remaining = [p for p, o in zip(points[index:], outcomes[index:])
+                         if point_state(spec.dir / p.run_id) != "completed"]
+            print(progress.line(index, point, spec.repeats, [point, *remaining]), flush=True)
+            result = run_point(spec, point)
+            outcome.status, outcome.elapsed_s, outcome.error = result.status, result.elapsed_s, result.error
+            progress.record(point.world_size, result.elapsed_s)
+            print(f"    {point.run_id} {result_line(spec, point, result)}", flush=True)
+            write_study_json(spec, settings, outcomes, "running", started_at)
+            if result.status == "failed" and spec.fail_fast:
+                print("    study.fail_fast=true: stopping at the first failed point", flush=True)
+                break
+        status = "failed" if any(o.status == "failed" for o in outcomes) else "completed"
+        return outcomes
+    finally:
+        write_study_json(spec, settings, outcomes, status, started_at)
+
+
+def result_line(spec: StudySpec, point: Point, outcome: Outcome) -> str:
+    took = f"in {fmt_duration(outcome.elapsed_s)}"
+    if outcome.status != "completed":
+        return f"FAILED {took}: {outcome.error}  (log: {launch_log(spec, point)})"
+    try:
+        summary = read_json_object(spec.dir / point.run_id / "run.json").get("summary") or {}
+    except ValueError:
+        summary = {}
+    step_s, rate, bound = summary.get("step_s"), summary.get("samples_per_s"), summary.get("bound")
+    if step_s is None:
+        return f"completed {took}"
+    return f"completed {took}: median step {step_s:.4f} s, {rate:.1f} samples/s, {bound}-bound"
+
+
+def report(spec: StudySpec) -> None:
+    from scaling.report import build_report, console_text
+
+    result = build_report([spec.dir], spec.dir)
+    print("\n" + console_text(result), flush=True)
+
+
+def main(cfg: DictConfig, argv: Sequence[str]) -> int:
+    spec = spec_from_config(cfg, argv)
+    settings = comparable(check_points(spec))
+    with study_lock(spec):
+        check_resumable(spec, settings)
+        announce(spec)
+        try:
+            with terminate_as_interrupt():
+                outcomes = execute(spec, settings)
+        except (KeyboardInterrupt, StudyInterrupted) as exc:
+            reason = f" ({exc})" if str(exc) else ""
+            print(f"\nstudy {spec.name} interrupted{reason}: the running job was stopped. "
+                  "Run the same command again to continue; completed points are kept.", file=sys.stderr, flush=True)
+            return 130
+    report(spec)
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        names = ", ".join(f"{o.run_id} ({o.error})" for o in failed)
+        print(f"\nstudy {spec.name}: {len(failed)} point(s) failed: {names}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def entry(argv: Sequence[str] | None = None) -> int:
+    args = [a for a in (sys.argv[1:] if argv is None else argv)]
+    overrides = [a for a in args if not a.startswith("-")]
+    return cli.run("scaling.study", lambda cfg: main(cfg, overrides), argv=args)
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

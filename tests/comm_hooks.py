@@ -1,0 +1,52 @@
+"""DDP communication hooks used by the tests as user hooks (``comm.hook=tests.comm_hooks:NAME``).
+
+Each behaves like plain all-reduce plus one controlled effect, set through an
+environment variable so that the training job itself is unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+_calls = {"n": 0}
+
+
+def delayed_allreduce(state, bucket):
+    """All-reduce whose completion is delayed by SCALING_TEST_DELAY_S per bucket."""
+    delay = float(os.environ.get("SCALING_TEST_DELAY_S", "0"))
+
+    def late(fut):
+        time.sleep(delay)
+        return fut.value()
+
+    return default_hooks.allreduce_hook(state, bucket).then(late)
+
+
+def _fault_due() -> bool:
+    """True on rank SCALING_TEST_FAULT_RANK once SCALING_TEST_FAULT_AFTER buckets were reduced."""
+    _calls["n"] += 1
+    return (dist.get_rank() == int(os.environ.get("SCALING_TEST_FAULT_RANK", "1"))
+            and _calls["n"] > int(os.environ.get("SCALING_TEST_FAULT_AFTER", "5")))
+
+
+def raise_on_rank(state, bucket):
+    if _fault_due():
+        raise ValueError("injected fault in a user hook")
+    return default_hooks.allreduce_hook(state, bucket)
+
+
+def kill_rank(state, bucket):
+    if _fault_due():
+        os.kill(os.getpid(), signal.SIGKILL)
+    return default_hooks.allreduce_hook(state, bucket)
+
+
+def hang_rank(state, bucket):
+    if _fault_due():
+        time.sleep(3600)
+    return default_hooks.allreduce_hook(state, bucket)
