@@ -1,0 +1,131 @@
+"""scripts/netns_cluster.py for real: namespaces, tc tbf links, multi-node torchrun, cleanup on every exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launch import REPO, check, job_env, only_run_dir, read_json, run
+
+TOOL = str(REPO / "scripts" / "netns_cluster.py")
+RATE_BIT_S = 200_000_000  # slow enough that 16 MiB messages take a measurable 0.7 s, fast enough to stay short
+
+
+def netns_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        return "needs iproute2 (ip, tc): apt-get install iproute2"
+    probe = f"sncprobe{os.getpid()}"
+    if subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode != 0:
+        return "`ip netns add` is not permitted here"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+REASON = netns_unavailable()
+needs_netns = pytest.mark.skipif(REASON is not None, reason=str(REASON))
+
+
+def tool(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
+    return run([sys.executable, TOOL, *args], timeout_s)
+
+
+def namespaces_of(pid: int) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(f"snc{pid}-")]
+
+
+def host_lines(stdout: str, host: int) -> list[str]:
+    tag = f"[host{host}] "
+    return [line[len(tag):] for line in stdout.splitlines() if line.startswith(tag)]
+
+
+def test_refuses_when_not_root() -> None:
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) to run as an unprivileged user")
+    # In a new user namespace without a uid map, this process is `nobody` (uid 65534).
+    proc = run(["unshare", "--user", sys.executable, TOOL, "--hosts", "2", "--", "true"])
+    if "unshare failed" in proc.stderr:
+        pytest.skip(f"user namespaces are not permitted here: {proc.stderr.strip()}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("netns_cluster.py: must run as root: it creates network namespaces and tc qdiscs "
+                                   "(try: sudo python scripts/netns_cluster.py ...)")
+
+
+@needs_netns
+def test_hosts_have_their_own_names_addresses_and_shaped_links_and_nothing_else() -> None:
+    probe = ("echo \"$NODE_RANK {nnodes} $(hostname) {addr} $MASTER_ADDR $GLOO_SOCKET_IFNAME\"; "
+             "ip -4 -o addr show dev eth0 | wc -l; ip route; tc qdisc show dev eth0")
+    proc = tool("--hosts", "3", "--rate", "200mbit", "--", "sh", "-c", probe)
+    stdout = check(proc)
+    for host in range(3):
+        lines = host_lines(stdout, host)
+        assert lines[0] == f"{host} 3 host{host} 198.18.0.{host + 1} 198.18.0.1 eth0"
+        assert lines[1] == "1"
+        routes = [line for line in lines if " dev " in line and "qdisc" not in line]
+        # One route, to the hosts' own /24: no default route, no way out of the namespaces.
+        assert [r.strip() for r in routes] == [f"198.18.0.0/24 dev eth0 proto kernel scope link src 198.18.0.{host + 1}"]
+        assert any(line.startswith("qdisc tbf") and "rate 200Mbit" in line for line in lines)
+    # The tool's own namespaces are gone once it has exited.
+    tool_pid = int(next(line for line in stdout.splitlines() if line.startswith("[netns] pid")).split()[2])
+    assert namespaces_of(tool_pid) == []
+
+
+@needs_netns
+def test_a_failing_host_ends_the_job_with_its_exit_status() -> None:
+    start = time.monotonic()
+    proc = tool("--hosts", "2", "--grace-s", "1", "--", "sh", "-c", 'if [ "$NODE_RANK" = 1 ]; then exit 3; fi; sleep 60')
+    assert proc.returncode == 3
+    assert time.monotonic() - start < 30  # host0's sleep 60 was cut short
+    assert "[netns] host1 exited with 3" in proc.stdout
+
+
+@needs_netns
+def test_ctrl_c_stops_the_hosts_and_removes_the_namespaces(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    command = f'echo $$ >> {pids}; exec sleep 120'
+    proc = subprocess.Popen([sys.executable, TOOL, "--hosts", "2", "--", "sh", "-c", command], env=job_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while (not pids.exists() or len(pids.read_text().split()) < 2) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(namespaces_of(proc.pid)) == 3  # the switch and two hosts exist while it runs
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert "SIGINT: stopping the hosts and removing the namespaces" in stderr
+    assert namespaces_of(proc.pid) == []
+    for pid in pids.read_text().split():
+        assert not Path(f"/proc/{pid}").exists(), f"host process {pid} outlived the tool"
+
+
+@needs_netns
+def test_all_reduce_bus_bandwidth_matches_the_link_rate(tmp_path: Path) -> None:
+    proc = tool("--hosts", "2", "--rate", f"{RATE_BIT_S // 10**6}mbit", "--torchrun", "--",
+                "-m", "scaling.commbench", f"paths.root={tmp_path}", "commbench.ops=[all_reduce]",
+                "commbench.min_bytes=4194304", "commbench.max_bytes=16777216", "commbench.iters=3",
+                "commbench.warmup_iters=1", timeout_s=300)
+    check(proc)
+    record = read_json(only_run_dir(tmp_path / "commbench") / "commbench.json")
+    assert (record["world_size"], record["nodes"], record["backend"]) == (2, 2, "gloo")
+    link_GBps = RATE_BIT_S / 8 / 1e9
+    largest = max(record["results"], key=lambda r: r["bytes"])
+    assert largest["bytes"] == 16 * 2**20
+    print(json.dumps({"link_GBps": link_GBps, "busbw_GBps": largest["busbw_GBps"], "fit": record["fit"]}))
+    # Every byte crosses a link shaped to 200 Mbit/s; TCP/IP headers take about 4% of it.
+    assert largest["busbw_GBps"] == pytest.approx(link_GBps, rel=0.15)
+    (fit,) = record["fit"]
+    assert fit["bandwidth_GBps"] == pytest.approx(link_GBps, rel=0.15)
