@@ -1,0 +1,186 @@
+"""Real multi-process training jobs: the records hold every SPEC key, and the numbers add up."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from scaling import cli, config
+from scaling.loop import prepare
+from tests.conftest import QUICK, TINY, check_ok, load_run, only_run_dir, single, torchrun
+
+STEP_KEYS = ["step_s", "data_s", "forward_s", "backward_s", "optimizer_s", "other_s", "comm_s", "comm_exposed_s",
+             "compute_s", "overlap", "comm_bytes", "algbw_GBps", "busbw_GBps"]
+SUMMARY_KEYS = STEP_KEYS + ["step_s_p05", "step_s_p95", "samples_per_s", "compute_frac", "comm_exposed_frac",
+                            "data_frac", "other_frac", "bound"]
+MEMORY_KEYS = ["params", "grads", "optimizer_state", "activations", "comm_buffers", "peak", "rss_peak"]
+RUN_KEYS = ["status", "world_size", "nodes", "backend", "launcher", "device", "provenance", "summary", "memory",
+            "flops", "batch_size_per_rank", "global_batch_size", "run_id"]
+
+
+two_rank_dirs: dict = {}
+
+
+def model_bytes(overrides: list[str]) -> int:
+    job = prepare(config.parse(cli.compose_config(overrides)))
+    return sum(p.numel() * p.element_size() for p in job.model.parameters())
+
+
+@pytest.fixture(scope="module", params=sorted(TINY))
+def two_rank_run(request, tmp_path_factory):
+    exp = request.param
+    root = tmp_path_factory.mktemp(exp) / "runs"
+    overrides = [*TINY[exp], "train.steps=5", "train.warmup_steps=2", "train.log_every=2", f"paths.root={root}"]
+    proc = torchrun(2, overrides, env={"GLOO_SOCKET_IFNAME": "lo", "GLOO_SECRET_KEY": "hunter2"})
+    check_ok(proc)
+    run_dir = only_run_dir(root)
+    run, steps = load_run(run_dir)
+    two_rank_dirs[run["run_id"]] = run_dir
+    return exp, overrides, run_dir, run, steps, proc
+
+
+def test_run_json_has_every_spec_key(two_rank_run):
+    exp, _, run_dir, run, _, _ = two_rank_run
+    assert not [k for k in RUN_KEYS if k not in run]
+    assert run["status"] == "completed"
+    assert (run["world_size"], run["nodes"], run["backend"], run["launcher"]) == (2, 1, "gloo", "torchrun")
+    assert not [k for k in SUMMARY_KEYS if k not in run["summary"]]
+    assert not [k for k in MEMORY_KEYS if k not in run["memory"]["max"]]
+    assert len(run["memory"]["per_rank"]) == 2
+    assert run["flops"]["per_sample"] > 0 and 0 < run["flops"]["mfu"] < 1.5
+    assert run["flops"]["achieved_per_s"] == pytest.approx(
+        run["flops"]["per_sample"] * run["batch_size_per_rank"] / run["summary"]["step_s"])
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["exp_name"] == exp
+    assert {"rank0.log", "rank1.log"} <= {p.name for p in (run_dir / "logs").iterdir()}
+
+
+def test_provenance_keeps_relevant_variables_and_no_secret(two_rank_run):
+    _, _, run_dir, run, _, _ = two_rank_run
+    env = run["provenance"]["env"]
+    assert env.get("GLOO_SOCKET_IFNAME") == "lo"
+    assert env.get("OMP_NUM_THREADS") == "1"
+    assert "hunter2" not in (run_dir / "run.json").read_text()
+    assert run["provenance"]["torch"].startswith("2.")
+
+
+def test_one_line_per_measured_step_with_rank_statistics(two_rank_run):
+    _, _, _, run, steps, _ = two_rank_run
+    assert [s["step"] for s in steps] == [2, 3, 4, 5, 6]
+    for s in steps:
+        for key in STEP_KEYS:
+            assert s[f"{key}_min"] <= s[key] + 1e-12 <= s[f"{key}_max"] + 2e-12
+        assert s["slowest_rank"] in (0, 1)
+        assert s["samples_per_s"] == pytest.approx(run["global_batch_size"] / s["step_s_max"])
+
+
+def test_parts_add_up_to_the_step(two_rank_run):
+    _, _, run_dir, _, steps, _ = two_rank_run
+    per_rank = [json.loads(line) for r in (0, 1) for line in (run_dir / f"logs/rank{r}.steps.jsonl").read_text().splitlines()]
+    for s in steps + per_rank:
+        parts = s["data_s"] + s["forward_s"] + s["backward_s"] + s["optimizer_s"] + s["other_s"]
+        assert parts == pytest.approx(s["step_s"], rel=1e-9, abs=1e-9)
+        assert min(s["data_s"], s["forward_s"], s["backward_s"], s["optimizer_s"], s["other_s"]) >= 0
+        assert s["compute_s"] == pytest.approx(s["step_s"] - s["data_s"] - s["comm_exposed_s"] - s["other_s"], abs=1e-9)
+        assert 0 <= s["comm_exposed_s"] <= s["comm_s"] + 1e-12
+        # DDP waits for every bucket inside backward(), so its communication lies within it.
+        assert s["comm_exposed_s"] <= s["backward_s"] + 1e-9
+    for s in per_rank:
+        assert s["algbw_GBps"] == pytest.approx(s["comm_bytes"] / s["comm_s"] / 1e9)
+        assert s["busbw_GBps"] == pytest.approx(s["algbw_GBps"] * 2 * (2 - 1) / 2)
+        assert s["overlap"] == pytest.approx(1 - s["comm_exposed_s"] / s["comm_s"])
+
+
+def test_comm_and_memory_bytes_match_the_model(two_rank_run):
+    _, overrides, _, run, steps, _ = two_rank_run
+    expected = model_bytes(overrides)
+    assert all(s["comm_bytes"] == expected for s in steps)
+    for rank in run["memory"]["per_rank"]:
+        assert rank["params"] == rank["grads"] == rank["comm_buffers"] == expected
+        assert rank["activations"] > 0
+        assert rank["rss_peak"] > rank["peak"] > 0
+    # SGD keeps one momentum buffer per parameter, AdamW two moments (plus a scalar step each).
+    moments = {"sgd": 1, "adamw": 2}[run_config(run)["optim"]["name"]]
+    assert expected * moments <= run["memory"]["max"]["optimizer_state"] <= expected * moments * 1.01
+
+
+def run_config(run):
+    return yaml.safe_load((two_rank_dirs[run["run_id"]] / "config.yaml").read_text())
+
+
+def test_shares_sum_to_one_and_verdict_follows_the_largest(two_rank_run):
+    _, _, _, run, _, _ = two_rank_run
+    s = run["summary"]
+    shares = {k: s[f"{k}_frac"] for k in ("compute", "comm_exposed", "data", "other")}
+    assert sum(shares.values()) == pytest.approx(1.0)
+    largest = max(shares, key=shares.get)
+    assert s["bound"] == {"comm_exposed": "communication", "data": "data"}.get(largest, "compute")
+
+
+def test_console_shows_progress_and_the_table(two_rank_run):
+    _, _, _, run, _, proc = two_rank_run
+    out = proc.stdout
+    assert "step     2/5" in out and "samples/s" in out
+    for text in ("where the step goes", "exposed communication", "memory per rank", "FLOPs per sample", "MFU",
+                 f"{run['summary']['bound'].capitalize()}-bound on 2 processes"):
+        assert text in out, text
+    assert out.count("where the step goes") == 1  # rank 0 alone prints
+
+
+def test_single_process_from_another_directory(tmp_path):
+    proc = single([*TINY["mlp"], *QUICK, "paths.root=runs", "study.name=solo"], cwd=tmp_path)
+    check_ok(proc)
+    run, steps = load_run(only_run_dir(tmp_path / "runs", "solo"))
+    assert (run["launcher"], run["world_size"], run["status"]) == ("single", 1, "completed")
+    assert len(steps) == 4
+    assert run["summary"]["busbw_GBps"] == 0.0  # 2(n-1)/n is 0 for one process
+
+
+def test_instrumentation_off_keeps_only_the_wall_clock(root):
+    proc = torchrun(2, [*TINY["mlp"], *QUICK, "instrument.enabled=false", f"paths.root={root}"])
+    check_ok(proc)
+    run, steps = load_run(only_run_dir(root))
+    assert run["instrumented"] is False and run["status"] == "completed"
+    assert len(steps) == 4 and "comm_s" not in steps[0] and steps[0]["step_s"] > 0
+    assert "bound" not in run["summary"] and run["summary"]["samples_per_s"] > 0
+    assert run["memory"]["max"]["activations"] is None and run["memory"]["max"]["params"] > 0
+
+
+@pytest.mark.parametrize("hook", ["fp16", "powersgd"])
+def test_torch_comm_hooks_are_timed(hook, root):
+    proc = torchrun(2, [*TINY["mlp"], *QUICK, f"comm.hook={hook}", f"paths.root={root}"])
+    check_ok(proc)
+    run, steps = load_run(only_run_dir(root))
+    assert run["comm_hook"] == hook
+    assert all(s["comm_s"] > 0 and s["comm_bytes"] > 0 for s in steps)
+
+
+def test_imagefolder_data(tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog", "eel"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 255, size=(20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
+    proc = single(["+exp=resnet", "data=imagefolder", f"data.root={tmp_path / 'images'}", "data.image_size=16",
+                   "train.batch_size=4", *QUICK, f"paths.root={tmp_path / 'runs'}"])
+    check_ok(proc)
+    run, steps = load_run(only_run_dir(tmp_path / "runs"))
+    assert run["status"] == "completed" and len(steps) == 4
+    cfg = yaml.safe_load((only_run_dir(tmp_path / "runs") / "config.yaml").read_text())
+    assert cfg["data"]["root"] == str(tmp_path / "images")
+    # 3 classes found in the folder: the head has 3 outputs.
+    assert run["memory"]["max"]["params"] == model_bytes(["+exp=resnet", "data.num_classes=3"])
+
+
+def test_bf16_autocast_runs(root):
+    proc = single([*TINY["mlp"], *QUICK, "train.amp=bf16", f"paths.root={root}"])
+    check_ok(proc)
+    run, _ = load_run(only_run_dir(root))
+    assert run["amp"] == "bf16" and run["status"] == "completed"
+    assert math.isfinite(run["summary"]["step_s"])
