@@ -1,0 +1,227 @@
+"""slurm/train.sbatch, strong_scaling.sh and weak_scaling.sh on a real two-node Slurm.
+
+The cluster (``slurm_fixture``) is Debian's slurmctld + two slurmd + munged on this
+host; every job runs the real training job with a tiny CPU config. Each test reads the
+job's output file and the records, not only the job state: a misconfigured node can
+report COMPLETED with nothing done.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+try:
+    from tests.slurm_cluster import Job, SlurmCluster
+    from tests.slurm_fixture import slurm_cluster  # noqa: F401  (the fixture)
+except ImportError:
+    from slurm_cluster import Job, SlurmCluster
+    from slurm_fixture import slurm_cluster  # noqa: F401
+
+REPO = Path(__file__).resolve().parent.parent
+# Small enough that a two-rank run takes seconds on two shared cores.
+TINY = ("model.hidden=64 model.in_features=32 train.steps=3 train.warmup_steps=1 train.log_every=1 "
+        "logger.wandb.mode=disabled hardware.peak_tflops=1")
+STEPS = 3
+
+
+def report_available() -> bool:
+    spec = importlib.util.find_spec("scaling.report")
+    return spec is not None and (spec.submodule_search_locations is None
+                                 or importlib.util.find_spec("scaling.report.__main__") is not None)
+
+
+needs_report = pytest.mark.skipif(not report_available(),
+                                   reason="python -m scaling.report is not available yet")
+
+
+def job_env(runs: Path, **extra: str) -> dict[str, str]:
+    """What a user exports before sbatch: the interpreter first on PATH, EXP, OVERRIDES."""
+    return {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+            "EXP": "mlp", "OVERRIDES": TINY, "RUNS_ROOT": str(runs), **extra}
+
+
+def read_run(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def steps_in(run_dir: Path) -> int:
+    return sum(1 for line in (run_dir / "steps.jsonl").read_text().splitlines() if line.strip())
+
+
+def assert_ok(job: Job) -> None:
+    assert job.state == "COMPLETED" and job.exit_code == 0, job.describe()
+    assert f"job {job.job_id} ends with exit status 0" in job.output, job.describe()
+
+
+def run_study(cluster: SlurmCluster, tmp: Path, script: str, **env: str) -> tuple[Job, Path]:
+    runs = tmp / "runs"
+    job = cluster.run_job(REPO / "slurm" / script, "--nodes=2", output=tmp / "job.out", cwd=REPO,
+                          env=job_env(runs, NODES="1 2", **env))
+    return job, runs / env["STUDY"]
+
+
+# ----------------------------------------------------------------- one run
+def test_train_sbatch_runs_one_job_over_two_nodes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    job = slurm_cluster.run_job(REPO / "slurm" / "train.sbatch", "--nodes=2", "--cpus-per-task=2",
+                                output=tmp_path / "job.out", cwd=REPO, env=job_env(runs))
+    assert_ok(job)
+    (run_dir,) = (runs / "adhoc").iterdir()
+    assert run_dir.name.startswith(f"mlp-n2-j{job.job_id}-")
+    run = read_run(run_dir)
+    assert run["status"] == "completed", run.get("error")
+    assert run["launcher"] == "slurm"
+    assert run["world_size"] == 2 and run["backend"] == "gloo"
+    # Threads per rank follow --cpus-per-task (srun itself sets no OMP_NUM_THREADS).
+    assert run["threads_per_process"] == 2
+    assert steps_in(run_dir) == STEPS
+    assert f"records: {run_dir}" in job.output
+
+
+# ----------------------------------------------------------------- studies
+@pytest.fixture(scope="module")
+def strong_study(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[Job, Path]:
+    return run_study(slurm_cluster, tmp_path_factory.mktemp("strong"), "strong_scaling.sh",
+                     STUDY="strong-test", GLOBAL_BATCH="32")
+
+
+@pytest.fixture(scope="module")
+def weak_study(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[Job, Path]:
+    return run_study(slurm_cluster, tmp_path_factory.mktemp("weak"), "weak_scaling.sh",
+                     STUDY="weak-test", BATCH_PER_RANK="8")
+
+
+def check_points(study: Path, kind: str, batches: dict[int, tuple[int, int]]) -> None:
+    """Each world size's run: completed under srun, its batch (per rank, global), its nodes."""
+    for world, (per_rank, global_batch) in batches.items():
+        run_dir = study / f"n{world}-r1"
+        run = read_run(run_dir)
+        assert run["status"] == "completed", run.get("error")
+        assert run["launcher"] == "slurm" and run["study"] == study.name and run["study_kind"] == kind
+        assert run["world_size"] == world
+        assert run["batch_size_per_rank"] == per_rank and run["global_batch_size"] == global_batch
+        assert steps_in(run_dir) == STEPS
+    definition = json.loads((study / "study.json").read_text())
+    assert definition["kind"] == kind and definition["nprocs"] == sorted(batches)
+    assert [p["status"] for p in definition["points"]] == ["completed"] * len(batches)
+    # Two slurmd on one host share its hostname; the ranks still ran on two Slurm nodes.
+    assert read_run(study / "n2-r1")["nodes"] == 2
+
+
+def test_strong_scaling_runs_every_node_count(strong_study: tuple[Job, Path]) -> None:
+    job, study = strong_study
+    assert_ok(job)
+    check_points(study, "strong", {1: (32, 32), 2: (16, 32)})
+    assert "point n1-r1: completed" in job.output and "point n2-r1: completed" in job.output
+
+
+def test_weak_scaling_runs_every_node_count(weak_study: tuple[Job, Path]) -> None:
+    job, study = weak_study
+    assert_ok(job)
+    check_points(study, "weak", {1: (8, 8), 2: (8, 16)})
+
+
+@needs_report
+@pytest.mark.parametrize("which", ["strong", "weak"])
+def test_study_ends_with_its_report(which: str, request: pytest.FixtureRequest) -> None:
+    job, study = request.getfixturevalue(f"{which}_study")
+    assert_ok(job)
+    assert "report: python -m scaling.report" in job.output
+    rows = (study / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2, rows  # a header and one row per point
+    assert (study / "report.md").is_file()
+
+
+# ----------------------------------------------------------------- failures
+def test_invalid_override_fails_the_job_visibly(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    job, study = run_study(slurm_cluster, tmp_path, "strong_scaling.sh", STUDY="bad",
+                           OVERRIDES=f"{TINY} dist.backend=carrier-pigeon")
+    assert job.state == "FAILED" and job.exit_code == 2, job.describe()
+    assert "scaling.train: error: dist.backend must be one of auto|gloo|nccl (got 'carrier-pigeon')" in job.output
+    assert "Traceback" not in job.output
+    # Every point would fail the same way: the study stops at the first.
+    assert "point n2-r1" not in job.output
+    assert not (study / "n2-r1").exists()
+
+
+def wait_until_measuring(run_dir: Path, timeout_s: float = 120) -> None:
+    """Until rank 0 has recorded a measured step of this run."""
+    steps = run_dir / "logs" / "rank0.steps.jsonl"
+    deadline = time.monotonic() + timeout_s
+    while not (steps.exists() and steps.read_text().strip()):
+        assert time.monotonic() < deadline, f"{run_dir} never started measuring"
+        time.sleep(0.2)
+
+
+# Long enough that the 2-node point is still running when the signal arrives.
+SLOW = TINY.replace("train.steps=3", "train.steps=800").replace("train.log_every=1", "train.log_every=50")
+
+
+def interrupt_second_point(cluster: SlurmCluster, tmp: Path, *sbatch_args: str, **env: str) -> tuple[int, Path]:
+    """Submit a strong study; send the early-stop signal once its 2-node point measures."""
+    runs = tmp / "runs"
+    job_id = cluster.submit(REPO / "slurm" / "strong_scaling.sh", "--nodes=2", *sbatch_args,
+                            output=tmp / "job.out", cwd=REPO,
+                            env=job_env(runs, NODES="1 2", OVERRIDES=SLOW, **env))
+    deadline = time.monotonic() + 180
+    while not (candidates := list(runs.glob("*/n2-r1"))):
+        assert time.monotonic() < deadline and cluster.in_queue(job_id), (tmp / "job.out").read_text()
+        time.sleep(0.5)
+    (run_dir,) = candidates
+    wait_until_measuring(run_dir)
+    # What --signal=B:USR1@<secs> does before the time limit: signal the batch shell.
+    cluster.signal_batch(job_id, "USR1")
+    return job_id, run_dir.parent
+
+
+def check_stopped_point(record: Path) -> None:
+    run = read_run(record)
+    assert run["status"] == "failed"
+    assert "SIGUSR1" in run["error"], run["error"]
+    assert steps_in(record) >= 1  # the steps measured before the stop are kept
+
+
+def test_early_stop_then_resubmission_skips_completed_points(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    job_id, study = interrupt_second_point(slurm_cluster, tmp_path, "--no-requeue", STUDY="stopped")
+    first = slurm_cluster.wait(job_id, tmp_path / "job.out")
+    assert first.state == "FAILED" and first.exit_code == 3, first.describe()
+    assert "received SIGUSR1" in first.output
+    assert f"STUDY=stopped RUNS_ROOT={study.parent} sbatch" in first.output
+    check_stopped_point(study / "n2-r1")
+    done_before = (study / "n1-r1" / "run.json").read_bytes()
+
+    second = slurm_cluster.run_job(REPO / "slurm" / "strong_scaling.sh", "--nodes=2", output=tmp_path / "job2.out",
+                                   cwd=REPO, env=job_env(study.parent, NODES="1 2", STUDY="stopped"))
+    assert_ok(second)
+    assert "point n1-r1: completed earlier, skipped" in second.output
+    assert (study / "n1-r1" / "run.json").read_bytes() == done_before
+    assert read_run(study / "n2-r1")["status"] == "completed"
+    assert steps_in(study / "n2-r1") == STEPS
+    (attempt,) = study.glob("n2-r1.failed-*")
+    check_stopped_point(attempt)
+
+
+def test_early_stop_requeues_and_continues_the_same_study(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    # No STUDY: the job names its study, and must find it again after the requeue.
+    job_id, study = interrupt_second_point(slurm_cluster, tmp_path)
+    assert re.fullmatch(rf"strong-j{job_id}-\d{{8}}-\d{{6}}", study.name), study.name
+    # The requeued job runs the remaining point with the study's OVERRIDES (SLOW): the
+    # test waits for it to measure, then lets it run out rather than stopping it again.
+    job = slurm_cluster.wait(job_id, tmp_path / "job.out", timeout_s=400)
+    assert_ok(job)
+    assert job.info.get("Restarts") == "1", job.info
+    assert f"requeueing job {job_id}" in job.output
+    assert f"continuing study {study.name}" in job.output
+    assert "point n1-r1: completed earlier, skipped" in job.output
+    assert [p.name for p in study.parent.iterdir()] == [study.name]
+    assert read_run(study / "n2-r1")["status"] == "completed"
+    (attempt,) = study.glob("n2-r1.failed-*")
+    check_stopped_point(attempt)
