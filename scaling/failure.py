@@ -12,12 +12,15 @@ step measured on all ranks is kept.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import signal
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -157,35 +160,44 @@ def rebuild_steps(files: RunFiles, world_size: int, global_batch: int, keys: tup
 
 def finalize_failed(files: RunFiles, exc: BaseException, world_size: int, global_batch: int,
                     keys: tuple[str, ...]) -> str | None:
-    """Record this rank's error; if this rank is the finalizer, write the failed run.json. Returns the cause."""
+    """Record this rank's error; if this rank is the finalizer, mark run.json failed. Returns the cause.
+
+    Every failing rank rebuilds steps.jsonl, under a lock: a rank that was a
+    step behind may still record that step after the finalizer wrote, and the
+    last rebuild then holds every step that all ranks finished.
+    """
     own = record_rank_error(files, exc)
     if not own["root_cause"] and world_size > 1:
         deadline = time.monotonic() + WAIT_FOR_ROOT_CAUSE_S
         while time.monotonic() < deadline:
             if (files.logs / ".finalized").exists():
-                return None
+                break
             if any(e["root_cause"] for e in _rank_errors(files, world_size).values()):
                 break
             time.sleep(0.05)
-    if not _claim(files):
-        return None
-    cause = failure_cause(own, _rank_errors(files, world_size), world_size)
-    records = rebuild_steps(files, world_size, global_batch, keys)
-    try:
-        run = read_json(files.run_json)
-    except (OSError, ValueError):
-        run = {"world_size": world_size}
-    run.update(status="failed", error=cause, failed_at=time.time(), measured_steps_kept=len(records))
-    if records:
-        run["summary"] = {**aggregate.summarize(records, keys), "partial": True}
-    write_json(files.run_json, run)
+    cause = None
+    if _claim(files):
+        cause = failure_cause(own, _rank_errors(files, world_size), world_size)
+    with _locked(files.logs / ".records.lock"):
+        records = rebuild_steps(files, world_size, global_batch, keys)
+        try:
+            run = read_json(files.run_json)
+        except (OSError, ValueError):
+            run = {"world_size": world_size}
+        if cause is not None:
+            run.update(status="failed", error=cause, failed_at=time.time())
+        run["measured_steps_kept"] = len(records)
+        if records:
+            run["summary"] = {**aggregate.summarize(records, keys), "partial": True}
+        write_json(files.run_json, run)
     return cause
 
 
-def wait_for_file(path: Path, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists():
-            return True
-        time.sleep(0.05)
-    return path.exists()
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

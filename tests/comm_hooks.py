@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import torch.distributed as dist
@@ -16,12 +17,20 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 _calls = {"n": 0}
 
 
+_serial = threading.Lock()
+
+
 def delayed_allreduce(state, bucket):
-    """All-reduce whose completion is delayed by SCALING_TEST_DELAY_S per bucket."""
+    """All-reduce whose completion is delayed by SCALING_TEST_DELAY_S per bucket.
+
+    The delays are taken one bucket at a time, as on a single communication
+    channel, so a step with B buckets is held up by B x delay in all.
+    """
     delay = float(os.environ.get("SCALING_TEST_DELAY_S", "0"))
 
     def late(fut):
-        time.sleep(delay)
+        with _serial:
+            time.sleep(delay)
         return fut.value()
 
     return default_hooks.allreduce_hook(state, bucket).then(late)

@@ -1,0 +1,89 @@
+"""A rank that fails ends the job fast, names itself, and every measured step survives."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, TINY, job_env, load_run, only_run_dir, torchrun
+
+LONG = [*TINY["mlp"], "train.steps=200", "train.warmup_steps=1", "train.log_every=4", "instrument.flops=false"]
+FAULT_AFTER = 40  # buckets reduced on the faulty rank before it fails (a few per step)
+
+
+def faulty_run(root, hook, extra=(), timeout=120):
+    start = time.monotonic()
+    proc = torchrun(2, [*LONG, f"comm.hook=tests.comm_hooks:{hook}", f"paths.root={root}", *extra],
+                    env={"SCALING_TEST_FAULT_RANK": "1", "SCALING_TEST_FAULT_AFTER": str(FAULT_AFTER)}, timeout=timeout)
+    elapsed = time.monotonic() - start
+    run_dir = only_run_dir(root)
+    run, steps = load_run(run_dir)
+    return proc, elapsed, run_dir, run, steps
+
+
+def kept_steps_are_whole(run_dir, steps):
+    """steps.jsonl holds exactly the steps that both ranks finished."""
+    per_rank = [{json.loads(l)["step"] for l in (run_dir / f"logs/rank{r}.steps.jsonl").read_text().splitlines() if l}
+                for r in (0, 1)]
+    assert [s["step"] for s in steps] == sorted(per_rank[0] & per_rank[1])
+    assert len(steps) >= 5
+
+
+def test_a_rank_that_raises(root):
+    proc, elapsed, run_dir, run, steps = faulty_run(root, "raise_on_rank")
+    assert proc.returncode != 0
+    assert run["status"] == "failed"
+    assert run["error"] == "rank 1 failed: ValueError: injected fault in a user hook"
+    assert "rank 1 failed: ValueError: injected fault" in proc.stderr
+    kept_steps_are_whole(run_dir, steps)
+    assert run["summary"]["partial"] is True and run["summary"]["steps"] == len(steps)
+    assert elapsed < 60
+
+
+def test_a_rank_that_is_killed(root):
+    proc, elapsed, run_dir, run, steps = faulty_run(root, "kill_rank")
+    assert proc.returncode != 0
+    assert run["status"] == "failed"
+    assert run["error"].startswith("rank 1 stopped without reporting an error")
+    kept_steps_are_whole(run_dir, steps)
+    assert elapsed < 60
+
+
+def test_a_rank_that_hangs_is_given_up_on_after_the_timeout(root):
+    proc, elapsed, run_dir, run, steps = faulty_run(root, "hang_rank", extra=["dist.timeout_s=5"])
+    assert proc.returncode != 0
+    assert run["status"] == "failed"
+    assert run["error"].startswith("rank 1 stopped without reporting an error")
+    assert "Timed out" in run["error"] or "timed out" in run["error"]
+    kept_steps_are_whole(run_dir, steps)
+    assert elapsed < 5 + 60  # the timeout, then the launcher's teardown
+
+
+def test_ctrl_c_ends_cleanly_and_keeps_the_records(root):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scaling.train",
+           *LONG, "train.steps=100000", f"paths.root={root}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until some steps are on disk
+        runs = list((root / "adhoc").glob("*/steps.jsonl")) if (root / "adhoc").exists() else []
+        if runs and len(runs[0].read_text().splitlines()) >= 8:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the whole foreground group
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    run_dir = only_run_dir(root)
+    run, steps = load_run(run_dir)
+    assert run["status"] == "failed"
+    assert "interrupted" in run["error"]
+    assert len(steps) >= 8
+    assert "interrupted (Ctrl-C / SIGINT)" in out
+    # torchrun itself prints a traceback for the signal it received; the ranks print none.
+    assert "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out

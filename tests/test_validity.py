@@ -1,0 +1,56 @@
+"""Do the instruments measure what they claim? Known effects must show up in the numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import TINY, check_ok, load_run, only_run_dir, torchrun
+
+DELAYED = "comm.hook=tests.comm_hooks:delayed_allreduce"
+
+
+def summary_with_delay(root, overrides, delay_s):
+    proc = torchrun(2, [*overrides, DELAYED, f"paths.root={root}"], env={"SCALING_TEST_DELAY_S": str(delay_s)})
+    check_ok(proc)
+    return load_run(only_run_dir(root))[0]["summary"]
+
+
+def test_a_known_delay_per_bucket_shows_up_as_communication(tmp_path):
+    """Each bucket's completion held back by d (one bucket at a time): busy and exposed grow by buckets x d."""
+    overrides = [*TINY["mlp"], "model.layers=4", "dist.bucket_cap_mb=0.05", "train.steps=6", "train.warmup_steps=2",
+                 "train.log_every=3", "instrument.flops=false"]
+    delay = 0.03
+    base = summary_with_delay(tmp_path / "base", overrides, 0.0)
+    slow = summary_with_delay(tmp_path / "slow", overrides, delay)
+    buckets = slow["comm_buckets"]
+    assert buckets == base["comm_buckets"] >= 3
+    expected = buckets * delay
+    assert 0.75 * expected < slow["comm_s"] - base["comm_s"] < 1.35 * expected
+    assert 0.6 * expected < slow["comm_exposed_s"] - base["comm_exposed_s"] < 1.35 * expected
+    assert slow["bound"] == "communication"
+
+
+def test_the_verdict_flips_when_communication_is_slowed(tmp_path):
+    """A compute-bound job (a transformer with few parameters) turns communication-bound."""
+    overrides = ["+exp=transformer", "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.d_ff=256",
+                 "model.vocab_size=512", "data.seq_len=128", "train.batch_size=8", "data.num_samples=128",
+                 "train.steps=4", "train.warmup_steps=2", "train.log_every=2", "instrument.flops=false"]
+    base = summary_with_delay(tmp_path / "base", overrides, 0.0)
+    assert base["bound"] == "compute"
+    slow = summary_with_delay(tmp_path / "slow", overrides, 0.5)
+    assert slow["bound"] == "communication"
+    assert slow["comm_exposed_s"] - base["comm_exposed_s"] > 0.45
+    assert slow["comm_exposed_frac"] > base["comm_exposed_frac"] + 0.3
+
+
+def test_mlp_exposes_more_communication_than_resnet(tmp_path):
+    """The premise of the experiments: the same 2 processes, a parameter-heavy model vs a compute-heavy one."""
+    shares = {}
+    for exp in ("mlp", "resnet"):
+        root = tmp_path / exp
+        proc = torchrun(2, [f"+exp={exp}", "train.steps=3", "train.warmup_steps=1", "train.log_every=3",
+                            "instrument.flops=false", "data.num_samples=256", f"paths.root={root}"])
+        check_ok(proc)
+        shares[exp] = load_run(only_run_dir(root))[0]["summary"]
+    assert shares["mlp"]["comm_exposed_frac"] > shares["resnet"]["comm_exposed_frac"] + 0.1
+    assert shares["resnet"]["bound"] == "compute"
