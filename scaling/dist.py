@@ -131,6 +131,8 @@ class Context:
     meta_group: Any
     """A gloo group for bookkeeping (run id, metrics gathers), kept off the gradient path."""
     hostnames: list[str]
+    node_ids: list[str]
+    """Per rank, the node it runs on: the launcher's node index where it has one."""
 
     @property
     def rank(self) -> int:
@@ -142,7 +144,7 @@ class Context:
 
     @property
     def nodes(self) -> int:
-        return len(set(self.hostnames))
+        return len(set(self.node_ids))
 
     @property
     def is_main(self) -> bool:
@@ -184,9 +186,22 @@ def init(launch: Launch, cfg: DistConfig) -> Context:
             **({"device_id": device} if backend == "nccl" else {}),
         )
     meta_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.new_group(timeout=timeout)
-    hostnames: list[Any] = [None] * launch.world_size
-    dist.all_gather_object(hostnames, socket.gethostname(), group=meta_group)
-    return Context(launch, backend, device, threads, meta_group, hostnames)
+    placement: list[Any] = [None] * launch.world_size
+    dist.all_gather_object(placement, (socket.gethostname(), node_id(launch.launcher)), group=meta_group)
+    return Context(launch, backend, device, threads, meta_group, [p[0] for p in placement], [p[1] for p in placement])
+
+
+def node_id(launcher: str) -> str:
+    """Which node this process is on.
+
+    The launcher's node index when it gives one (torchrun's GROUP_RANK, Slurm's
+    SLURM_NODEID): several nodes can share a host name, as virtual Slurm nodes
+    or network-namespace hosts on one machine do. Else the host name.
+    """
+    key = {"torchrun": "GROUP_RANK", "slurm": "SLURM_NODEID"}.get(launcher, "")
+    if os.environ.get(key, "").isdigit():
+        return f"node{os.environ[key]}"
+    return socket.gethostname()
 
 
 def teardown() -> None:
