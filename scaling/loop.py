@@ -147,7 +147,7 @@ class Trainer:
             self.optimizer.step()
             if step == 0:
                 self.memory["grads"] = mem.grads_bytes(self.model)
-            self.optimizer.zero_grad(set_to_none=False)
+            self.optimizer.zero_grad()
             self.timer.mark("optimizer")
             self._bookkeeping(step, previous)
             self.timer.mark("other")

@@ -1,0 +1,79 @@
+"""What does measuring cost? Throughput of the 2-process resnet job, side by side.
+
+Runs, interleaved over several repeats so that drifts in machine load hit all
+variants alike:
+  instrumented  the job as users run it (every instrument on)
+  bare          the same job with instrument.enabled=false (a per-step wall clock only)
+  plain         the same training written as a plain torchrun DDP loop (scripts/plain_ddp.py)
+
+Throughput is global samples over the wall time of the measured steps (the
+loop's own clock, start-up excluded). Prints the medians and the ratios with
+their targets: instrumented >= 0.99 x bare, framework >= 0.98 x plain.
+
+    python scripts/bench_overhead.py [--repeats 3] [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def torchrun(args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+
+
+def framework(root: Path, name: str, steps: int, instrumented: bool) -> float:
+    torchrun(["-m", "scaling.train", "+exp=resnet", f"train.steps={steps}", "train.warmup_steps=3",
+              f"instrument.enabled={str(instrumented).lower()}", "logger.wandb.mode=disabled",
+              f"paths.root={root}", f"study.name={name}"])
+    run = json.loads(next((root / name).glob("*/run.json")).read_text())
+    return run["summary"]["wall_samples_per_s"]
+
+
+def plain(root: Path, name: str, steps: int) -> float:
+    out = root / f"{name}.json"
+    torchrun([str(REPO / "scripts" / "plain_ddp.py"), str(out), str(steps), "3"])
+    return json.loads(out.read_text())["samples_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    results: dict[str, list[float]] = {"instrumented": [], "bare": [], "plain": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for r in range(args.repeats):
+            results["instrumented"].append(framework(root, f"inst{r}", args.steps, True))
+            results["bare"].append(framework(root, f"bare{r}", args.steps, False))
+            results["plain"].append(plain(root, f"plain{r}", args.steps))
+            print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in results.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print("\nresnet18, 2 processes x 1 thread, gloo, batch 32 per rank; samples/s (median of "
+          f"{args.repeats}, {args.steps} measured steps each)")
+    for k, v in results.items():
+        print(f"  {k:<13} {med[k]:8.1f}   runs: {', '.join(f'{x:.1f}' for x in v)}")
+    rows = [("instrumented / bare", med["instrumented"] / med["bare"], 0.99),
+            ("instrumented / plain", med["instrumented"] / med["plain"], 0.98),
+            ("bare / plain", med["bare"] / med["plain"], 0.98)]
+    print()
+    for label, ratio, target in rows:
+        print(f"  {label:<22} {ratio:6.3f}   target >= {target:.2f}   {'ok' if ratio >= target else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
