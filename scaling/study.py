@@ -70,7 +70,7 @@ class StudySpec:
     """Weak scaling: the fixed per-rank batch."""
     root: Path
     user_overrides: tuple[str, ...]
-    """The user's Hydra overrides, forwarded to every point."""
+    """The user's Hydra overrides, forwarded to every point (but for the keys the study sets per point)."""
 
     @property
     def dir(self) -> Path:
@@ -184,7 +184,7 @@ def spec_from_config(cfg: DictConfig, user_overrides: Sequence[str]) -> StudySpe
         name=name, kind=kind, exp=str(cfg.get("exp_name", "default")), nprocs=nprocs, repeats=repeats,
         fail_fast=fail_fast, threads_per_process=threads, global_batch_size=global_batch,
         batch_size_per_rank=per_rank, root=Path(str(cfg.paths.root)).absolute(),
-        user_overrides=tuple(o for o in user_overrides if override_key(o) not in POINT_KEYS),
+        user_overrides=tuple(user_overrides),
     )
 
 
@@ -215,7 +215,8 @@ def job_overrides(spec: StudySpec, point: Point) -> list[str]:
              f"dist.threads={spec.threads_per_process}"]
     if spec.kind == "strong":
         extra.append(f"train.global_batch_size={spec.global_batch_size}")
-    return [*spec.user_overrides, *extra]
+    forwarded = [o for o in spec.user_overrides if override_key(o) not in POINT_KEYS]
+    return [*forwarded, *extra]
 
 
 def job_command(spec: StudySpec, point: Point) -> list[str]:
