@@ -53,6 +53,7 @@ class SizeStats:
     world_size: int
     completed: int
     not_completed: int
+    """Repeats at this size with no completed run (superseded failed attempts are not counted)."""
     batch_per_rank: int | None
     global_batch: int | None
     nodes: int | None
@@ -132,6 +133,7 @@ def _shares(runs: Sequence[RunRecord]) -> dict[str, float]:
 def size_stats(kind: str, world_size: int, runs: list[RunRecord], t_base: float | None, base: int | None,
                speedups: dict[str, float], efficiencies: dict[str, float]) -> SizeStats:
     done = [r for r in runs if r.completed]
+    repeats_done = {r.repeat for r in done}
     step = _spread(done, lambda r: r.summary.get("step_s"))
     shares = _shares(done)
     pair = scaling_pair(kind, t_base, step.median, base, world_size) if step and t_base and base else None
@@ -139,7 +141,7 @@ def size_stats(kind: str, world_size: int, runs: list[RunRecord], t_base: float 
     return SizeStats(
         world_size=world_size,
         completed=len(done),
-        not_completed=len(runs) - len(done),
+        not_completed=len({r.repeat for r in runs} - repeats_done),
         batch_per_rank=_first(r.batch_per_rank for r in runs),
         global_batch=_first(r.global_batch for r in runs),
         nodes=_first(r.nodes for r in runs),

@@ -1,0 +1,57 @@
+"""Command line of ``python -m scaling.report``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from scaling.report import build_report, console_text
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m scaling.report",
+        description="Tables, plots and a comparison report from the records of one or more studies.")
+    parser.add_argument("studies", nargs="+", type=Path, metavar="STUDY_DIR",
+                        help="a study folder, <paths.root>/<study.name>; several are compared")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write (default: the study folder; for several, compare-<a>-vs-<b> beside the first)")
+    parser.add_argument("--wandb", action="store_true", help="also publish the report to Weights & Biases")
+    return parser.parse_args(argv)
+
+
+def publish_wandb(report) -> int:
+    try:
+        wandb_report = importlib.import_module("scaling.wandb_report")
+    except ImportError as exc:
+        print(f"wandb support is not installed ({exc}); the local report is complete", file=sys.stderr)
+        return 0
+    wandb_report.publish(study_dirs=[st.records.folder for st in report.studies], out_dir=report.out_dir,
+                         results_csv=report.out_dir / "results.csv", plots=report.document.plots,
+                         rows=report.rows)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for folder in args.studies:
+        if not folder.is_dir():
+            print(f"scaling.report: error: {folder} is not a directory (expected <paths.root>/<study.name>)",
+                  file=sys.stderr)
+            return 2
+    report = build_report(args.studies, args.out)
+    if not any(st.records.runs for st in report.studies):
+        print(console_text(report))
+        print(f"scaling.report: error: no run records (run.json) in {', '.join(map(str, args.studies))}",
+              file=sys.stderr)
+        return 1
+    print(console_text(report))
+    if args.wandb:
+        return publish_wandb(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Plain-language findings, each computed from the records of a study."""
+
+from __future__ import annotations
+
+from scaling.report.configdiff import KeyDiff
+from scaling.report.metrics import SHARE_LABELS, SHARES, SizeStats, StudyStats, failed_points
+
+NOISE_WARN = 0.10
+"""Run-to-run spread of the step time above which differences are called noise."""
+EFFICIENCY_DROP = 0.05
+"""A fall of efficiency between neighbouring world sizes worth explaining (5 points)."""
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def mib(n: float | None) -> str:
+    if n is None:
+        return "-"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def procs(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
+
+
+def headline(stats: StudyStats) -> str | None:
+    sizes = stats.sizes
+    if not sizes or stats.baseline is None:
+        return None
+    last = sizes[-1]
+    planned = stats.records.definition.get("nprocs") or [r.world_size for r in stats.records.runs]
+    if planned and min(planned) < stats.baseline:
+        missing = f"The baseline is {procs(stats.baseline)} because no run at {min(planned)} completed. "
+    else:
+        missing = ""
+    if len(sizes) == 1:
+        return missing + (f"Only {procs(last.world_size)} completed: no scaling to compare yet "
+                f"(median step {last.step_s.median:.4f} s, {last.samples_per_s.median:.1f} samples/s).")
+    if stats.kind == "strong":
+        return missing + (f"Strong scaling (global batch {last.global_batch} fixed) from {procs(stats.baseline)} to "
+                f"{last.world_size}: speedup {last.speedup.median:.2f}x where {last.world_size / stats.baseline:.0f}x "
+                f"would be ideal, efficiency {pct(last.efficiency.median)}.")
+    if stats.kind == "weak":
+        return missing + (f"Weak scaling (per-rank batch {last.batch_per_rank} fixed) from {procs(stats.baseline)} to "
+                f"{last.world_size}: efficiency {pct(last.efficiency.median)} (step time "
+                f"{sizes[0].step_s.median:.4f} s -> {last.step_s.median:.4f} s), scaled speedup "
+                f"{last.speedup.median:.2f}x of an ideal {last.world_size / stats.baseline:.0f}x.")
+    return (f"Neither the global nor the per-rank batch is the same at every world size, so speedup and "
+            f"efficiency are not defined; step times run from {sizes[0].step_s.median:.4f} s to {last.step_s.median:.4f} s.")
+
+
+def boundness(stats: StudyStats) -> str | None:
+    """The verdict of the largest size, and the smallest size from which it holds."""
+    sizes = [s for s in stats.sizes if s.bound]
+    if not sizes:
+        return None
+    last = sizes[-1]
+    start = len(sizes) - 1
+    while start > 0 and sizes[start - 1].bound == last.bound:
+        start -= 1
+    since = f"from {procs(sizes[start].world_size)} on" if start < len(sizes) - 1 else f"at {procs(last.world_size)}"
+    if start == 0 and len(sizes) > 1:
+        since = "at every world size"
+    share = last.shares
+    if last.bound == "communication":
+        hidden = f"; {pct(last.overlap)} of communication is hidden behind backward" if last.overlap is not None else ""
+        return (f"Communication-bound {since}: at {procs(last.world_size)} the exposed all-reduce is "
+                f"{pct(share['comm_exposed'])} of the step (compute {pct(share['compute'])}){hidden}.")
+    if last.bound == "data":
+        return (f"Data-bound {since}: at {procs(last.world_size)} waiting for batches is {pct(share['data'])} of "
+                "the step; more loader workers (data.num_workers) or faster storage come first.")
+    exposed = ", ".join(f"{pct(s.shares['comm_exposed'])} at {s.world_size}" for s in sizes)
+    return (f"Compute-bound {since}: compute is {pct(share['compute'])} of the step at {procs(last.world_size)}; "
+            f"exposed communication is {exposed} (share of the step by world size).")
+
+
+def efficiency_loss(stats: StudyStats) -> str | None:
+    """Where efficiency falls most between neighbouring sizes, and which share of the step grew."""
+    pairs = [(a, b) for a, b in zip(stats.sizes, stats.sizes[1:])
+             if a.efficiency and b.efficiency and a.shares and b.shares]
+    if not pairs or stats.kind not in ("strong", "weak"):
+        return None
+    a, b = max(pairs, key=lambda p: p[0].efficiency.median - p[1].efficiency.median)
+    drop = a.efficiency.median - b.efficiency.median
+    if drop < EFFICIENCY_DROP:
+        return (f"Efficiency stays within {pct(EFFICIENCY_DROP)} points between neighbouring world sizes "
+                f"({pct(stats.sizes[-1].efficiency.median)} at {procs(stats.sizes[-1].world_size)}).")
+    grew = max(SHARES, key=lambda k: b.shares[k] - a.shares[k])
+    ideal = a.parts_s["compute"] * (a.world_size / b.world_size if stats.kind == "strong" else 1.0)
+    return (f"Efficiency falls most from {procs(a.world_size)} to {b.world_size} ({pct(a.efficiency.median)} -> "
+            f"{pct(b.efficiency.median)}): the {SHARE_LABELS[grew]} share of the step grew from "
+            f"{pct(a.shares[grew])} to {pct(b.shares[grew])}; compute per step went from "
+            f"{a.parts_s['compute']:.4f} s to {b.parts_s['compute']:.4f} s (perfect "
+            f"{'splitting' if stats.kind == 'strong' else 'weak scaling'} would give {ideal:.4f} s).")
+
+
+def communication(stats: StudyStats) -> str | None:
+    multi = [s for s in stats.sizes if s.world_size > 1 and s.comm_s and s.busbw_GBps is not None]
+    if not multi:
+        return None
+    last = multi[-1]
+    return (f"Gradient all-reduce at {procs(last.world_size)}: busy {last.comm_s.median * 1e3:.1f} ms per step, "
+            f"{last.comm_exposed_s.median * 1e3:.1f} ms of it exposed ({pct(last.overlap or 0.0)} hidden), "
+            f"bus bandwidth {last.busbw_GBps:.2f} GB/s.")
+
+
+def memory(stats: StudyStats) -> str | None:
+    if not stats.sizes:
+        return None
+    first, last = stats.sizes[0], stats.sizes[-1]
+    state = [sum(s.memory_bytes.get(k) or 0 for k in ("params", "grads", "optimizer_state")) for s in (first, last)]
+    if not any(state):
+        return None
+    text = (f"Per-rank model state (parameters, gradients, optimizer state) is {mib(state[-1])} at "
+            f"{procs(last.world_size)}")
+    if last is first:
+        text += "."
+    elif abs(state[0] - state[-1]) < 1:
+        text += f", the same as at {procs(first.world_size)}: DDP keeps a full replica on every rank."
+    else:
+        text += f" ({mib(state[0])} at {procs(first.world_size)})."
+    act = (first.memory_bytes.get("activations"), last.memory_bytes.get("activations"))
+    if None not in act and last is not first:
+        text += (f" Saved activations go from {mib(act[0])} to {mib(act[1])} (per-rank batch "
+                 f"{first.batch_per_rank} -> {last.batch_per_rank}).")
+    return text
+
+
+def noise(stats: StudyStats) -> str | None:
+    spread = [s for s in stats.sizes if s.step_s.count > 1]
+    if not spread:
+        return ("One completed run per world size: the run-to-run noise is unknown "
+                "(study.repeats=3 shows it as error bars).") if stats.sizes else None
+    worst = max(spread, key=lambda s: s.step_s.relative_range)
+    if worst.step_s.relative_range > NOISE_WARN:
+        return (f"Noisy: the step time varies by {pct(worst.step_s.relative_range)} of its median between repeats at "
+                f"{procs(worst.world_size)}; differences smaller than that are not significant.")
+    return (f"Repeats agree: the step time varies by at most {pct(worst.step_s.relative_range)} of its median "
+            f"between repeats.")
+
+
+def fairness(stats: StudyStats) -> str | None:
+    runs = [r for r in stats.records.runs if r.completed]
+    threads = sorted({r.threads_per_process for r in runs if r.threads_per_process is not None})
+    if not threads:
+        return None
+    if len(threads) > 1:
+        return (f"Unfair comparison: the runs used different intra-op threads per process ({threads}); "
+                "the step times mix the effect of threads with that of processes.")
+    cores = max((r.run.get("provenance", {}).get("cpu_count") or 0 for r in runs), default=0)
+    text = (f"Every run used {threads[0]} intra-op thread(s) per process at every world size, so the points differ "
+            f"only in the number of processes.")
+    crowded = [r.world_size for r in runs if cores and (r.nodes or 1) == 1 and r.world_size * threads[0] > cores]
+    if crowded:
+        text += (f" From {procs(min(crowded))} on, processes x threads exceed the {cores} cores of the machine: those "
+                 "points measure contention for cores as well as scaling.")
+    return text
+
+
+def failures(stats: StudyStats) -> list[str]:
+    return [f"Point {run_id} failed: {cause}." for run_id, cause in failed_points(stats)]
+
+
+def study_findings(stats: StudyStats) -> list[str]:
+    found = [headline(stats), boundness(stats), efficiency_loss(stats), communication(stats), memory(stats),
+             noise(stats), fairness(stats), *failures(stats)]
+    if not stats.sizes:
+        found.insert(0, "No run of this study completed: nothing to measure.")
+    return [f for f in found if f]
+
+
+def comparison_findings(studies: list[StudyStats], diffs: list[KeyDiff]) -> list[str]:
+    if len(studies) < 2:
+        return []
+    out = []
+    if diffs:
+        shown = "; ".join(f"{d.key} ({' vs '.join(d.values.values())})" for d in diffs[:6])
+        more = f" and {len(diffs) - 6} more" if len(diffs) > 6 else ""
+        out.append(f"The studies differ in {shown}{more}.")
+    else:
+        out.append("No configuration key differs between the studies: differences below are run-to-run noise.")
+    shared = sorted(set.intersection(*({s.world_size for s in st.sizes} for st in studies)))
+    for n in shared:
+        at_n: list[tuple[StudyStats, SizeStats]] = [(st, st.size(n)) for st in studies]
+        fast, fast_size = min(at_n, key=lambda p: p[1].step_s.median)
+        slow, slow_size = max(at_n, key=lambda p: p[1].step_s.median)
+        if fast is slow:
+            continue
+        out.append(f"At {procs(n)}, {fast.name} takes {fast_size.step_s.median:.4f} s per step, "
+                   f"{slow_size.step_s.median / fast_size.step_s.median:.2f}x faster than {slow.name} "
+                   f"({slow_size.step_s.median:.4f} s).")
+    return out

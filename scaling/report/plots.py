@@ -1,0 +1,260 @@
+"""The report's figures (matplotlib, Agg: no display needed).
+
+Every figure has a log-2 world-size axis, units on both axes and a legend.
+Markers are medians over repeats; error bars span the smallest to the largest
+repeat (min-max), as the note under each figure says.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
+
+from scaling.report.metrics import MEMORY_CATEGORIES, SHARE_LABELS, SHARES, Spread, StudyStats  # noqa: E402
+
+SHARE_COLORS = {"compute": "#4C72B0", "comm_exposed": "#C44E52", "data": "#DD8452", "other": "#8C8C8C"}
+MEMORY_COLORS = {"params": "#4C72B0", "grads": "#55A868", "optimizer_state": "#8172B3", "activations": "#DD8452",
+                 "comm_buffers": "#C44E52"}
+MEMORY_LABELS = {"params": "parameters", "grads": "gradients", "optimizer_state": "optimizer state",
+                 "activations": "saved activations", "comm_buffers": "DDP buckets"}
+SPREAD_NOTE = "markers: median over repeats; error bars: min-max over repeats"
+DPI = 110
+
+
+def _color(index: int) -> str:
+    return plt.get_cmap("tab10")(index % 10)
+
+
+def _sizes(studies: Sequence[StudyStats]) -> list[int]:
+    return sorted({s.world_size for st in studies for s in st.sizes})
+
+
+def _log2_axis(ax: Axes, sizes: Sequence[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(sizes))
+    ax.set_xticklabels([str(n) for n in sizes])
+    ax.xaxis.set_minor_locator(NullLocator())
+    low, high = min(sizes), max(sizes)
+    ax.set_xlim(low / 1.4, high * 1.4)
+    ax.set_xlabel("world size (processes, log2 scale)")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _yerr(spreads: Sequence[Spread], scale: float = 1.0) -> list[list[float]]:
+    return [[(s.median - s.low) * scale for s in spreads], [(s.high - s.median) * scale for s in spreads]]
+
+
+def _finish(fig: Figure, path: Path, note: str | None = SPREAD_NOTE) -> Path:
+    if note:
+        fig.text(0.01, 0.005, note, fontsize=8, color="#555555", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.03 if note else 0, 1, 1))
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _title(studies: Sequence[StudyStats], what: str) -> str:
+    if len(studies) == 1:
+        return f"{studies[0].name} ({studies[0].kind} scaling): {what}"
+    return what
+
+
+def throughput(studies: Sequence[StudyStats], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    handles: list = []
+    for i, st in enumerate(studies):
+        sizes = [s for s in st.sizes if s.samples_per_s]
+        if not sizes:
+            continue
+        xs = [s.world_size for s in sizes]
+        spreads = [s.samples_per_s for s in sizes]
+        handles.append(ax.errorbar(xs, [s.median for s in spreads], yerr=_yerr(spreads), color=_color(i),
+                                   marker="o", capsize=4, label=f"{st.name} (measured)"))
+        base = sizes[0]
+        ideal = [base.samples_per_s.median * n / base.world_size for n in xs]
+        handles += ax.plot(xs, ideal, color=_color(i), linestyle="--", alpha=0.6,
+                           label=f"{st.name} ideal (linear from {base.world_size})")
+    _log2_axis(ax, _sizes(studies))
+    ax.set_ylabel("throughput (samples/s, global)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(_title(studies, "throughput vs world size"))
+    ax.legend(handles=handles, fontsize=8, loc="upper left")
+    return _finish(fig, path)
+
+
+def efficiency(studies: Sequence[StudyStats], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    top = 110.0
+    for i, st in enumerate(studies):
+        sizes = [s for s in st.sizes if s.efficiency]
+        if not sizes:
+            continue
+        spreads = [s.efficiency for s in sizes]
+        top = max(top, 100 * max(s.high for s in spreads) + 10)
+        formula = "T(b)·b / (N·T(N))" if st.kind == "strong" else "T(b) / T(N)"
+        ax.errorbar([s.world_size for s in sizes], [100 * s.median for s in spreads], yerr=_yerr(spreads, 100),
+                    color=_color(i), marker="o", capsize=4, label=f"{st.name}: {st.kind}, {formula}")
+    ax.axhline(100, color="black", linestyle="--", alpha=0.6, label="ideal (100%)")
+    _log2_axis(ax, _sizes(studies))
+    ax.set_ylim(0, top)
+    ax.set_ylabel("parallel efficiency (%)")
+    ax.set_title(_title(studies, "scaling efficiency vs world size"))
+    ax.legend(fontsize=8, loc="lower left")
+    return _finish(fig, path, SPREAD_NOTE + "; b = smallest world size, T(N) = median step time")
+
+
+def _bar_positions(sizes: Sequence[int]) -> tuple[list[float], float]:
+    xs = [math.log2(n) for n in sizes]
+    gaps = [b - a for a, b in zip(xs, xs[1:])]
+    return xs, min([0.6, *(0.8 * g for g in gaps)])
+
+
+def _bar_axis(ax: Axes, sizes: Sequence[int]) -> None:
+    xs, width = _bar_positions(sizes)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(n) for n in sizes])
+    ax.set_xlim(min(xs) - 0.7, max(xs) + 0.7)
+    ax.set_xlabel("world size (processes, log2 scale)")
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def _grid(count: int) -> tuple[Figure, list[Axes]]:
+    fig, axes = plt.subplots(count, 1, figsize=(9, 1.2 + 3.6 * count), squeeze=False)
+    return fig, [row[0] for row in axes]
+
+
+def breakdown(studies: Sequence[StudyStats], path: Path) -> Path:
+    fig, axes = _grid(len(studies))
+    for ax, st in zip(axes, studies):
+        sizes = [s for s in st.sizes if s.parts_s]
+        if not sizes:
+            ax.set_title(f"{st.name}: no completed run with a step breakdown")
+            continue
+        xs, width = _bar_positions([s.world_size for s in sizes])
+        bottom = [0.0] * len(sizes)
+        tallest = max(s.step_s.high for s in sizes) * 1e3
+        for name in SHARES:
+            heights = [s.parts_s[name] * 1e3 for s in sizes]
+            ax.bar(xs, heights, width, bottom=bottom, color=SHARE_COLORS[name], label=SHARE_LABELS[name])
+            for x, h, b, s in zip(xs, heights, bottom, sizes):
+                if h >= 0.07 * tallest:
+                    ax.text(x, b + h / 2, f"{100 * s.shares[name]:.0f}%", ha="center", va="center",
+                            fontsize=8, color="white")
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        steps = [s.step_s for s in sizes]
+        ax.errorbar(xs, [s.median * 1e3 for s in steps], yerr=_yerr(steps, 1e3), fmt="none", ecolor="black",
+                    capsize=4, label="step time min-max")
+        _bar_axis(ax, [s.world_size for s in sizes])
+        ax.set_ylim(0, tallest * 1.15)
+        ax.set_ylabel("time per step (ms)")
+        ax.set_title(f"{st.name} ({st.kind} scaling): where the median step goes")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _finish(fig, path, "bar = median step split by the median shares; labels: share of the step; "
+                              "error bars: min-max step time over repeats")
+
+
+def _memory_unit(values: Sequence[float | None]) -> tuple[str, float]:
+    largest = max((v or 0 for v in values), default=0)
+    if largest >= 2**30:
+        return "GiB", 2**30
+    return ("MiB", 2**20) if largest >= 2**20 else ("KiB", 2**10)
+
+
+def memory(studies: Sequence[StudyStats], path: Path) -> Path:
+    """Left: the bytes each rank holds by category; right: what the process measured."""
+    accounted = [s.memory_bytes.get(k) for st in studies for s in st.sizes for k in MEMORY_CATEGORIES]
+    measured = [s.memory_bytes.get(k) for st in studies for s in st.sizes for k in ("peak", "rss_peak")]
+    (left_unit, left_scale), (right_unit, right_scale) = _memory_unit(
+        [sum(s.memory_bytes.get(k) or 0 for k in MEMORY_CATEGORIES) for st in studies for s in st.sizes]
+    ), _memory_unit(measured)
+    fig, grid = plt.subplots(len(studies), 2, figsize=(10, 1.6 + 3.8 * len(studies)), squeeze=False)
+    for (left, right), st in zip(grid, studies):
+        sizes = st.sizes
+        if not sizes or not any(accounted):
+            left.set_title(f"{st.name}: no memory records")
+            continue
+        ws = [s.world_size for s in sizes]
+        xs, width = _bar_positions(ws)
+        bottom = [0.0] * len(sizes)
+        for name in MEMORY_CATEGORIES:
+            heights = [(s.memory_bytes.get(name) or 0) / left_scale for s in sizes]
+            if not any(heights):
+                continue
+            left.bar(xs, heights, width, bottom=bottom, color=MEMORY_COLORS[name], label=MEMORY_LABELS[name])
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        for x, total in zip(xs, bottom):
+            left.annotate(f"{total:.1f}", (x, total), textcoords="offset points", xytext=(0, 3), ha="center",
+                          fontsize=8)
+        _bar_axis(left, ws)
+        left.set_ylim(0, max([*bottom, 1e-9]) * 1.18)
+        left.set_ylabel(f"bytes per rank ({left_unit})")
+        left.set_title(f"{st.name}: held per rank, by category", fontsize=10)
+        left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
+        half = width / 2
+        for offset, key, color, label in ((-half / 2, "peak", "#333333", "peak (CUDA: max allocated; CPU: RSS growth)"),
+                                          (half / 2, "rss_peak", "#AAAAAA", "resident set size peak (whole process)")):
+            heights = [(s.memory_bytes.get(key) or 0) / right_scale for s in sizes]
+            if any(heights):
+                right.bar([x + offset for x in xs], heights, half, color=color, label=label)
+        _bar_axis(right, ws)
+        right.set_ylabel(f"bytes per rank ({right_unit})")
+        right.set_title(f"{st.name}: measured by the process", fontsize=10)
+        right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
+    return _finish(fig, path, "median over repeats of the largest rank's bytes; left: the categories the "
+                              "instruments account for (numbers: their total); right: what the process measured")
+
+
+def communication(studies: Sequence[StudyStats], path: Path) -> Path:
+    """Busy (all-reduce in flight) beside exposed (on the critical path), per world size."""
+    fig, axes = _grid(len(studies))
+    tallest = max((s.comm_s.high for st in studies for s in st.sizes if s.comm_s), default=0.0) * 1e3
+    for ax, st in zip(axes, studies):
+        sizes = [s for s in st.sizes if s.comm_s and s.comm_exposed_s]
+        if not sizes:
+            ax.set_title(f"{st.name}: no communication records")
+            continue
+        ws = [s.world_size for s in sizes]
+        xs, width = _bar_positions(ws)
+        half = width / 2
+        busy = [s.comm_s for s in sizes]
+        exposed = [s.comm_exposed_s for s in sizes]
+        ax.bar([x - half / 2 for x in xs], [s.median * 1e3 for s in busy], half, yerr=_yerr(busy, 1e3), capsize=3,
+               color="#9DB4D6", label="busy: all-reduce in flight (overlapped part included)")
+        ax.bar([x + half / 2 for x in xs], [s.median * 1e3 for s in exposed], half, yerr=_yerr(exposed, 1e3),
+               capsize=3, color=SHARE_COLORS["comm_exposed"], label="exposed: on the critical path after backward")
+        for x, s in zip(xs, sizes):
+            if s.overlap is not None:
+                ax.annotate(f"{100 * s.overlap:.0f}% hidden", (x, s.comm_s.high * 1e3), textcoords="offset points",
+                            xytext=(0, 4), ha="center", fontsize=8)
+        _bar_axis(ax, ws)
+        ax.set_ylim(0, max(tallest, 1e-6) * 1.2)
+        ax.set_ylabel("gradient all-reduce per step (ms)")
+        ax.set_title(f"{st.name} ({st.kind} scaling): communication, busy vs exposed")
+        ax.legend(fontsize=8, loc="upper left")
+    return _finish(fig, path, "bars: median over repeats; error bars: min-max over repeats; "
+                              "hidden = 1 - exposed/busy (overlapped with backward)")
+
+
+FIGURES = {
+    "throughput.png": throughput,
+    "efficiency.png": efficiency,
+    "breakdown.png": breakdown,
+    "memory.png": memory,
+    "communication.png": communication,
+}
+
+
+def draw_all(studies: Sequence[StudyStats], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    if not any(st.sizes for st in studies):
+        return []
+    return [draw(studies, folder / name) for name, draw in FIGURES.items()]

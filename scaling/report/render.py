@@ -1,0 +1,237 @@
+"""The report as text: the console table, report.md and a self-contained report.html."""
+
+from __future__ import annotations
+
+import base64
+import html
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scaling.report.configdiff import KeyDiff, common_settings
+from scaling.report.metrics import Spread, StudyStats
+from scaling.report.table import COLUMNS
+
+HOW_TO_READ = [
+    "Each point is one torchrun job per world size and repeat; the step time of a run is the median over its "
+    "measured steps (warm-up left out), and T(N) is the median over the repeats at N processes.",
+    "Strong scaling (global batch fixed): speedup = T(b)/T(N), efficiency = speedup x b/N. Weak scaling (per-rank "
+    "batch fixed): efficiency = T(b)/T(N), scaled speedup = efficiency x N/b. b is the smallest world size.",
+    "Where the step goes: compute; exposed communication (all-reduce still running after backward's last "
+    "gradient was ready); data loading; framework overhead. Hidden = share of the all-reduce overlapped with "
+    "backward. The verdict names the largest share.",
+    "Spread: tables show median (min-max) over repeats; the plots draw the same as error bars.",
+]
+TABLE_HEADERS = ("world size", "batch/rank", "global batch", "runs ok", "step time (s)", "samples/s",
+                 "speedup", "efficiency", "compute", "exposed comm", "data", "other", "hidden", "busbw (GB/s)",
+                 "bound")
+
+
+@dataclass
+class Document:
+    """Everything the writers need, computed once."""
+
+    studies: list[StudyStats]
+    diffs: list[KeyDiff]
+    findings: dict[str, list[str]]
+    comparison: list[str]
+    runs: list[dict[str, Any]]
+    plots: list[Path]
+    warnings: list[str]
+
+
+def _spread(s: Spread | None, fmt: str, scale: float = 1.0, suffix: str = "") -> str:
+    if s is None:
+        return "-"
+    text = f"{s.median * scale:{fmt}}{suffix}"
+    if s.count > 1:
+        text += f" ({s.low * scale:{fmt}}-{s.high * scale:{fmt}})"
+    return text
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def size_rows(studies: Sequence[StudyStats]) -> tuple[list[str], list[list[str]]]:
+    several = len(studies) > 1
+    headers = (["study"] if several else []) + list(TABLE_HEADERS)
+    if studies and all(st.kind == "weak" for st in studies):
+        headers[headers.index("speedup")] = "scaled speedup"
+    rows = []
+    for st in studies:
+        for s in st.sizes:
+            row = [st.name] if several else []
+            row += [
+                str(s.world_size), str(s.batch_per_rank or "-"), str(s.global_batch or "-"),
+                f"{s.completed}/{s.completed + s.not_completed}",
+                _spread(s.step_s, ".4f"), _spread(s.samples_per_s, ".1f"), _spread(s.speedup, ".2f", suffix="x"),
+                _spread(s.efficiency, ".0f", 100, "%"),
+                *(_pct(s.shares.get(k)) for k in ("compute", "comm_exposed", "data", "other")),
+                _pct(s.overlap), "-" if s.busbw_GBps is None else f"{s.busbw_GBps:.2f}", s.bound or "-",
+            ]
+            rows.append(row)
+    return headers, rows
+
+
+def run_rows(doc: Document) -> tuple[list[str], list[list[str]]]:
+    shown = ("study", "run_id", "status", "world_size", "repeat", "batch_size_per_rank", "step_s", "samples_per_s",
+             "efficiency", "bound", "error")
+    rows = []
+    for run in doc.runs:
+        rows.append([_cell(run.get(k)) for k in shown])
+    return list(shown), rows
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# -- console ----------------------------------------------------------------------------------
+
+
+def fixed_width(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def console(doc: Document, out_dir: Path) -> str:
+    headers, rows = size_rows(doc.studies)
+    parts = [fixed_width(headers, rows) if rows else "no completed run to tabulate"]
+    parts.append("  (median over repeats, min-max in brackets)")
+    for st in doc.studies:
+        parts.append(f"\n{st.name} ({st.kind} scaling):")
+        parts += [f"  - {f}" for f in doc.findings[st.name]]
+    if doc.comparison:
+        parts.append("\ncomparison:")
+        parts += [f"  - {f}" for f in doc.comparison]
+    for warning in doc.warnings:
+        parts.append(f"warning: {warning}")
+    parts.append(f"\nreport: {out_dir / 'report.html'} (also report.md, results.csv, plots/)")
+    return "\n".join(parts)
+
+
+# -- markdown ---------------------------------------------------------------------------------
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(_md_escape(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(doc: Document, out_dir: Path) -> str:
+    names = ", ".join(st.name for st in doc.studies)
+    out = [f"# Scaling report: {names}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from the records in "
+           + ", ".join(f"`{st.records.folder}`" for st in doc.studies) + ".", ""]
+    out += ["## Findings", ""]
+    for st in doc.studies:
+        if len(doc.studies) > 1:
+            out += [f"**{st.name}** ({st.kind} scaling)", ""]
+        out += [f"- {f}" for f in doc.findings[st.name]] + [""]
+    if doc.comparison:
+        out += ["**Comparison**", ""] + [f"- {f}" for f in doc.comparison] + [""]
+    headers, rows = size_rows(doc.studies)
+    out += ["## Scaling table", "", "Median over repeats, min-max in brackets.", "", md_table(headers, rows), ""]
+    if len(doc.studies) > 1:
+        out += ["## What differs between the studies", ""]
+        if doc.diffs:
+            out += [md_table(["key", *(st.name for st in doc.studies)],
+                             [[d.key, *(d.values[st.name] for st in doc.studies)] for d in doc.diffs]), ""]
+        else:
+            out += ["No configuration key differs.", ""]
+    out += ["## Plots", ""]
+    out += [f"![{p.stem}](plots/{p.name})" for p in doc.plots] + [""]
+    headers, rows = run_rows(doc)
+    out += ["## Runs", "", "Every run in the study folders (results.csv has all columns).", "", md_table(headers, rows), ""]
+    if doc.warnings:
+        out += ["## Warnings", ""] + [f"- {w}" for w in doc.warnings] + [""]
+    out += ["## How to read this report", ""] + [f"- {t}" for t in HOW_TO_READ] + [""]
+    out += ["## Configuration", ""]
+    for st in doc.studies:
+        settings = common_settings(st.records)
+        out += [f"**{st.name}**: settings shared by every run", "", md_table(["key", "value"], sorted(settings.items())), ""]
+    return "\n".join(out)
+
+
+# -- html -------------------------------------------------------------------------------------
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<figure><img alt="{_e(path.stem)}" src="data:image/png;base64,{data}"></figure>'
+
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:0.8em 0;font-size:0.9em}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f0f0f0}
+td:first-child,th:first-child{text-align:left}
+figure{margin:1em 0}
+img{max-width:100%;border:1px solid #ddd}
+.warn{color:#8a4b00}
+details{margin:0.5em 0}
+code{background:#f4f4f4;padding:0 3px}
+"""
+
+
+def html_page(doc: Document, out_dir: Path) -> str:
+    names = ", ".join(st.name for st in doc.studies)
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Scaling report: {_e(names)}</title>",
+             f"<style>{STYLE}</style></head><body>",
+             f"<h1>Scaling report: {_e(names)}</h1>",
+             f"<p>Generated {_e(time.strftime('%Y-%m-%d %H:%M:%S'))} from the records in "
+             + ", ".join(f"<code>{_e(st.records.folder)}</code>" for st in doc.studies) + ".</p>",
+             "<h2>Findings</h2>"]
+    for st in doc.studies:
+        if len(doc.studies) > 1:
+            parts.append(f"<h3>{_e(st.name)} ({_e(st.kind)} scaling)</h3>")
+        parts.append("<ul>" + "".join(f"<li>{_e(f)}</li>" for f in doc.findings[st.name]) + "</ul>")
+    if doc.comparison:
+        parts.append("<h3>Comparison</h3><ul>" + "".join(f"<li>{_e(f)}</li>" for f in doc.comparison) + "</ul>")
+    headers, rows = size_rows(doc.studies)
+    parts += ["<h2>Scaling table</h2><p>Median over repeats, min-max in brackets.</p>", html_table(headers, rows)]
+    if len(doc.studies) > 1:
+        parts.append("<h2>What differs between the studies</h2>")
+        parts.append(html_table(["key", *(st.name for st in doc.studies)],
+                                [[d.key, *(d.values[st.name] for st in doc.studies)] for d in doc.diffs])
+                     if doc.diffs else "<p>No configuration key differs.</p>")
+    parts.append("<h2>Plots</h2>")
+    parts += [_img(p) for p in doc.plots]
+    headers, rows = run_rows(doc)
+    parts += ["<h2>Runs</h2>", html_table(headers, rows)]
+    if doc.warnings:
+        parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li class='warn'>{_e(w)}</li>" for w in doc.warnings) + "</ul>")
+    parts.append("<h2>How to read this report</h2><ul>" + "".join(f"<li>{_e(t)}</li>" for t in HOW_TO_READ) + "</ul>")
+    parts.append("<h2>Configuration</h2>")
+    for st in doc.studies:
+        settings = common_settings(st.records)
+        parts.append(f"<details><summary>{_e(st.name)}: settings shared by every run ({len(settings)})</summary>"
+                     + html_table(["key", "value"], sorted(settings.items())) + "</details>")
+    parts.append(f"<p><small>results.csv columns: {_e(', '.join(COLUMNS))}</small></p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
