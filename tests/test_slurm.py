@@ -71,9 +71,15 @@ def run_study(cluster: SlurmCluster, tmp: Path, script: str, **env: str) -> tupl
 # ----------------------------------------------------------------- one run
 def test_train_sbatch_runs_one_job_over_two_nodes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
+    # As on a cluster where python comes from a module or venv: only SCALING_SETUP puts
+    # the interpreter on the PATH (there is no python in the system folders).
+    setup = tmp_path / "env.sh"
+    setup.write_text(f'export PATH="{Path(sys.executable).parent}:$PATH"\nexport TORCH_DISTRIBUTED_DEBUG=OFF\n')
+    env = job_env(runs, SCALING_SETUP=str(setup), PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     job = slurm_cluster.run_job(REPO / "slurm" / "train.sbatch", "--nodes=2", "--cpus-per-task=2",
-                                output=tmp_path / "job.out", cwd=REPO, env=job_env(runs))
+                                output=tmp_path / "job.out", cwd=REPO, env=env)
     assert_ok(job)
+    assert f"sourcing {setup}" in job.output
     (run_dir,) = (runs / "adhoc").iterdir()
     assert run_dir.name.startswith(f"mlp-n2-j{job.job_id}-")
     run = read_run(run_dir)
@@ -82,8 +88,29 @@ def test_train_sbatch_runs_one_job_over_two_nodes(slurm_cluster: SlurmCluster, t
     assert run["world_size"] == 2 and run["backend"] == "gloo"
     # Threads per rank follow --cpus-per-task (srun itself sets no OMP_NUM_THREADS).
     assert run["threads_per_process"] == 2
+    seen = run["provenance"]["env"]
+    assert seen["OMP_NUM_THREADS"] == "2" and seen["TORCH_DISTRIBUTED_DEBUG"] == "OFF"
+    assert seen["MASTER_ADDR"] == "127.0.0.1"  # the first node's NodeAddr
     assert steps_in(run_dir) == STEPS
     assert f"records: {run_dir}" in job.output
+
+
+def test_plain_srun_of_the_training_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """SPEC's `srun python -m scaling.train`, no script around it: rank 0's address from Slurm.
+
+    The node names n1, n2 resolve nowhere; Slurm reaches them by NodeAddr, and so must
+    the ranks (real clusters, too, may name nodes apart from their network names).
+    """
+    runs = tmp_path / "runs"
+    script = tmp_path / "plain.sh"
+    script.write_text(f"#!/bin/bash\nsrun --kill-on-bad-exit=1 python -m scaling.train +exp=mlp {TINY} "
+                      f"paths.root={runs} dist.timeout_s=20\n")
+    job = slurm_cluster.run_job(script, "--nodes=2", "--ntasks-per-node=1", output=tmp_path / "job.out",
+                                env=job_env(runs))
+    assert job.state == "COMPLETED" and job.exit_code == 0, job.describe()
+    (run_dir,) = (runs / "adhoc").iterdir()
+    run = read_run(run_dir)
+    assert run["status"] == "completed" and run["launcher"] == "slurm" and run["world_size"] == 2
 
 
 # ----------------------------------------------------------------- studies
