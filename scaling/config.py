@@ -87,6 +87,8 @@ class DistConfig:
     """Process-group timeout: how long a rank waits for a dead or hung peer."""
     threads: int | str
     """Intra-op threads per process, or auto."""
+    gradient_as_bucket_view: bool = True
+    """Gradients are views into DDP's buckets (no copies; grads and comm_buffers are the same bytes)."""
 
     def __post_init__(self) -> None:
         _require(self.backend in BACKENDS, f"dist.backend must be one of {'|'.join(BACKENDS)} (got {self.backend!r})")

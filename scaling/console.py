@@ -89,8 +89,10 @@ def render(run: dict[str, Any]) -> str:
     memory = run.get("memory", {}).get("max")
     if memory:
         lines += ["", "  memory per rank (max over ranks)"]
+        shared = run["memory"].get("grads_in_comm_buffers")
         for key in ("params", "grads", "optimizer_state", "activations", "comm_buffers", "peak", "rss_peak"):
-            lines.append(f"    {key:<22} {fmt_bytes(memory.get(key)):>12}")
+            note = "   (the same bytes: gradients are views into the DDP buckets)" if shared and key == "comm_buffers" else ""
+            lines.append(f"    {key:<22} {fmt_bytes(memory.get(key)):>12}{note}")
     flops = run.get("flops") or {}
     if flops.get("per_sample"):
         mfu = flops.get("mfu")

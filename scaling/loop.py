@@ -111,7 +111,8 @@ class Trainer:
             self.flops["per_sample"] = flops_mod.count_step_flops(
                 model, self.loss_fn, self.batches.next(), self.amp_dtype) / job.batch_size
         self.model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
-                         bucket_cap_mb=cfg.dist.bucket_cap_mb, gradient_as_bucket_view=False)
+                         bucket_cap_mb=cfg.dist.bucket_cap_mb,
+                         gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view)
         state = hooks.make_state(job.hook, cfg.comm)
         if self.instrumented:
             self.model.register_comm_hook(state, self.comm.wrap(job.hook.hook))
@@ -238,7 +239,10 @@ class Trainer:
         table = self.ctx.gather_tensor(local).numpy()
         per_rank = [{k: (int(v) if v >= 0 else None) for k, v in zip(MEMORY_KEYS, row)} for row in table]
         maximum = {k: (max(r[k] for r in per_rank) if per_rank[0][k] is not None else None) for k in MEMORY_KEYS}
-        return {"max": maximum, "per_rank": per_rank}
+        # With bucket views the gradients are stored inside the comm buffers:
+        # one allocation, reported under both names; do not add them up.
+        return {"max": maximum, "per_rank": per_rank,
+                "grads_in_comm_buffers": self.instrumented and self.job.cfg.dist.gradient_as_bucket_view}
 
     def flops_report(self, summary: dict[str, Any]) -> dict[str, Any]:
         if "per_sample" not in self.flops:
