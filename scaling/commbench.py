@@ -100,10 +100,10 @@ def _section(raw: dict[str, Any], key: str, cls: type) -> Any:
     unknown = sorted(set(section) - names)
     if unknown:
         raise ConfigError(f"unknown key {key}.{unknown[0]}; valid keys: {', '.join(sorted(names))}")
-    missing = sorted(names - set(section))
-    if missing:
-        raise ConfigError(f"{key}.{missing[0]} must be set")
-    return cls(**section)
+    try:
+        return cls(**section)
+    except TypeError as exc:  # a field without a default is missing
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def parse(cfg: DictConfig | dict[str, Any]) -> Settings:
