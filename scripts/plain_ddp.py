@@ -1,7 +1,7 @@
 """The resnet experiment written as a plain torchrun DDP loop, without the framework.
 
 The reference for ``bench_overhead.py``: same model, data, sampler, optimizer,
-bucket size and batch as ``+exp=resnet``, and nothing else. Rank 0 writes the
+bucket size, gradient bucket views and batch as ``+exp=resnet``, and nothing else. Rank 0 writes the
 wall time of the measured steps to the JSON file given as its argument.
 
     torchrun --standalone --nproc_per_node=2 scripts/plain_ddp.py out.json [steps] [warmup]
@@ -31,7 +31,7 @@ def main() -> None:
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0, drop_last=True)
     loader = DataLoader(data, batch_size=batch, sampler=sampler, drop_last=True)
     torch.manual_seed(0)
-    model = DDP(torchvision.models.resnet18(weights=None, num_classes=10), bucket_cap_mb=25)
+    model = DDP(torchvision.models.resnet18(weights=None, num_classes=10), bucket_cap_mb=25, gradient_as_bucket_view=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     epoch, it = 0, iter(loader)
     start = None
