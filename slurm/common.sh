@@ -76,6 +76,12 @@ scaling_setup() {
     export MASTER_ADDR=${MASTER_ADDR:-$first}
 }
 
+# $1 in single quotes, for a command line a user can paste.
+scaling_quote() {
+    local q="'\\''"
+    printf "'%s'" "${1//\'/$q}"
+}
+
 scaling_positive_int() {
     [[ $2 =~ ^[1-9][0-9]*$ ]] || scaling_die "$1 must be a positive integer (got '$2')"
 }
@@ -120,7 +126,10 @@ scaling_study_name() {
         [[ -d $RUNS_ROOT ]] || scaling_die "cannot create $RUNS_ROOT/$STUDY"
         STUDY="$base-$k"
     done
-    scontrol update JobId="$SLURM_JOB_ID" Comment="scaling_study=$STUDY" >/dev/null 2>&1 ||
+    local comment
+    comment=$(squeue -h -j "$SLURM_JOB_ID" -o %k 2>/dev/null)
+    [[ $comment == "(null)" ]] && comment=""
+    scontrol update JobId="$SLURM_JOB_ID" Comment="${comment:+$comment }scaling_study=$STUDY" >/dev/null 2>&1 ||
         scaling_log "note: could not store the study name in the job's comment; after a requeue a new study starts"
 }
 
@@ -172,10 +181,35 @@ scaling_set_aside() {
     mv "$dir" "$dest" && scaling_log "earlier attempt ($(scaling_run_status "$dest")) kept in $dest"
 }
 
+# A study continued under its old name must measure the same thing: the experiment,
+# the overrides and the batch may not change (NODES and REPEATS may, to extend it).
+scaling_check_resume() {
+    local problem
+    [[ -r $RUNS_ROOT/$STUDY/study.json ]] || return 0
+    problem=$(SCALING_KIND=$1 SCALING_BATCH="$2" EXP=$EXP OVERRIDES=${OVERRIDES:-} python - "$RUNS_ROOT/$STUDY/study.json" <<'PY'
+import json, os, sys
+try:
+    old = json.load(open(sys.argv[1]))
+except (OSError, ValueError):
+    sys.exit(0)
+env = os.environ
+now = {"kind": env["SCALING_KIND"], "exp": env["EXP"], "overrides": env["OVERRIDES"].split(),
+       "batch": env["SCALING_BATCH"]}
+before = {"kind": old.get("kind"), "exp": old.get("exp"), "overrides": old.get("overrides", []),
+          "batch": old.get("batch_args", now["batch"])}
+for key in now:
+    if now[key] != before[key]:
+        print(f"{key} was {before[key]!r}, now {now[key]!r}")
+        break
+PY
+    )
+    [[ -z $problem ]] || scaling_die "study $STUDY exists with other settings ($problem); use the same settings to continue it, or another STUDY"
+}
+
 # study.json, as a local study writes it: the definition, and each point's state
 # read from its run folder (completed | failed | running | pending).
 scaling_write_study_json() {
-    SCALING_STUDY_STATUS=$1 SCALING_KIND=$2 SCALING_WORLDS="$3" SCALING_GLOBAL_BATCH=${GLOBAL_BATCH:-} \
+    SCALING_STUDY_STATUS=$1 SCALING_KIND=$2 SCALING_WORLDS="$3" SCALING_BATCH="$4" SCALING_GLOBAL_BATCH=${GLOBAL_BATCH:-} \
         SCALING_BATCH_PER_RANK=${BATCH_PER_RANK:-} SCALING_DIR="$RUNS_ROOT/$STUDY" STUDY=$STUDY EXP=$EXP REPEATS=$REPEATS \
         OVERRIDES=${OVERRIDES:-} python - <<'PY' || scaling_log "note: could not write study.json"
 import json, os, time
@@ -204,7 +238,7 @@ definition = {
     "batch_size_per_rank": ({str(w): int(env["SCALING_GLOBAL_BATCH"]) // w for w in worlds} if kind == "strong"
                             else {str(w): int(per_rank) for w in worlds} if per_rank else None),
     "launcher": f"srun (Slurm job {env.get('SLURM_JOB_ID')} on {env.get('SLURM_JOB_NODELIST')})",
-    "overrides": env["OVERRIDES"].split(),
+    "overrides": env["OVERRIDES"].split(), "batch_args": env["SCALING_BATCH"],
     "status": env["SCALING_STUDY_STATUS"], "started_at": started, "updated_at": time.time(),
     "points": [{"run_id": f"n{w}-r{r}", "world_size": w, "repeat": r, "status": state(f"n{w}-r{r}")}
                for r in range(1, repeats + 1) for w in worlds],
@@ -272,8 +306,8 @@ scaling_stop_early() {
         scaling_log "requeueing job $SLURM_JOB_ID: it continues study $STUDY from the first incomplete point"
         scontrol requeue "$SLURM_JOB_ID" && exit "$SCALING_EXIT_STOPPED"
     fi
-    scaling_log "study $STUDY is incomplete (stopped by SIG$STOP_SIGNAL); to continue it:"
-    scaling_log "  STUDY=$STUDY RUNS_ROOT=$RUNS_ROOT sbatch $script"
+    scaling_log "study $STUDY is incomplete (stopped by SIG$STOP_SIGNAL); to continue it, submit again with the same settings:"
+    scaling_log "  STUDY=$(scaling_quote "$STUDY") RUNS_ROOT=$(scaling_quote "$RUNS_ROOT") NODES=$(scaling_quote "$NODES") EXP=$(scaling_quote "$EXP") OVERRIDES=$(scaling_quote "${OVERRIDES:-}") sbatch --nodes=$ALLOC_NODES $(scaling_quote "$script")"
     exit "$SCALING_EXIT_STOPPED"
 }
 
@@ -326,7 +360,8 @@ scaling_study() {
         scaling_positive_int BATCH_PER_RANK "$BATCH_PER_RANK"
         batch_args=("train.batch_size=$BATCH_PER_RANK")
     fi
-    scaling_write_study_json running "$kind" "${worlds[*]}"
+    scaling_check_resume "$kind" "${batch_args[*]}"
+    scaling_write_study_json running "$kind" "${worlds[*]}" "${batch_args[*]}"
     scaling_log "study $STUDY ($kind scaling) in $RUNS_ROOT/$STUDY: nodes ${NODE_COUNTS[*]}, $PROCS_PER_NODE process(es) per node, ${REPEATS} repeat(s), exp=$EXP ${batch_args[*]} ${OVERRIDE_ARGS[*]}"
     for n in "${NODE_COUNTS[@]}"; do
         world=$((n * PROCS_PER_NODE))
@@ -334,19 +369,19 @@ scaling_study() {
             scaling_run_point "$n" "n$world-r$rep" "study.kind=$kind" "${batch_args[@]}"
             rc=$?
             if [[ -n $STOP_SIGNAL ]]; then
-                scaling_write_study_json stopped "$kind" "${worlds[*]}"
+                scaling_write_study_json stopped "$kind" "${worlds[*]}" "${batch_args[*]}"
                 scaling_stop_early "$script"
             fi
             # A configuration mistake fails every point alike: stop at the first.
             if ((rc == SCALING_EXIT_CONFIG)); then
-                scaling_write_study_json failed "$kind" "${worlds[*]}"
+                scaling_write_study_json failed "$kind" "${worlds[*]}" "${batch_args[*]}"
                 scaling_die "the training job rejected its configuration (see the line above)"
             fi
         done
     done
     local final=completed
     ((POINTS_FAILED == 0)) || final=failed
-    scaling_write_study_json "$final" "$kind" "${worlds[*]}"
+    scaling_write_study_json "$final" "$kind" "${worlds[*]}" "${batch_args[*]}"
     scaling_report
     rc=$?
     scaling_log "study $STUDY: $((POINTS_RUN - POINTS_FAILED)) point(s) run, $POINTS_SKIPPED skipped (completed earlier), $POINTS_FAILED failed"

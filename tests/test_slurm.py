@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -189,7 +190,8 @@ def wait_until_measuring(run_dir: Path, timeout_s: float = 120) -> None:
 
 
 # Long enough that the 2-node point is still running when the signal arrives.
-SLOW = TINY.replace("train.steps=3", "train.steps=800").replace("train.log_every=1", "train.log_every=50")
+SLOW_STEPS = 800
+SLOW = TINY.replace("train.steps=3", f"train.steps={SLOW_STEPS}").replace("train.log_every=1", "train.log_every=50")
 
 
 def interrupt_second_point(cluster: SlurmCluster, tmp: Path, *sbatch_args: str, **env: str) -> tuple[int, Path]:
@@ -221,17 +223,30 @@ def test_early_stop_then_resubmission_skips_completed_points(slurm_cluster: Slur
     first = slurm_cluster.wait(job_id, tmp_path / "job.out")
     assert first.state == "FAILED" and first.exit_code == 3, first.describe()
     assert "received SIGUSR1" in first.output
-    assert f"STUDY=stopped RUNS_ROOT={study.parent} sbatch" in first.output
     check_stopped_point(study / "n2-r1")
     done_before = (study / "n1-r1" / "run.json").read_bytes()
 
-    second = slurm_cluster.run_job(REPO / "slurm" / "strong_scaling.sh", "--nodes=2", output=tmp_path / "job2.out",
-                                   cwd=REPO, env=job_env(study.parent, NODES="1 2", STUDY="stopped"))
+    # Other settings under the same name would mix two experiments in one study: refused.
+    mixed = slurm_cluster.run_job(REPO / "slurm" / "strong_scaling.sh", "--nodes=2", output=tmp_path / "mixed.out",
+                                  cwd=REPO, env=job_env(study.parent, NODES="1 2", STUDY="stopped"))
+    assert mixed.state == "FAILED" and mixed.exit_code == 2, mixed.describe()
+    assert "study stopped exists with other settings (overrides was" in mixed.output
+    assert "point n" not in mixed.output
+
+    # Resubmit with the command the job printed, pasted into a shell as a user would.
+    advice = first.output.split("to continue it, submit again with the same settings:\n", 1)[1].splitlines()[0]
+    command = advice.split("] ", 1)[1].strip()
+    assert command.startswith("STUDY='stopped' ") and " sbatch --nodes=2 " in command
+    env = {**slurm_cluster.env, "PATH": job_env(study.parent)["PATH"] + ":" + slurm_cluster.env["PATH"]}
+    proc = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job_id = int(proc.stdout.split()[-1])  # "Submitted batch job N"
+    second = slurm_cluster.wait(job_id, tmp_path / f"strong-scaling-{job_id}.out")
     assert_ok(second)
     assert "point n1-r1: completed earlier, skipped" in second.output
     assert (study / "n1-r1" / "run.json").read_bytes() == done_before
     assert read_run(study / "n2-r1")["status"] == "completed"
-    assert steps_in(study / "n2-r1") == STEPS
+    assert steps_in(study / "n2-r1") == SLOW_STEPS
     (attempt,) = study.glob("n2-r1.failed-*")
     check_stopped_point(attempt)
 
