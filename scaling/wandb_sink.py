@@ -3,7 +3,7 @@
 What the run holds (the names are those of the records on disk):
 
 - name ``<exp>-<study kind>-n<world size>-r<repeat>`` when the run folder is named
-  ``n<N>-r<R>`` (as a study names it), else ``<exp>-<study kind>-<run id>``;
+  ``n<N>-r<R>`` (as a study names it), else the run id (``mlp-n2-20250101-120000-ab12``);
   group = ``study.name``; job_type = ``study.kind``; tags = ``logger.wandb.tags``.
 - config: the resolved config (as in config.yaml), plus ``run`` (run.json's
   description: world size, nodes, backend, launcher, device, batch sizes, …)
@@ -17,12 +17,15 @@ What the run holds (the names are those of the records on disk):
 
 The offline files go to ``<run folder>/wandb/`` unless ``WANDB_DIR`` is set.
 
-wandb must never cost a training job anything but the time it takes to start:
-its start-up runs in a worker thread and is abandoned after a bounded wait,
-well inside ``dist.timeout_s`` (the other ranks are meanwhile waiting in their
-first collective), and every later call goes through the same thread, so a slow
-or dead wandb service cannot stall the loop. Any failure is reported once; the
-records on disk are complete either way.
+wandb must never cost a training job more than a bounded wait: its start-up
+runs in a worker thread and is abandoned after at most 0.4 x ``dist.timeout_s``
+(the other ranks are meanwhile waiting in their first collective), and every
+later call goes through the same thread. At a log interval rank 0 waits for the
+worker to hand the records to wandb (about 1 ms per record), so that this work
+is timed as the ``other_s`` of the step that logs, where the instrument's own
+bookkeeping belongs, instead of slowing later phases from a background thread;
+after ``LOG_TIMEOUT_S`` without an answer it stops logging. Any failure is
+reported once; the records on disk are complete either way.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ START_TIMEOUT_CAP_S = 20.0
 """Longest wait for wandb to start; WANDB_INIT_TIMEOUT may lower or raise it."""
 START_SHARE_OF_DIST_TIMEOUT = 0.4
 """Never wait longer than this share of dist.timeout_s: the other ranks sit in a collective meanwhile."""
+LOG_TIMEOUT_S = 5.0
+"""Longest wait for wandb to take one log interval's records (a hung service): then logging stops."""
 FINISH_TIMEOUT_S = 30.0
 """Longest wait at the end for wandb to write the last records and close the run."""
 
@@ -50,11 +55,11 @@ REPEAT_RUN_ID = re.compile(r"(?:^|-)n(\d+)-r(\d+)$")
 
 
 def run_name(exp: str, kind: str, world_size: int, run_id: str) -> str:
-    """``resnet-strong-n4-r0`` for a study's run folder ``n4-r0``; else the kind and the run id."""
+    """``resnet-strong-n4-r0`` for a study's run folder ``n4-r0``; else the run id itself."""
     match = REPEAT_RUN_ID.search(run_id)
     if match:
         return f"{exp}-{kind}-n{world_size}-r{match.group(2)}"
-    return f"{exp}-{kind}-{run_id}"
+    return run_id
 
 
 def start_timeout_s(dist_timeout_s: float) -> float:
@@ -70,7 +75,7 @@ def start_timeout_s(dist_timeout_s: float) -> float:
 
 
 def make(cfg: RunConfig, log: logging.Logger | None = None) -> "WandbSink | None":
-    """The wandb sink for rank 0, or None when ``logger.wandb.mode=disabled`` or wandb is missing."""
+    """The wandb sink (build it on rank 0 only), or None when ``logger.wandb.mode=disabled`` or wandb is missing."""
     log = log or logging.getLogger("scaling.rank0")
     if cfg.wandb.mode == "disabled":
         return None
@@ -95,10 +100,12 @@ class WandbSink:
         self.run_dir: Path | None = None
         self.wandb_run: Any = None
         self.offline_dir: Path | None = None
-        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, Any, threading.Event | None]] = queue.Queue()
+        self.log_timeout_s = min(LOG_TIMEOUT_S, 0.1 * float(cfg.dist.timeout_s))
         self._started = threading.Event()
         self._worker: threading.Thread | None = None
         self._active = False  # True while events are worth sending
+        self._hung = False  # the worker stopped answering: never wait for it again
         self._warned = False
         self._lock = threading.Lock()
 
@@ -116,8 +123,10 @@ class WandbSink:
         began = time.monotonic()
         self._worker.start()
         if not self._started.wait(self.start_timeout_s):
-            self._warn(f"wandb did not start within {self.start_timeout_s:.0f} s "
-                       f"(bounded by 0.4 x dist.timeout_s={self.cfg.dist.timeout_s:g} s and WANDB_INIT_TIMEOUT)")
+            self._hung = True
+            self._warn(f"wandb did not start within {self.start_timeout_s:.0f} s (the limit is "
+                       f"{START_SHARE_OF_DIST_TIMEOUT:g} x dist.timeout_s={self.cfg.dist.timeout_s:g} s, "
+                       f"at most WANDB_INIT_TIMEOUT or {START_TIMEOUT_CAP_S:g} s)")
             return
         if self.wandb_run is not None:
             where = f" in {self.offline_dir}" if self.offline_dir else ""
@@ -125,14 +134,19 @@ class WandbSink:
                           f"(started in {time.monotonic() - began:.1f} s)")
 
     def on_steps(self, records: list[dict[str, Any]]) -> None:
-        if self._active:
-            self._queue.put(("steps", [dict(r) for r in records]))
+        if not self._active:
+            return
+        taken = threading.Event()
+        self._queue.put(("steps", [dict(r) for r in records], taken))
+        if not taken.wait(self.log_timeout_s):
+            self._hung = True
+            self._warn(f"wandb did not take the step records within {self.log_timeout_s:g} s")
 
     def on_end(self, run: dict[str, Any]) -> None:
         """Write the summary and close the run (also after a logging failure, so that the file is whole)."""
-        if self._worker is None or self.wandb_run is None or not self._worker.is_alive():
+        if self._hung or self._worker is None or self.wandb_run is None or not self._worker.is_alive():
             return
-        self._queue.put(("end", run))
+        self._queue.put(("end", run, None))
         self._worker.join(FINISH_TIMEOUT_S)
         if self._worker.is_alive():
             self._warn(f"wandb did not close the run within {FINISH_TIMEOUT_S:.0f} s")
@@ -157,7 +171,7 @@ class WandbSink:
             settings=self.wandb.Settings(
                 init_timeout=self.start_timeout_s,
                 console="off",  # the rank logs already hold the console output
-                quiet=True,
+                silent=True,  # one line of ours instead of wandb's banner
             ),
         )
         if "WANDB_DIR" not in os.environ:
@@ -182,9 +196,10 @@ class WandbSink:
             self._finish(exit_code=1)
             return
         while True:
-            kind, payload = self._queue.get()
+            kind, payload, taken = self._queue.get()
             if kind == "steps":
-                self._guard("log step records", lambda: [wandb_run.log(record) for record in payload])
+                self._guard("log the step records", lambda: _log_all(wandb_run, payload))
+                taken.set()
             else:
                 self._guard("write the run summary", lambda: wandb_run.summary.update(_summary(payload)))
                 self._finish(exit_code=0 if payload.get("status") == "completed" else 1)
@@ -205,7 +220,7 @@ class WandbSink:
             self._warn("wandb could not close the run", exc)
 
     def _warn(self, what: str, exc: BaseException | None = None) -> None:
-        """The first failure is a warning; the rest go to the rank log only. wandb is then left alone."""
+        """The first failure is a warning; later ones are logged as information. wandb is then left alone."""
         with self._lock:
             first = not self._warned
             self._warned = True
@@ -216,10 +231,16 @@ class WandbSink:
             self.log.warning(f"wandb: {what}{cause}; training goes on without wandb. "
                              f"The records on disk{where} are complete.")
         else:
-            self.log.debug(f"wandb: {what}{cause}")
+            self.log.info(f"wandb: {what}{cause}")
+
+
+def _log_all(wandb_run: Any, records: list[dict[str, Any]]) -> None:
+    for record in records:
+        wandb_run.log(record)
 
 
 def _summary(run: dict[str, Any]) -> dict[str, Any]:
+    """run.json's summary at the top level (medians replace wandb's last values), memory and flops nested."""
     summary = dict(run.get("summary") or {})
     summary["memory"] = run.get("memory") or {}
     summary["flops"] = run.get("flops") or {}
