@@ -349,7 +349,7 @@ def run_benchmark(settings: Settings) -> dict[str, Any]:
         if ctx.is_main:
             write_json(run_dir / JSON_NAME, record)
             commplot.plot_busbw(results, fits, run_dir / PNG_NAME,
-                                title=f"{n} ranks, {ctx.nodes} node(s), {ctx.backend} ({launch.launcher})")
+                                title=f"{n} ranks, {ctx.nodes} node(s), backend {ctx.backend}, launcher {launch.launcher}")
             log.info(f"# records: {run_dir / JSON_NAME}, {run_dir / PNG_NAME}")
         dist.barrier(group=ctx.meta_group)
         return record

@@ -31,7 +31,7 @@ def plot_busbw(points: Sequence[Point], fits: Sequence[Fit], path: Path, title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(10.5, 5), dpi=110)
     groups = dict.fromkeys((p.transport, p.op) for p in points)
     for transport, op in groups:
         rows = [p for p in points if p.transport == transport and p.op == op]
@@ -50,7 +50,7 @@ def plot_busbw(points: Sequence[Point], fits: Sequence[Fit], path: Path, title: 
     ax.set_ylim(bottom=0)
     ax.set_title(f"commbench: {title}")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
