@@ -45,8 +45,12 @@ scaling_setup() {
         # shellcheck disable=SC1090
         source "$SCALING_SETUP" || scaling_die "SCALING_SETUP=$SCALING_SETUP failed"
     fi
-    command -v python >/dev/null || scaling_die "no python on the PATH; point SCALING_SETUP at a file that loads your modules or venv"
-    python -c "import scaling" 2>/dev/null || scaling_die "python ($(command -v python)) cannot import scaling; pip install -e . in the environment SCALING_SETUP activates"
+    # A venv or module provides `python`; some systems only `python3`.
+    PYTHON=$(command -v python || command -v python3) ||
+        scaling_die "no python on the PATH; point SCALING_SETUP at a file that loads your modules or venv"
+    "$PYTHON" -c "import scaling" 2>/dev/null ||
+        scaling_die "$PYTHON cannot import scaling; pip install -e . in the environment SCALING_SETUP activates"
+    scaling_log "python: $PYTHON"
 
     EXP=${EXP:-resnet}
     read -ra OVERRIDE_ARGS <<<"${OVERRIDES:-}"
@@ -151,7 +155,7 @@ scaling_on_signal() {
 # ---------------------------------------------------------------- points
 # The status in DIR/run.json: completed | failed | running | missing.
 scaling_run_status() {
-    python - "$1/run.json" <<'PY' 2>/dev/null || echo missing
+    "$PYTHON" - "$1/run.json" <<'PY' 2>/dev/null || echo missing
 import json, sys
 print(json.load(open(sys.argv[1])).get("status", "missing"))
 PY
@@ -159,7 +163,7 @@ PY
 
 # A run stopped before its ranks could record why still says "running": say why.
 scaling_mark_stopped() {
-    python - "$1/run.json" "$2" <<'PY' 2>/dev/null
+    "$PYTHON" - "$1/run.json" "$2" <<'PY' 2>/dev/null
 import json, os, sys, time
 path, reason = sys.argv[1], sys.argv[2]
 run = json.load(open(path))
@@ -186,7 +190,7 @@ scaling_set_aside() {
 scaling_check_resume() {
     local problem
     [[ -r $RUNS_ROOT/$STUDY/study.json ]] || return 0
-    problem=$(SCALING_KIND=$1 SCALING_BATCH="$2" EXP=$EXP OVERRIDES=${OVERRIDES:-} python - "$RUNS_ROOT/$STUDY/study.json" <<'PY'
+    problem=$(SCALING_KIND=$1 SCALING_BATCH="$2" EXP=$EXP OVERRIDES=${OVERRIDES:-} "$PYTHON" - "$RUNS_ROOT/$STUDY/study.json" <<'PY'
 import json, os, sys
 try:
     old = json.load(open(sys.argv[1]))
@@ -211,7 +215,7 @@ PY
 scaling_write_study_json() {
     SCALING_STUDY_STATUS=$1 SCALING_KIND=$2 SCALING_WORLDS="$3" SCALING_BATCH="$4" SCALING_GLOBAL_BATCH=${GLOBAL_BATCH:-} \
         SCALING_BATCH_PER_RANK=${BATCH_PER_RANK:-} SCALING_DIR="$RUNS_ROOT/$STUDY" STUDY=$STUDY EXP=$EXP REPEATS=$REPEATS \
-        OVERRIDES=${OVERRIDES:-} python - <<'PY' || scaling_log "note: could not write study.json"
+        OVERRIDES=${OVERRIDES:-} "$PYTHON" - <<'PY' || scaling_log "note: could not write study.json"
 import json, os, time
 from pathlib import Path
 env = os.environ
@@ -272,7 +276,7 @@ scaling_run_point() {
     scaling_log "point $run_id: $nodes node(s) x $PROCS_PER_NODE process(es) = world size $world, $OMP_NUM_THREADS thread(s) each"
     srun --nodes="$nodes" --ntasks="$world" --ntasks-per-node="$PROCS_PER_NODE" \
         --cpus-per-task="$CPUS_PER_TASK" --relative=0 --kill-on-bad-exit=1 \
-        python -m scaling.train "+exp=$EXP" "${OVERRIDE_ARGS[@]}" \
+        "$PYTHON" -m scaling.train "+exp=$EXP" "${OVERRIDE_ARGS[@]}" \
         "paths.root=$RUNS_ROOT" "study.name=$STUDY" "paths.run_id=$run_id" "$@" &
     STEP_PID=$!
     while true; do
@@ -313,7 +317,7 @@ scaling_stop_early() {
 
 # True when `python -m scaling.report` can run in this environment.
 scaling_report_available() {
-    python - <<'PY' 2>/dev/null
+    "$PYTHON" - <<'PY' 2>/dev/null
 import importlib.util as u, sys
 spec = u.find_spec("scaling.report")
 ok = spec is not None and (spec.submodule_search_locations is None or u.find_spec("scaling.report.__main__") is not None)
@@ -328,7 +332,7 @@ scaling_report() {
         return 0
     fi
     scaling_log "report: python -m scaling.report $study_dir"
-    python -m scaling.report "$study_dir"
+    "$PYTHON" -m scaling.report "$study_dir"
     rc=$?
     ((rc == 0)) || scaling_log "the report FAILED (exit $rc); the records are in $study_dir"
     return "$rc"

@@ -73,7 +73,7 @@ def run_study(cluster: SlurmCluster, tmp: Path, script: str, **env: str) -> tupl
 def test_train_sbatch_runs_one_job_over_two_nodes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     # As on a cluster where python comes from a module or venv: only SCALING_SETUP puts
-    # the interpreter on the PATH (there is no python in the system folders).
+    # this interpreter on the PATH the job starts with.
     setup = tmp_path / "env.sh"
     setup.write_text(f'export PATH="{Path(sys.executable).parent}:$PATH"\nexport TORCH_DISTRIBUTED_DEBUG=OFF\n')
     env = job_env(runs, SCALING_SETUP=str(setup), PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
@@ -81,6 +81,7 @@ def test_train_sbatch_runs_one_job_over_two_nodes(slurm_cluster: SlurmCluster, t
                                 output=tmp_path / "job.out", cwd=REPO, env=env)
     assert_ok(job)
     assert f"sourcing {setup}" in job.output
+    assert f"python: {Path(sys.executable).parent}/" in job.output
     (run_dir,) = (runs / "adhoc").iterdir()
     assert run_dir.name.startswith(f"mlp-n2-j{job.job_id}-")
     run = read_run(run_dir)
