@@ -24,7 +24,8 @@ pytest.importorskip("wandb")
 pytest.importorskip("wandb_workspaces")
 pytestmark = pytest.mark.filterwarnings("ignore:Pydantic V1 style:DeprecationWarning")  # inside wandb_workspaces
 
-JOB = [*TINY["mlp"], *QUICK, "data.num_samples=64", "logger.console=true"]
+# offline named explicitly: the shared quick settings may turn wandb off for the other tests
+JOB = [*TINY["mlp"], *QUICK, "data.num_samples=64", "logger.console=true", "logger.wandb.mode=offline"]
 WARNING = "training goes on without wandb"
 
 
