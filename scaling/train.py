@@ -6,6 +6,7 @@ Works as a single process, under torchrun, srun or mpiexec. The loop lives in
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -13,10 +14,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from scaling import cli, config, console, failure, provenance
+from scaling import cli, config, console, failure, provenance, wandb_sink
 from scaling import dist as distsetup
 from scaling.loop import Job, Trainer, prepare
-from scaling.records import RunFiles, create_run_dir, write_json
+from scaling.records import RunFiles, create_run_dir, read_json, write_json
 from scaling.sinks import Sink
 
 
@@ -66,17 +67,20 @@ def describe_run(job: Job, ctx: distsetup.Context, files: RunFiles) -> dict[str,
     }
 
 
-def build_sinks(job: Job, ctx: distsetup.Context) -> list[Sink]:
+def failed_run(files: RunFiles, run: dict[str, Any], cause: str | None) -> dict[str, Any]:
+    """run.json as the failure left it (another rank may have written the cause)."""
+    try:
+        return read_json(files.run_json)
+    except (OSError, ValueError):
+        return {**run, "status": "failed", "error": cause}
+
+
+def build_sinks(job: Job, ctx: distsetup.Context, log: logging.Logger) -> list[Sink]:
     """Rank 0 alone gets sinks; other ranks an empty list."""
     if not ctx.is_main:
         return []
-    sinks: list[Sink] = []
-    try:
-        from scaling import wandb_sink
-    except ImportError:
-        return sinks
-    sink = wandb_sink.make(job.cfg)
-    return [sink] if sink is not None else sinks
+    sink = wandb_sink.make(job.cfg, log)
+    return [sink] if sink is not None else []
 
 
 def train(cfg: DictConfig | config.RunConfig, sinks: list[Sink] | None = None) -> dict[str, Any]:
@@ -93,7 +97,7 @@ def train(cfg: DictConfig | config.RunConfig, sinks: list[Sink] | None = None) -
         if ctx.is_main:
             files.write_config(run_cfg.raw)
             write_json(files.run_json, run)
-        trainer = Trainer(job, ctx, files, log, sinks=(sinks if sinks is not None else build_sinks(job, ctx)))
+        trainer = Trainer(job, ctx, files, log, sinks=(sinks if sinks is not None else build_sinks(job, ctx, log)))
         for sink in trainer.sinks:
             sink.on_start(run)
         log.info(f"run folder {files.dir}")
@@ -106,6 +110,8 @@ def train(cfg: DictConfig | config.RunConfig, sinks: list[Sink] | None = None) -
             except BaseException as exc:
                 guard.handling = True
                 cause = failure.finalize_failed(files, exc, ctx.world_size, job.global_batch, job.step_keys)
+                for sink in trainer.sinks:  # rank 0 alone has sinks
+                    sink.on_end(failed_run(files, run, cause))
                 if cause:
                     log.error(f"run failed: {cause}")
                     print(f"scaling.train: run failed: {cause} (records in {files.dir})", file=sys.stderr)

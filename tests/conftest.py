@@ -12,12 +12,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# wandb has tests of its own; elsewhere its start-up would only slow the jobs down.
+NO_WANDB = "logger.wandb.mode=disabled"
 # Small enough for a 2-core machine, large enough that every instrument has work.
 TINY = {
-    "mlp": ["+exp=mlp", "model.hidden=256", "model.in_features=64", "train.batch_size=4", "data.num_samples=256"],
-    "resnet": ["+exp=resnet", "data.image_size=16", "train.batch_size=4", "data.num_samples=64"],
+    "mlp": ["+exp=mlp", "model.hidden=256", "model.in_features=64", "model.layers=2", "train.batch_size=4",
+            "data.num_samples=256", NO_WANDB],
+    "resnet": ["+exp=resnet", "data.image_size=16", "train.batch_size=4", "data.num_samples=64", NO_WANDB],
     "transformer": ["+exp=transformer", "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.d_ff=128",
-                    "model.vocab_size=256", "data.seq_len=16", "train.batch_size=4", "data.num_samples=64"],
+                    "model.vocab_size=256", "data.seq_len=16", "train.batch_size=4", "data.num_samples=64", NO_WANDB],
 }
 QUICK = ["train.steps=4", "train.warmup_steps=1", "train.log_every=2", "instrument.flops=false"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import TINY, check_ok, load_run, only_run_dir, torchrun
+from tests.conftest import NO_WANDB, TINY, check_ok, load_run, only_run_dir, torchrun
 
 DELAYED = "comm.hook=tests.comm_hooks:delayed_allreduce"
 
@@ -34,7 +34,7 @@ def test_the_verdict_flips_when_communication_is_slowed(tmp_path):
     """A compute-bound job (a transformer with few parameters) turns communication-bound."""
     overrides = ["+exp=transformer", "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.d_ff=256",
                  "model.vocab_size=512", "data.seq_len=128", "train.batch_size=8", "data.num_samples=128",
-                 "train.steps=4", "train.warmup_steps=2", "train.log_every=2", "instrument.flops=false"]
+                 "train.steps=4", "train.warmup_steps=2", "train.log_every=2", "instrument.flops=false", NO_WANDB]
     base = summary_with_delay(tmp_path / "base", overrides, 0.0)
     assert base["bound"] == "compute"
     slow = summary_with_delay(tmp_path / "slow", overrides, 0.5)
@@ -49,7 +49,7 @@ def test_mlp_exposes_more_communication_than_resnet(tmp_path):
     for exp in ("mlp", "resnet"):
         root = tmp_path / exp
         proc = torchrun(2, [f"+exp={exp}", "train.steps=3", "train.warmup_steps=1", "train.log_every=3",
-                            "instrument.flops=false", "data.num_samples=256", f"paths.root={root}"])
+                            "instrument.flops=false", NO_WANDB, f"paths.root={root}"])
         check_ok(proc)
         shares[exp] = load_run(only_run_dir(root))[0]["summary"]
     assert shares["mlp"]["comm_exposed_frac"] > shares["resnet"]["comm_exposed_frac"] + 0.1
