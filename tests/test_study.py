@@ -1,0 +1,217 @@
+"""``python -m scaling.study``: real studies of a tiny MLP, each point a real torchrun job.
+
+The studies are made once (tests/study_runs.py) and shared with test_report.py.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from scaling import study
+from tests.study_runs import (FAILING_HOOK, REPO, STRONG, TINY, env, explain, read_run, run_study, strong_study,
+                              weak_study, weak_study_failed)
+
+
+@pytest.fixture(scope="module")
+def strong(tmp_path_factory):
+    return strong_study(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def weak_failed(tmp_path_factory):
+    """tiny-weak after its first invocation: the 1-process point failed."""
+    return weak_study_failed(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def weak(weak_failed, tmp_path_factory):
+    """tiny-weak after the same command again: the failed point reran, the study is complete."""
+    return weak_study(tmp_path_factory)
+
+
+# -- input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, names", [
+    (["study=adhoc"], "study.kind"),
+    (["study=strong", "study.kind=diagonal"], "study.kind"),
+    (["study=strong", "study.nprocs=[]"], "study.nprocs"),
+    (["study=weak", "study.nprocs=[0,2]"], "study.nprocs"),
+    (["study=weak", "study.nprocs=[1,-2]"], "study.nprocs"),
+    (["study=strong", "study.repeats=0"], "study.repeats"),
+    (["study=strong", "study.nprocs=[1,2,4]", "train.global_batch_size=6"], "train.global_batch_size=6"),
+    (["study=weak", "train.global_batch_size=8"], "train.global_batch_size"),
+    (["study=strong", "paths.run_id=mine"], "paths.run_id"),
+    (["study=strong", "dist.bucket_cap_mb=0"], "dist.bucket_cap_mb"),
+])
+def test_bad_study_input_is_refused_with_one_line_before_anything_runs(tmp_path, capsys, args, names):
+    root = tmp_path / "runs"
+    code = study.entry([*TINY, f"paths.root={root}", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("scaling.study: error:") and names in err
+    assert not root.exists(), "nothing may be created before the input is checked"
+
+
+def test_indivisible_global_batch_names_the_world_size_and_a_valid_choice(tmp_path, capsys):
+    code = study.entry([*TINY, f"paths.root={tmp_path}", "study=strong", "study.nprocs=[1,2,4]",
+                        "train.global_batch_size=6"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "world size 4" in err and "multiple of 4" in err
+
+
+# -- a strong and a weak study ----------------------------------------------------------------
+
+
+def test_strong_study_runs_every_point_as_a_torchrun_job(strong):
+    runs = {p.name: read_run(p) for p in strong.dir.iterdir() if (p / "run.json").exists()}
+    assert sorted(runs) == ["n1-r0", "n1-r1", "n2-r0", "n2-r1"]
+    for run_id, run in runs.items():
+        assert run["status"] == "completed", run_id
+        assert run["launcher"] == "torchrun"
+        assert run["world_size"] == int(run_id[1])
+        assert run["study"] == "tiny-strong" and run["study_kind"] == "strong"
+
+
+def test_strong_study_halves_the_per_rank_batch_and_keeps_the_global_batch(strong):
+    for run_id, per_rank in (("n1-r0", 8), ("n1-r1", 8), ("n2-r0", 4), ("n2-r1", 4)):
+        run = read_run(strong.dir / run_id)
+        assert (run["batch_size_per_rank"], run["global_batch_size"]) == (per_rank, 8)
+
+
+def test_weak_study_keeps_the_per_rank_batch_and_grows_the_global_batch(weak):
+    for run_id, world in (("n1-r0", 1), ("n2-r0", 2)):
+        run = read_run(weak.dir / run_id)
+        assert (run["batch_size_per_rank"], run["global_batch_size"]) == (4, 4 * world)
+
+
+def test_every_point_has_the_same_threads_per_process(strong):
+    threads = {read_run(strong.dir / r)["threads_per_process"] for r in ("n1-r0", "n1-r1", "n2-r0", "n2-r1")}
+    assert threads == {strong.study_json["threads_per_process"]}
+    for run_id in ("n1-r0", "n2-r0"):
+        env_seen = read_run(strong.dir / run_id)["provenance"]["env"]
+        assert env_seen["OMP_NUM_THREADS"] == str(strong.study_json["threads_per_process"])
+    assert f"{strong.study_json['threads_per_process']} thread(s) per process" in strong.proc.stdout
+
+
+def test_study_json_holds_the_definition_and_every_outcome(strong):
+    data = strong.study_json
+    assert (data["kind"], data["nprocs"], data["repeats"], data["global_batch_size"]) == ("strong", [1, 2], 2, 8)
+    assert data["batch_size_per_rank"] == {"1": 8, "2": 4}
+    assert data["status"] == "completed"
+    assert [(p["run_id"], p["status"]) for p in data["points"]] == [
+        ("n1-r0", "completed"), ("n2-r0", "completed"), ("n1-r1", "completed"), ("n2-r1", "completed")]
+    assert "train.global_batch_size=8" in data["overrides"] and "model.hidden=256" in data["overrides"]
+
+
+def test_progress_names_point_repeat_elapsed_and_eta(strong):
+    lines = [ln for ln in strong.proc.stdout.splitlines() if ln.startswith("[point ")]
+    assert [ln.split("]")[0] for ln in lines] == [f"[point {i}/4" for i in range(1, 5)]
+    assert "repeat 2/2" in lines[-1] and "elapsed" in lines[-1]
+    assert "eta ?" in lines[0] and "eta ?" not in lines[-1], "after one point the time left is estimated"
+
+
+def test_study_ends_with_the_report_table_and_findings(strong):
+    out = strong.proc.stdout
+    assert "world size" in out and "efficiency" in out
+    assert "Strong scaling (global batch 8 fixed) from 1 process to 2" in out
+    assert (strong.dir / "report.html").exists() and (strong.dir / "results.csv").exists()
+
+
+# -- resume -----------------------------------------------------------------------------------
+
+
+def test_second_run_of_a_completed_study_runs_nothing(strong):
+    before = {p.name: (p / "run.json").stat().st_mtime_ns for p in strong.dir.iterdir() if (p / "run.json").exists()}
+    proc = run_study(strong.dir.parent, STRONG)
+    assert proc.returncode == 0, explain(proc)
+    after = {p.name: (p / "run.json").stat().st_mtime_ns for p in strong.dir.iterdir() if (p / "run.json").exists()}
+    assert after == before, "no run folder added and none rewritten"
+    assert proc.stdout.count("completed earlier, skipped") == 4
+    assert "[point 1/4] n1-r0: 1 process" not in proc.stdout, "no point started"
+
+
+def test_resuming_with_other_settings_is_refused(strong, capsys):
+    code = study.entry([*TINY, f"paths.root={strong.dir.parent}", *STRONG, "train.steps=4"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "train.steps" in err and "tiny-strong" in err
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+def test_failed_point_is_recorded_and_the_rest_completes(weak_failed):
+    proc = weak_failed.proc
+    assert proc.returncode == 1, explain(proc)
+    failed, completed = weak_failed.runs["n1-r0"], weak_failed.runs["n2-r0"]
+    assert failed["status"] == "failed" and "injected failure at world size 1" in failed["error"]
+    assert completed["status"] == "completed", "the point after the failed one still ran"
+    points = {p["run_id"]: p for p in weak_failed.study_json["points"]}
+    assert points["n1-r0"]["status"] == "failed" and "injected failure" in points["n1-r0"]["error"]
+    assert points["n2-r0"]["status"] == "completed"
+    assert weak_failed.study_json["status"] == "failed"
+    assert "1 point(s) failed: n1-r0" in proc.stderr
+
+
+def test_resume_moves_the_failed_point_aside_and_runs_only_it(weak_failed, weak):
+    proc = weak.proc
+    assert proc.returncode == 0, explain(proc)
+    assert read_run(weak.dir / "n1-r0")["status"] == "completed"
+    aside = [name for name in weak.entries if name.startswith("n1-r0.failed-")]
+    assert len(aside) == 1, weak.entries
+    assert weak.runs[aside[0]]["status"] == "failed", "the failed attempt is kept, renamed"
+    assert weak.runs["n2-r0"] == weak_failed.runs["n2-r0"], "the completed point was left alone"
+    assert "n2-r0: completed earlier, skipped" in proc.stdout
+    assert "moved aside" in proc.stdout
+    assert {p["run_id"]: p["status"] for p in weak.study_json["points"]} == {
+        "n1-r0": "completed", "n2-r0": "skipped"}
+
+
+def test_fail_fast_stops_at_the_first_failed_point(tmp_path):
+    args = ["study=strong", "study.name=ff", "study.nprocs=[1,2]", "train.global_batch_size=8",
+            "study.fail_fast=true", FAILING_HOOK]
+    proc = run_study(tmp_path, args, SCALING_TEST_FAIL_WORLD_SIZE="1")
+    assert proc.returncode == 1, explain(proc)
+    assert not (tmp_path / "ff" / "n2-r0").exists()
+    points = {p["run_id"]: p["status"] for p in json.loads((tmp_path / "ff" / "study.json").read_text())["points"]}
+    assert points == {"n1-r0": "failed", "n2-r0": "pending"}
+
+
+def test_ctrl_c_stops_the_running_job_and_every_rank(tmp_path):
+    """SIGINT to the study ends torchrun and both ranks; the point is left for the next invocation."""
+    cmd = [sys.executable, "-m", "scaling.study", *TINY, f"paths.root={tmp_path}", "study=weak", "study.name=cc",
+           "study.nprocs=[2]", "train.steps=100000", "train.log_every=1000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_json = tmp_path / "cc" / "n2-r0" / "run.json"
+    try:
+        for _ in range(1200):  # until the job is training (or the study has ended by itself)
+            if run_json.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.25)
+        assert run_json.exists(), "the job never started"
+        ranks = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])
+                 and p.pid != proc.pid]
+        assert ranks, "no job process found"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Run the same command again" in err
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    assert not alive, f"left running: {[p.pid for p in alive]}"
+    assert read_run(tmp_path / "cc" / "n2-r0")["status"] in ("failed", "running")
+    assert json.loads((tmp_path / "cc" / "study.json").read_text())["status"] == "interrupted"
