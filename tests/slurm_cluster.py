@@ -92,6 +92,7 @@ class SlurmCluster:
 
     def __init__(self, root: Path | None = None, nodes: tuple[str, ...] = ("n1", "n2"),
                  cpus_per_node: int = 2, partition: str = "debug"):
+        self._own_root = root is None  # a folder made here is removed by stop()
         self.root = Path(root or tempfile.mkdtemp(prefix="slurm-"))
         self.nodes = nodes
         # Each virtual node claims the host's two cores: a two-node job then runs one
@@ -240,6 +241,8 @@ PartitionName={self.partition} Nodes={",".join(self.nodes)} Default=YES MaxTime=
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
         self._procs.clear()
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> SlurmCluster:
         return self.start()
