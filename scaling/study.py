@@ -464,6 +464,10 @@ def announce(spec: StudySpec) -> None:
           f"{spec.repeats} repeat(s), {fixed} (per-rank batch by world size: {batches})", flush=True)
     print(f"  every point: torchrun --standalone, {spec.threads_per_process} thread(s) per process "
           f"(OMP_NUM_THREADS and dist.threads); {available_cores()} core(s) here", flush=True)
+    crowded = [n for n in spec.nprocs if n * spec.threads_per_process > available_cores()]
+    if crowded:
+        print(f"  note: from {crowded[0]} processes on, processes x threads exceed the {available_cores()} cores here; "
+              "those points measure contention for cores as well as scaling", flush=True)
     print(f"  records: {spec.dir}", flush=True)
 
 

@@ -28,6 +28,10 @@ RUN_KEYS = {
 }
 
 
+# Listed after the keys that change what is measured.
+BOOKKEEPING_KEYS = ("logger.", "run.git_commit", "run.hosts")
+
+
 @dataclass(frozen=True)
 class KeyDiff:
     key: str
@@ -80,7 +84,7 @@ def differing_keys(studies: list[StudyRecords]) -> list[KeyDiff]:
         distinct = {frozenset(v) for v in sets.values()}
         if len(distinct) > 1 or any(len(v) > 1 for v in sets.values()):
             out.append(KeyDiff(key, {name: " | ".join(sorted(v)) for name, v in sets.items()}))
-    return out
+    return sorted(out, key=lambda d: (d.key.startswith(BOOKKEEPING_KEYS), d.key))
 
 
 def common_settings(study: StudyRecords) -> dict[str, str]:

@@ -49,7 +49,10 @@ def _log2_axis(ax: Axes, sizes: Sequence[int]) -> None:
     ax.grid(True, which="major", alpha=0.3)
 
 
-def _yerr(spreads: Sequence[Spread], scale: float = 1.0) -> list[list[float]]:
+def _yerr(spreads: Sequence[Spread], scale: float = 1.0) -> list[list[float]] | None:
+    """Min-max around the median; none at all when every point has a single run (no spread to show)."""
+    if all(s.count == 1 for s in spreads):
+        return None
     return [[(s.median - s.low) * scale for s in spreads], [(s.high - s.median) * scale for s in spreads]]
 
 
@@ -60,6 +63,12 @@ def _finish(fig: Figure, path: Path, note: str | None = SPREAD_NOTE) -> Path:
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def _spans_decades(values: Sequence[float]) -> bool:
+    """True when one linear axis would flatten some of the values (studies of very different size)."""
+    positive = [v for v in values if v > 0]
+    return len(positive) > 1 and max(positive) / min(positive) > 20
 
 
 def _title(studies: Sequence[StudyStats], what: str) -> str:
@@ -84,10 +93,15 @@ def throughput(studies: Sequence[StudyStats], path: Path) -> Path:
         handles += ax.plot(xs, ideal, color=_color(i), linestyle="--", alpha=0.6,
                            label=f"{st.name} ideal (linear from {base.world_size})")
     _log2_axis(ax, _sizes(studies))
-    ax.set_ylabel("throughput (samples/s, global)")
-    ax.set_ylim(bottom=0)
+    medians = [s.samples_per_s.median for st in studies for s in st.sizes if s.samples_per_s]
+    if len(studies) > 1 and _spans_decades(medians):
+        ax.set_yscale("log")
+        ax.set_ylabel("throughput (samples/s, global; log scale)")
+    else:
+        ax.set_ylabel("throughput (samples/s, global)")
+        ax.set_ylim(bottom=0)
     ax.set_title(_title(studies, "throughput vs world size"))
-    ax.legend(handles=handles, fontsize=8, loc="upper left")
+    ax.legend(handles=handles, fontsize=8, loc="best")
     return _finish(fig, path)
 
 
@@ -108,7 +122,7 @@ def efficiency(studies: Sequence[StudyStats], path: Path) -> Path:
     ax.set_ylim(0, top)
     ax.set_ylabel("parallel efficiency (%)")
     ax.set_title(_title(studies, "scaling efficiency vs world size"))
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="best")
     return _finish(fig, path, SPREAD_NOTE + "; b = smallest world size, T(N) = median step time")
 
 
@@ -151,8 +165,9 @@ def breakdown(studies: Sequence[StudyStats], path: Path) -> Path:
                             fontsize=8, color="white")
             bottom = [b + h for b, h in zip(bottom, heights)]
         steps = [s.step_s for s in sizes]
-        ax.errorbar(xs, [s.median * 1e3 for s in steps], yerr=_yerr(steps, 1e3), fmt="none", ecolor="black",
-                    capsize=4, label="step time min-max")
+        if _yerr(steps) is not None:
+            ax.errorbar(xs, [s.median * 1e3 for s in steps], yerr=_yerr(steps, 1e3), fmt="none", ecolor="black",
+                        capsize=4, label="step time min-max")
         _bar_axis(ax, [s.world_size for s in sizes])
         ax.set_ylim(0, tallest * 1.15)
         ax.set_ylabel("time per step (ms)")
@@ -216,7 +231,8 @@ def memory(studies: Sequence[StudyStats], path: Path) -> Path:
 def communication(studies: Sequence[StudyStats], path: Path) -> Path:
     """Busy (all-reduce in flight) beside exposed (on the critical path), per world size."""
     fig, axes = _grid(len(studies))
-    tallest = max((s.comm_s.high for st in studies for s in st.sizes if s.comm_s), default=0.0) * 1e3
+    per_study = [max((s.comm_s.high for s in st.sizes if s.comm_s), default=0.0) * 1e3 for st in studies]
+    shared = not _spans_decades(per_study)  # one scale makes similar studies comparable at a glance
     for ax, st in zip(axes, studies):
         sizes = [s for s in st.sizes if s.comm_s and s.comm_exposed_s]
         if not sizes:
@@ -236,7 +252,7 @@ def communication(studies: Sequence[StudyStats], path: Path) -> Path:
                 ax.annotate(f"{100 * s.overlap:.0f}% hidden", (x, s.comm_s.high * 1e3), textcoords="offset points",
                             xytext=(0, 4), ha="center", fontsize=8)
         _bar_axis(ax, ws)
-        ax.set_ylim(0, max(tallest, 1e-6) * 1.2)
+        ax.set_ylim(0, max(max(per_study) if shared else per_study[studies.index(st)], 1e-6) * 1.2)
         ax.set_ylabel("gradient all-reduce per step (ms)")
         ax.set_title(f"{st.name} ({st.kind} scaling): communication, busy vs exposed")
         ax.legend(fontsize=8, loc="upper left")

@@ -154,7 +154,8 @@ def markdown(doc: Document, out_dir: Path) -> str:
         else:
             out += ["No configuration key differs.", ""]
     out += ["## Plots", ""]
-    out += [f"![{p.stem}](plots/{p.name})" for p in doc.plots] + [""]
+    for plot in doc.plots:
+        out += [f"![{plot.stem}](plots/{plot.name})", ""]
     headers, rows = run_rows(doc)
     out += ["## Runs", "", "Every run in the study folders (results.csv has all columns).", "", md_table(headers, rows), ""]
     if doc.warnings:
