@@ -9,6 +9,7 @@ variables.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -46,14 +47,25 @@ def _env_int(*keys: str, default: int | None = None) -> int:
     return default
 
 
-def _slurm_master_addr() -> str:
-    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+def _scontrol(*args: str) -> str:
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                             text=True, timeout=30, check=True).stdout.split()
+        return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        out = []
-    return out[0] if out else "127.0.0.1"
+        return ""
+
+
+def _slurm_master_addr() -> str:
+    """The first node of the step, at the address Slurm itself reaches it by.
+
+    A node's NodeName need not resolve (virtual nodes, clusters with separate
+    management names); its NodeAddr does.
+    """
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    hosts = _scontrol("show", "hostnames", nodelist).split()
+    if not hosts:
+        return "127.0.0.1"
+    match = re.search(r"\bNodeAddr=(\S+)", _scontrol("show", "node", "-o", hosts[0]))
+    return match.group(1) if match else hosts[0]
 
 
 def detect() -> Launch:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+from torch.distributed import DistNetworkError
 
 from scaling import cli, config, console, failure, provenance, wandb_sink
 from scaling import dist as distsetup
@@ -67,6 +68,14 @@ def describe_run(job: Job, ctx: distsetup.Context, files: RunFiles) -> dict[str,
     }
 
 
+class RecordedFailure(Exception):
+    """The run failed and its records say so; the traceback is in ``error_file``."""
+
+    def __init__(self, error_file: Path) -> None:
+        super().__init__(str(error_file))
+        self.error_file = error_file
+
+
 def failed_run(files: RunFiles, run: dict[str, Any], cause: str | None) -> dict[str, Any]:
     """run.json as the failure left it (another rank may have written the cause)."""
     try:
@@ -88,52 +97,72 @@ def train(cfg: DictConfig | config.RunConfig, sinks: list[Sink] | None = None) -
     run_cfg = cfg if isinstance(cfg, config.RunConfig) else config.parse(cfg)
     job = prepare(run_cfg)  # every configuration check happens before the process group
     log = console.make_logger(job.launch.rank, run_cfg.console)
-    ctx = distsetup.init(job.launch, run_cfg.dist)
+    # Signals become exceptions from here on, so that an early stop (Slurm's
+    # USR1, the launcher's TERM) is never a silent death.
+    with failure.SignalGuard() as guard:
+        ctx = distsetup.init(job.launch, run_cfg.dist)
+        try:
+            return run_job(job, ctx, log, guard, sinks)
+        finally:
+            distsetup.teardown()
+
+
+def run_job(job: Job, ctx: distsetup.Context, log: logging.Logger, guard: failure.SignalGuard,
+            sinks: list[Sink] | None) -> dict[str, Any]:
+    run_cfg = job.cfg
+    prefix = f"{run_cfg.exp_name}-n{ctx.world_size}"
+    files = RunFiles(agree_on_run_dir(ctx, run_cfg, prefix), ctx.rank)
+    console.add_file(log, files.rank_log_path(ctx.rank))
+    run = describe_run(job, ctx, files)
+    if ctx.is_main:
+        files.write_config(run_cfg.raw)
+        write_json(files.run_json, run)
+    trainer = Trainer(job, ctx, files, log, sinks=(sinks if sinks is not None else build_sinks(job, ctx, log)))
+    for sink in trainer.sinks:
+        sink.on_start(run)
+    log.info(f"run folder {files.dir}")
     try:
-        prefix = f"{run_cfg.exp_name}-n{ctx.world_size}"
-        files = RunFiles(agree_on_run_dir(ctx, run_cfg, prefix), ctx.rank)
-        console.add_file(log, files.rank_log_path(ctx.rank))
-        run = describe_run(job, ctx, files)
-        if ctx.is_main:
-            files.write_config(run_cfg.raw)
-            write_json(files.run_json, run)
-        trainer = Trainer(job, ctx, files, log, sinks=(sinks if sinks is not None else build_sinks(job, ctx, log)))
+        trainer.run()
+        summary = trainer.summary()
+        run.update(status="completed", finished_at=time.time(), summary=summary,
+                   memory=trainer.memory_report(), flops=trainer.flops_report(summary))
+    except BaseException as exc:
+        guard.handling = True
+        cause = failure.finalize_failed(files, exc, ctx.world_size, job.global_batch, job.step_keys)
+        for sink in trainer.sinks:  # rank 0 alone has sinks
+            sink.on_end(failed_run(files, run, cause))
+        if cause:
+            log.error(f"run failed: {cause}")
+            print(f"scaling.train: run failed: {cause} (records in {files.dir})", file=sys.stderr)
+        raise RecordedFailure(files.logs / f"rank{ctx.rank}.error.json") from exc
+    if ctx.is_main:
+        write_json(files.run_json, run)
         for sink in trainer.sinks:
-            sink.on_start(run)
-        log.info(f"run folder {files.dir}")
-        with failure.SignalGuard() as guard:
-            try:
-                trainer.run()
-                summary = trainer.summary()
-                run.update(status="completed", finished_at=time.time(), summary=summary,
-                           memory=trainer.memory_report(), flops=trainer.flops_report(summary))
-            except BaseException as exc:
-                guard.handling = True
-                cause = failure.finalize_failed(files, exc, ctx.world_size, job.global_batch, job.step_keys)
-                for sink in trainer.sinks:  # rank 0 alone has sinks
-                    sink.on_end(failed_run(files, run, cause))
-                if cause:
-                    log.error(f"run failed: {cause}")
-                    print(f"scaling.train: run failed: {cause} (records in {files.dir})", file=sys.stderr)
-                raise
-        if ctx.is_main:
-            write_json(files.run_json, run)
-            for sink in trainer.sinks:
-                sink.on_end(run)
-            log.info("\n" + console.render(run) + f"\n\n  records: {files.dir}")
-        files.close()
-        return run
-    finally:
-        distsetup.teardown()
+            sink.on_end(run)
+        log.info("\n" + console.render(run) + f"\n\n  records: {files.dir}")
+    files.close()
+    return run
 
 
 def main(cfg: DictConfig) -> int:
     try:
         train(cfg)
+    except RecordedFailure as exc:
+        cause = exc.__cause__
+        if isinstance(cause, KeyboardInterrupt):
+            return 130
+        if isinstance(cause, failure.Terminated):
+            return 143
+        if failure.is_root_cause(cause):
+            print(f"scaling.train: traceback in {exc.error_file}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except failure.Terminated:
         return 143
+    except DistNetworkError as exc:  # the rendezvous itself failed: no run folder exists yet
+        print(f"scaling.train: error: could not reach the other ranks: {failure.describe(exc)}", file=sys.stderr)
+        return 1
     return 0
 
 
