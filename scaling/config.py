@@ -102,6 +102,7 @@ class DistConfig:
         )
         if self.threads != "auto":
             _positive_int("dist.threads", self.threads)
+        _boolean("dist.gradient_as_bucket_view", self.gradient_as_bucket_view)
 
 
 @dataclass(frozen=True)
@@ -133,12 +134,20 @@ def resolve_user_hook(spec: str):
     return hook
 
 
+def _boolean(key: str, value: Any) -> None:
+    _require(isinstance(value, bool), f"{key} must be true or false (got {value!r})")
+
+
 @dataclass(frozen=True)
 class InstrumentConfig:
     enabled: bool
     """False: the same loop with nothing but a per-step wall clock."""
     flops: bool
     memory: bool
+
+    def __post_init__(self) -> None:
+        for name in ("enabled", "flops", "memory"):
+            _boolean(f"instrument.{name}", getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -216,6 +225,12 @@ class RunConfig:
             root = self.data.get("root")
             _require(root not in (None, "", "???"), "data.root must be set for data=imagefolder (a folder of <class>/<image> files)")
             _require(Path(root).is_dir(), f"data.root={root!r} is not a directory (data=imagefolder needs root/<class>/<image>)")
+        # DDP's first iteration is unlike the others (it rebuilds its buckets
+        # from the order gradients arrived in), so it is never measured.
+        _require(
+            self.train.warmup_steps >= 1 or not self.instrument.enabled,
+            "train.warmup_steps must be >= 1 when instrument.enabled=true: DDP's first step rebuilds its buckets",
+        )
         model_is_images = self.model["kind"] == "resnet"
         data_is_images = self.data["kind"] in ("images", "imagefolder")
         _require(

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
+from scaling.config import ConfigError
+
 
 def synthetic_dataset(data: dict[str, Any], seed: int) -> tuple[Dataset, int]:
     """A dataset and its number of classes (the vocabulary for tokens)."""
@@ -49,18 +51,20 @@ def build_dataset(data: dict[str, Any], seed: int) -> tuple[Dataset, int]:
     return image_folder(data) if data["kind"] == "imagefolder" else synthetic_dataset(data, seed)
 
 
+def check_dataset_size(samples: int, batch_size: int, world_size: int) -> None:
+    if samples < batch_size * world_size:
+        raise ConfigError(
+            f"data has {samples} samples, fewer than one global batch ({batch_size} x {world_size}); "
+            "raise data.num_samples or lower train.batch_size"
+        )
+
+
 class Batches:
     """An endless stream of (inputs, targets) on ``device``; epochs roll over inside it."""
 
     def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int,
                  device: torch.device, num_workers: int, seed: int) -> None:
-        if len(dataset) < batch_size * world_size:
-            from scaling.config import ConfigError
-
-            raise ConfigError(
-                f"data has {len(dataset)} samples, fewer than one global batch ({batch_size} x {world_size}); "
-                "raise data.num_samples or lower train.batch_size"
-            )
+        check_dataset_size(len(dataset), batch_size, world_size)
         self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                           seed=seed, drop_last=True)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,

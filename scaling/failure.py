@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from scaling.instruments import aggregate
-from scaling.records import RunFiles, atomic_write_text, read_json, read_rank_steps, write_json
+from scaling.records import RunFiles, atomic_write_text, read_json, read_rank_steps, read_steps, write_json
 
 WAIT_FOR_ROOT_CAUSE_S = 2.0
 
@@ -140,8 +140,8 @@ def failure_cause(own: dict[str, Any], errors: dict[int, dict[str, Any]], world_
     silent = [rank for rank in range(world_size) if rank not in errors]
     if silent:
         names = ", ".join(map(str, silent))
-        return (f"rank {names} stopped without reporting an error (killed, crashed or hung); "
-                f"rank {own['rank']} saw: {own['error']}")
+        return (f"rank {names} stopped without reporting an error (killed, crashed or hung; "
+                f"or not yet failed {WAIT_FOR_ROOT_CAUSE_S:.0f} s later); rank {own['rank']} saw: {own['error']}")
     return f"rank {own['rank']}: {own['error']}"
 
 
@@ -149,9 +149,8 @@ def rebuild_steps(files: RunFiles, world_size: int, global_batch: int, keys: tup
     """steps.jsonl from the per-rank files: every step that every rank recorded."""
     per_rank = [read_rank_steps(files.rank_steps_path(rank)) for rank in range(world_size)]
     common = sorted(set.intersection(*(set(steps) for steps in per_rank))) if per_rank else []
-    if not common:
-        atomic_write_text(files.steps_jsonl, "")
-        return []
+    if not common:  # nothing to rebuild from: keep whatever rank 0 gathered
+        return read_steps(files.steps_jsonl)
     values = np.array([[[steps[s].get(k, 0.0) for k in keys] for s in common] for steps in per_rank])
     records = aggregate.reduce_ranks(values, keys, common, global_batch)
     atomic_write_text(files.steps_jsonl, "".join(json.dumps(r) + "\n" for r in records))
@@ -186,6 +185,8 @@ def finalize_failed(files: RunFiles, exc: BaseException, world_size: int, global
             run = {"world_size": world_size}
         if cause is not None:
             run.update(status="failed", error=cause, failed_at=time.time())
+        elif run.get("status") != "failed":  # the finalizer has not written yet: never leave "running"
+            run.update(status="failed", error=f"rank {own['rank']}: {own['error']}", failed_at=time.time())
         run["measured_steps_kept"] = len(records)
         if records:
             run["summary"] = {**aggregate.summarize(records, keys), "partial": True}

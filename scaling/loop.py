@@ -18,12 +18,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from scaling import dist as distsetup
 from scaling import hooks
 from scaling.config import RunConfig
-from scaling.data import Batches, build_dataset
+from scaling.data import Batches, build_dataset, check_dataset_size
 from scaling.dist import Context, Launch
 from scaling.instruments import aggregate, flops as flops_mod, memory as mem
 from scaling.instruments.clock import clock_for
 from scaling.instruments.comm import CommTimer
-from scaling.instruments.timing import StepMarks, StepTimer
+from scaling.instruments.timing import PHASES, StepMarks, StepTimer
 from scaling.models import build_model, loss_fn_for
 from scaling.records import RunFiles
 from scaling.sinks import Sink
@@ -59,6 +59,7 @@ def prepare(cfg: RunConfig) -> Job:
     batch_size = cfg.train.per_rank_batch(launch.world_size)
     hook = hooks.resolve(cfg.comm, backend, launch.launcher)
     dataset, num_classes = build_dataset(cfg.data, cfg.train.seed)
+    check_dataset_size(len(dataset), batch_size, launch.world_size)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, cfg.data, num_classes)
     return Job(cfg, launch, backend, batch_size, dataset, num_classes, model, hook)
@@ -92,10 +93,12 @@ class Trainer:
         cfg = self.job.cfg
         self.instrumented = cfg.instrument.enabled
         self.clock = clock_for(self.ctx.device)
-        self.timer = StepTimer(self.clock)
+        # The bare loop marks only the end of each step: nothing but a wall clock.
+        self.timer = StepTimer(self.clock, PHASES if self.instrumented else ("other",))
         self.comm = CommTimer(self.clock, self.ctx.world_size)
         self.amp_dtype = torch.bfloat16 if cfg.train.amp == "bf16" else None
         self.loss_fn = loss_fn_for(cfg.model)
+        self._previous: PendingStep | None = None  # the last finished step, queued at the next bookkeeping
         self._pending: list[PendingStep] = []  # measured steps not yet resolved into seconds
         self._resolved: list[tuple[int, dict[str, float]]] = []  # resolved, not yet gathered
         self.rss_at_start = mem.rss_bytes()
@@ -129,7 +132,6 @@ class Trainer:
         train = self.job.cfg.train
         total = train.warmup_steps + train.steps
         self.log.info(f"training {total} steps ({train.warmup_steps} warm-up), batch {self.job.batch_size} per rank")
-        previous: PendingStep | None = None
         self.timer.restart()
         for step in range(total):
             if step == train.warmup_steps:
@@ -150,10 +152,10 @@ class Trainer:
                 self.memory["grads"] = mem.grads_bytes(self.model)
             self.optimizer.zero_grad()
             self.timer.mark("optimizer")
-            self._bookkeeping(step, previous)
+            self._bookkeeping(step)
             self.timer.mark("other")
-            previous = PendingStep(step, self.timer.finish(), self.comm.take_step())
-        self._end_measuring(previous)
+            self._previous = PendingStep(step, self.timer.finish(), self.comm.take_step())
+        self._end_measuring()
 
     def _begin_measuring(self) -> None:
         if self.ctx.device.type == "cuda":
@@ -161,18 +163,34 @@ class Trainer:
         self.wall_start = time.perf_counter()
         self.timer.restart()
 
-    def _end_measuring(self, last: PendingStep) -> None:
+    def _end_measuring(self) -> None:
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize()
         self.wall_s = time.perf_counter() - self.wall_start
-        self._pending.append(last)
+        self._take_previous()
         self._resolve_pending()
         self._gather_and_record()
 
-    def _bookkeeping(self, step: int, previous: PendingStep | None) -> None:
-        """Per-step work of the instrument itself; it is timed as ``other_s`` of this step."""
+    def _take_previous(self) -> None:
+        """Queue the last finished step for resolution (once), if it was a measured one."""
+        previous, self._previous = self._previous, None
         if previous is not None and previous.step >= self.job.cfg.train.warmup_steps:
             self._pending.append(previous)
+
+    def record_finished_steps(self) -> None:
+        """After a failure: write this rank's finished steps that are still in memory.
+
+        No collective: the other ranks may be gone. On CUDA only steps whose
+        events have completed can be resolved without waiting.
+        """
+        self._take_previous()
+        if self.ctx.device.type == "cuda":
+            self._pending = [p for p in self._pending if p.marks.marks["other"].query()]
+        self._resolve_pending()
+
+    def _bookkeeping(self, step: int) -> None:
+        """Per-step work of the instrument itself; it is timed as ``other_s`` of this step."""
+        self._take_previous()
         if self.ctx.device.type != "cuda":
             self._resolve_pending()  # host timestamps cost nothing to resolve
         measured = step - self.job.cfg.train.warmup_steps
@@ -186,7 +204,9 @@ class Trainer:
             if self.instrumented:
                 values.update(self.comm.resolve(pending.buckets))
                 aggregate.derive(values)
-                self.files.append_rank_step(pending.step, values)
+            else:
+                values = {"step_s": values["step_s"]}
+            self.files.append_rank_step(pending.step, values)
             self._resolved.append((pending.step, values))
         self._pending.clear()
 
@@ -251,7 +271,8 @@ class Trainer:
         if cfg.peak_tflops is not None:
             peak, source = cfg.peak_tflops * 1e12, "config"
         else:
-            peak = flops_mod.peak_flops(self.ctx.device, self.amp_dtype or torch.float32)
+            peak = flops_mod.peak_flops(self.ctx.device, self.amp_dtype or torch.float32,
+                                        concurrent=self.job.launch.local_world_size)
             source = "probe"
         achieved = self.flops["per_sample"] * self.job.batch_size / summary["step_s"]
         return {"per_sample": self.flops["per_sample"], "achieved_per_s": achieved, "peak_per_s": peak,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
-from torch.distributed import DistNetworkError
+from torch.distributed import DistError
 
 from scaling import cli, config, console, failure, provenance, wandb_sink
 from scaling import dist as distsetup
@@ -128,6 +128,10 @@ def run_job(job: Job, ctx: distsetup.Context, log: logging.Logger, guard: failur
                    memory=trainer.memory_report(), flops=trainer.flops_report(summary))
     except BaseException as exc:
         guard.handling = True
+        try:
+            trainer.record_finished_steps()
+        except Exception:  # the records stay as they are; the failure itself matters more
+            pass
         cause = failure.finalize_failed(files, exc, ctx.world_size, job.global_batch, job.step_keys)
         for sink in trainer.sinks:  # rank 0 alone has sinks
             sink.on_end(failed_run(files, run, cause))
@@ -160,7 +164,7 @@ def main(cfg: DictConfig) -> int:
         return 130
     except failure.Terminated:
         return 143
-    except DistNetworkError as exc:  # the rendezvous itself failed: no run folder exists yet
+    except DistError as exc:  # the rendezvous itself failed: no run folder exists yet
         print(f"scaling.train: error: could not reach the other ranks: {failure.describe(exc)}", file=sys.stderr)
         return 1
     return 0

@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 
+import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -34,6 +35,16 @@ def delayed_allreduce(state, bucket):
         return fut.value()
 
     return default_hooks.allreduce_hook(state, bucket).then(late)
+
+
+def blocking_allreduce(state, bucket):
+    """All-reduce done before the hook returns, as a blocking library call would be."""
+    tensor = bucket.buffer()
+    tensor.div_(dist.get_world_size())
+    dist.all_reduce(tensor)
+    future = torch.futures.Future()
+    future.set_result(tensor)
+    return future
 
 
 def _fault_due() -> bool:

@@ -70,6 +70,9 @@ BAD = [
     (["+exp=resnet", "train.amp=fp8"], "train.amp must be one of none|bf16"),
     (["+exp=resnet", "train.stepz=3"], "Could not override 'train.stepz'"),
     (["+exp=mlp", "data=synthetic_images"], "model=mlp cannot train on data=synthetic_images"),
+    (["+exp=mlp", "instrument.enabled=no"], "instrument.enabled must be true or false (got 'no')"),
+    (["+exp=mlp", "train.warmup_steps=0"], "train.warmup_steps must be >= 1 when instrument.enabled=true"),
+    (["+exp=mlp", "data.num_samples=4"], "data has 4 samples, fewer than one global batch (8 x 1)"),
 ]
 
 

@@ -87,3 +87,12 @@ def test_ctrl_c_ends_cleanly_and_keeps_the_records(root):
     assert "interrupted (Ctrl-C / SIGINT)" in out
     # torchrun itself prints a traceback for the signal it received; the ranks print none.
     assert "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out
+
+
+def test_the_bare_loop_keeps_its_steps_too(root):
+    proc, elapsed, run_dir, run, steps = faulty_run(root, "raise_on_rank", extra=["instrument.enabled=false"])
+    assert proc.returncode != 0
+    assert run["status"] == "failed" and run["error"].startswith("rank 1 failed: ValueError")
+    kept_steps_are_whole(run_dir, steps)
+    assert set(steps[0]) >= {"step", "step_s", "step_s_max", "step_s_min", "slowest_rank", "samples_per_s"}
+    assert "comm_s" not in steps[0]

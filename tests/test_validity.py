@@ -54,3 +54,16 @@ def test_mlp_exposes_more_communication_than_resnet(tmp_path):
         shares[exp] = load_run(only_run_dir(root))[0]["summary"]
     assert shares["mlp"]["comm_exposed_frac"] > shares["resnet"]["comm_exposed_frac"] + 0.1
     assert shares["resnet"]["bound"] == "compute"
+
+
+def test_a_blocking_hook_hides_nothing(tmp_path):
+    """A hook that all-reduces before returning stalls backward: all of its time is exposed."""
+    overrides = [*TINY["mlp"], "model.layers=4", "dist.bucket_cap_mb=0.05", "train.steps=4", "train.warmup_steps=1",
+                 "train.log_every=2", "instrument.flops=false", "comm.hook=tests.comm_hooks:blocking_allreduce",
+                 f"paths.root={tmp_path}"]
+    check_ok(torchrun(2, overrides))
+    run, steps = load_run(only_run_dir(tmp_path))
+    for step in steps:
+        assert step["comm_buckets"] >= 3
+        assert step["comm_exposed_s"] == pytest.approx(step["comm_s"], rel=0.02)
+        assert step["overlap"] < 0.02

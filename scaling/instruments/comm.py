@@ -4,9 +4,13 @@ Keys (per rank, per step): ``comm_s`` (busy time: the union of the
 [launch, completion] intervals of all buckets, the part overlapped with
 backward included), ``comm_exposed_s`` (from the moment the last bucket became
 ready, i.e. backward compute finished, to the completion of the last
-all-reduce), ``overlap`` (1 - exposed / busy), ``comm_bytes`` (gradient bytes
-handed to the hook), ``comm_buckets`` (buckets all-reduced), ``algbw_GBps`` (comm_bytes / comm_s) and ``busbw_GBps``
-(algbw * 2(n-1)/n, the ring all-reduce factor used by nccl-tests).
+all-reduce, plus any time a blocking hook held backward up), ``overlap``
+(1 - exposed / busy), ``comm_bytes`` (gradient bytes handed to the hook),
+``comm_buckets`` (buckets all-reduced), ``algbw_GBps`` (comm_bytes / comm_s)
+and ``busbw_GBps`` (algbw * 2(n-1)/n, the ring all-reduce factor used by
+nccl-tests). With a compressing hook (fp16, bf16, powersgd) fewer bytes cross
+the wire than ``comm_bytes``: the bandwidths are then effective gradient
+bandwidths, not link bandwidths.
 
 The wrapper is the documented ``register_comm_hook`` API: DDP calls the hook
 when a bucket is ready and waits for the returned future before ``backward()``
@@ -34,6 +38,8 @@ class BucketEvent:
     index: int
     nbytes: int
     launch: Any
+    returned: Any = None
+    """When the hook handed back its future: a blocking hook stalls backward until then."""
     done: Any = None
 
 
@@ -61,7 +67,9 @@ class CommTimer:
                 event.done = self.clock.mark()
                 return fut.value()
 
-            return hook(state, bucket).then(completed)
+            future = hook(state, bucket)
+            event.returned = self.clock.mark()
+            return future.then(completed)
 
         timed_hook.__name__ = f"timed_{getattr(hook, '__name__', 'hook')}"
         return timed_hook
@@ -77,14 +85,16 @@ class CommTimer:
             return {"comm_s": 0.0, "comm_exposed_s": 0.0, "overlap": 0.0, "comm_bytes": 0.0,
                     "comm_buckets": 0.0, "algbw_GBps": 0.0, "busbw_GBps": 0.0}
         origin = events[0].launch
-        intervals = sorted(
-            (self.clock.seconds_between(origin, e.launch), self.clock.seconds_between(origin, e.done))
-            for e in events
-        )
+        since = lambda mark: self.clock.seconds_between(origin, mark)  # noqa: E731
+        intervals = sorted((since(e.launch), since(e.done)) for e in events)
         busy = union_length(intervals)
         last_ready = max(start for start, _ in intervals)
         last_done = max(end for _, end in intervals)
-        exposed = max(0.0, last_done - last_ready)
+        # Exposed: after backward's last bucket was ready, plus any time a hook
+        # held backward up before returning its future (a blocking hook such
+        # as MPI's all-reduce hides nothing behind backward).
+        blocking = [(since(e.launch), since(e.returned)) for e in events]
+        exposed = union_length(sorted(blocking + [(last_ready, last_done)]))
         nbytes = float(sum(e.nbytes for e in events))
         algbw = nbytes / busy / 1e9 if busy > 0 else 0.0
         n = self.world_size

@@ -77,9 +77,15 @@ def gemm_probe_flops(device: torch.device, dtype: torch.dtype, size: int | None 
             return best
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """The probe's result, from the cache when this host, device and thread count were probed before."""
-    key = f"{socket.gethostname()}|{_device_name(device)}|{device.type}|{dtype}|threads={torch.get_num_threads()}"
+def peak_flops(device: torch.device, dtype: torch.dtype, concurrent: int = 1) -> float:
+    """The probe's result, from the cache when this host, device, threads and concurrency were probed before.
+
+    ``concurrent`` processes of the job probe at once on this host, as they
+    train at once: on a CPU they share cores and memory bandwidth.
+    """
+    tf32 = device.type == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    key = (f"{socket.gethostname()}|{_device_name(device)}|{device.type}|{'tf32' if tf32 else dtype}"
+           f"|threads={torch.get_num_threads()}|processes={concurrent}")
     path = _cache_path()
     try:
         cache = json.loads(path.read_text())
@@ -87,7 +93,14 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         cache = {}
     if key in cache:
         return float(cache[key])
-    value = gemm_probe_flops(device, dtype)
+    # cuDNN runs fp32 convolutions in TF32 unless told otherwise: then the
+    # honest fp32 peak is the TF32 one, or MFU could exceed 1.
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32 or previous
+    try:
+        value = gemm_probe_flops(device, dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
     cache[key] = value
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

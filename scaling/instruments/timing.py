@@ -32,8 +32,9 @@ class StepMarks:
 
 
 class StepTimer:
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, phases: tuple[str, ...] = PHASES) -> None:
         self.clock = clock
+        self.phases = phases
         self._start: Any = None
         self._marks: dict[str, Any] = {}
 
@@ -42,20 +43,21 @@ class StepTimer:
         self._start = self.clock.mark()
 
     def mark(self, phase: str) -> None:
-        self._marks[phase] = self.clock.mark()
+        if phase in self.phases:  # phases this timer does not measure cost nothing
+            self._marks[phase] = self.clock.mark()
 
     def finish(self) -> StepMarks:
         """End the step at the last mark; the next step starts there."""
         marks, self._marks = self._marks, {}
         step = StepMarks(self._start, marks)
-        self._start = marks[PHASES[-1]]
+        self._start = marks[self.phases[-1]]
         return step
 
     def resolve(self, step: StepMarks) -> dict[str, float]:
         out: dict[str, float] = {}
         previous = step.start
-        for phase in PHASES:
+        for phase in self.phases:
             out[f"{phase}_s"] = self.clock.seconds_between(previous, step.marks[phase])
             previous = step.marks[phase]
-        out["step_s"] = self.clock.seconds_between(step.start, step.marks[PHASES[-1]])
+        out["step_s"] = self.clock.seconds_between(step.start, step.marks[self.phases[-1]])
         return out
