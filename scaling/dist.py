@@ -178,7 +178,6 @@ def init(launch: Launch, cfg: DistConfig) -> Context:
     backend = resolve_backend(cfg.backend)
     threads = resolve_threads(cfg.threads, launch)
     torch.set_num_threads(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # for DataLoader workers and subprocesses
     if backend == "nccl":
         device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)

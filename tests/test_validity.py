@@ -27,7 +27,6 @@ def test_a_known_delay_per_bucket_shows_up_as_communication(tmp_path):
     expected = buckets * delay
     assert 0.75 * expected < slow["comm_s"] - base["comm_s"] < 1.35 * expected
     assert 0.6 * expected < slow["comm_exposed_s"] - base["comm_exposed_s"] < 1.35 * expected
-    assert slow["bound"] == "communication"
 
 
 def test_the_verdict_flips_when_communication_is_slowed(tmp_path):
