@@ -23,7 +23,7 @@ LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER
                  "TORCHELASTIC_RUN_ID", "SLURM_STEP_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE",
                  "PMI_RANK", "PMIX_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "HYDRA_FULL_ERROR",
                  "SCALING_TEST_FAIL_WORLD_SIZE")
-TINY = ["+exp=mlp", "model.hidden=256", "model.in_features=64", "data.num_samples=64", "train.steps=3",
+TINY = ["+exp=mlp", "model.hidden=256", "model.in_features=64", "train.batch_size=4", "data.num_samples=64", "train.steps=3",
         "train.warmup_steps=1", "instrument.flops=false", "logger.wandb.mode=disabled"]
 FAILING_HOOK = "comm.hook=tests.study_hooks:allreduce_or_fail"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -72,7 +72,7 @@ BAD = [
     (["+exp=mlp", "data=synthetic_images"], "model=mlp cannot train on data=synthetic_images"),
     (["+exp=mlp", "instrument.enabled=no"], "instrument.enabled must be true or false (got 'no')"),
     (["+exp=mlp", "train.warmup_steps=0"], "train.warmup_steps must be >= 1 when instrument.enabled=true"),
-    (["+exp=mlp", "data.num_samples=4"], "data has 4 samples, fewer than one global batch (8 x 1)"),
+    (["+exp=mlp", "train.batch_size=8", "data.num_samples=4"], "data has 4 samples, fewer than one global batch (8 x 1)"),
 ]
 
 
