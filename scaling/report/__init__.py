@@ -1,8 +1,10 @@
-"""``python -m scaling.report runs/<study> [runs/<other> ...] [--wandb]``.
+"""``python -m scaling.report runs/<study> [runs/<other> ...] [--commbench PATH ...] [--wandb]``.
 
 Reads the records of every run (run.json, config.yaml, steps.jsonl) and writes
 results.csv, report.md, a self-contained report.html and plots/*.png. It never
 imports torch: the records are the contract between training and reporting.
+With ``--commbench``, each multi-process world size is also set beside the
+commbench result of the same world size and backend (scaling.report.commbench).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scaling.report import configdiff, findings, metrics, render, table
+from scaling.report import commbench, configdiff, findings, metrics, render, table
 from scaling.report.records import StudyRecords, load_study
 
 
@@ -42,27 +44,41 @@ def default_out_dir(study_dirs: list[Path]) -> Path:
     return study_dirs[0].parent / name[:120]
 
 
-def analyse(study_dirs: list[Path]) -> render.Document:
+def analyse(study_dirs: list[Path], benches: list[commbench.Bench] | None = None) -> render.Document:
     loaded: list[StudyRecords] = [load_study(Path(d)) for d in study_dirs]
     studies = [metrics.study_stats(r) for r in loaded]
     diffs = configdiff.differing_keys(loaded) if len(loaded) > 1 else []
+    benches = benches or []
+    bandwidth = ({st.name: commbench.compare_study(st.name, st.records.runs, benches) for st in studies}
+                 if benches else {})
+    found = {st.name: findings.study_findings(st) for st in studies}
+    for name, comparisons in bandwidth.items():
+        found[name] += commbench.study_lines(comparisons)
     return render.Document(
         studies=studies,
         diffs=diffs,
-        findings={st.name: findings.study_findings(st) for st in studies},
+        findings=found,
         comparison=findings.comparison_findings(studies, diffs),
-        runs=table.rows(studies),
+        runs=table.rows(studies, benches),
         plots=[],
         warnings=[w for r in loaded for w in r.warnings],
+        benches=benches,
+        bandwidth=[c for comparisons in bandwidth.values() for c in comparisons],
     )
 
 
-def build_report(study_dirs: list[Path], out_dir: Path | None = None) -> Report:
-    """Write results.csv, report.md, report.html and plots/ into ``out_dir``."""
+def build_report(study_dirs: list[Path], out_dir: Path | None = None,
+                 commbench_paths: list[Path] | None = None) -> Report:
+    """Write results.csv, report.md, report.html and plots/ into ``out_dir``.
+
+    ``commbench_paths``: commbench.json files or their folders to set beside the study
+    (CommbenchError when one is not a readable commbench result).
+    """
     study_dirs = [Path(d) for d in study_dirs]
+    benches = commbench.load(commbench_paths or [])
     out = Path(out_dir) if out_dir is not None else default_out_dir(study_dirs)
     out.mkdir(parents=True, exist_ok=True)
-    doc = analyse(study_dirs)
+    doc = analyse(study_dirs, benches)
     from scaling.report import plots  # matplotlib only when figures are drawn
 
     doc.plots = plots.draw_all(doc.studies, out / "plots")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from scaling.report import build_report, console_text
+from scaling.report.commbench import CommbenchError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -18,6 +19,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a study folder, <paths.root>/<study.name>; several are compared")
     parser.add_argument("--out", type=Path, default=None,
                         help="where to write (default: the study folder; for several, compare-<a>-vs-<b> beside the first)")
+    parser.add_argument("--commbench", type=Path, action="append", default=[], metavar="PATH",
+                        help="a commbench.json or its run folder (repeatable): each world size's all-reduce bus "
+                             "bandwidth is set beside the commbench result of the same world size and backend")
     parser.add_argument("--wandb", action="store_true", help="also publish the report to Weights & Biases")
     return parser.parse_args(argv)
 
@@ -41,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"scaling.report: error: {folder} is not a directory (expected <paths.root>/<study.name>)",
                   file=sys.stderr)
             return 2
-    report = build_report(args.studies, args.out)
+    try:
+        report = build_report(args.studies, args.out, args.commbench)
+    except CommbenchError as exc:
+        print(f"scaling.report: error: {exc}", file=sys.stderr)
+        return 2
     if not any(st.records.runs for st in report.studies):
         print(console_text(report))
         print(f"scaling.report: error: no run records (run.json) in {', '.join(map(str, args.studies))}",

@@ -6,10 +6,11 @@ import base64
 import html
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scaling.report import commbench
 from scaling.report.configdiff import KeyDiff, common_settings
 from scaling.report.metrics import Spread, StudyStats
 from scaling.report.table import COLUMNS
@@ -24,6 +25,14 @@ HOW_TO_READ = [
     "backward. The verdict names the largest share.",
     "Spread: tables show median (min-max) over repeats; the plots draw the same as error bars.",
 ]
+HOW_TO_READ_COMMBENCH = (
+    "Beside commbench: the all-reduce bus bandwidth the runs reached (gradient bytes over the busy time of the "
+    "all-reduce, x 2(n-1)/n; median over repeats) as a share of commbench's all_reduce bus bandwidth for one "
+    "message of the runs' mean bucket size (comm_bytes / comm_buckets), from commbench's fitted alpha-beta "
+    "model (the nearest measured size is shown too). Only a commbench result of the same world size and "
+    "backend is used. Below 100%: the training all-reduce gets less of the link than the benchmark does "
+    "(contention with compute, many small buckets, waiting between buckets)."
+)
 TABLE_HEADERS = ("world size", "batch/rank", "global batch", "runs ok", "step time (s)", "samples/s",
                  "speedup", "efficiency", "compute", "exposed comm", "data", "other", "hidden", "busbw (GB/s)",
                  "bound")
@@ -40,6 +49,13 @@ class Document:
     runs: list[dict[str, Any]]
     plots: list[Path]
     warnings: list[str]
+    benches: list[commbench.Bench] = field(default_factory=list)
+    """The commbench results given with --commbench."""
+    bandwidth: list[commbench.SizeComparison] = field(default_factory=list)
+    """Each study's multi-process world sizes against the matching commbench result."""
+
+    def how_to_read(self) -> list[str]:
+        return HOW_TO_READ + ([HOW_TO_READ_COMMBENCH] if self.benches else [])
 
 
 def _spread(s: Spread | None, fmt: str, scale: float = 1.0, suffix: str = "") -> str:
@@ -55,9 +71,15 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
-def size_rows(studies: Sequence[StudyStats]) -> tuple[list[str], list[list[str]]]:
+def size_rows(studies: Sequence[StudyStats], bandwidth: Sequence[commbench.SizeComparison] | None = None
+              ) -> tuple[list[str], list[list[str]]]:
+    """One row per study and world size; with ``bandwidth`` (--commbench given), commbench's bus bandwidth
+    at the mean bucket size and the share of it reached."""
     several = len(studies) > 1
     headers = (["study"] if several else []) + list(TABLE_HEADERS)
+    if bandwidth is not None:
+        headers += ["commbench busbw (GB/s)", "vs commbench"]
+    versus = {(c.study, c.world_size): c.at for c in bandwidth or []}
     if studies and all(st.kind == "weak" for st in studies):
         headers[headers.index("speedup")] = "scaled speedup"
     rows = []
@@ -72,6 +94,9 @@ def size_rows(studies: Sequence[StudyStats]) -> tuple[list[str], list[list[str]]
                 *(_pct(s.shares.get(k)) for k in ("compute", "comm_exposed", "data", "other")),
                 _pct(s.overlap), "-" if s.busbw_GBps is None else f"{s.busbw_GBps:.2f}", s.bound or "-",
             ]
+            if bandwidth is not None:
+                at = versus.get((st.name, s.world_size))
+                row += [commbench.gbps(at.reference_GBps), _pct(at.fraction)] if at else ["-", "-"]
             rows.append(row)
     return headers, rows
 
@@ -104,8 +129,12 @@ def fixed_width(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _bandwidth(doc: Document) -> list[commbench.SizeComparison] | None:
+    return doc.bandwidth if doc.benches else None
+
+
 def console(doc: Document, out_dir: Path) -> str:
-    headers, rows = size_rows(doc.studies)
+    headers, rows = size_rows(doc.studies, _bandwidth(doc))
     parts = [fixed_width(headers, rows) if rows else "no completed run to tabulate"]
     parts.append("  (median over repeats, min-max in brackets)")
     for st in doc.studies:
@@ -144,8 +173,10 @@ def markdown(doc: Document, out_dir: Path) -> str:
         out += [f"- {f}" for f in doc.findings[st.name]] + [""]
     if doc.comparison:
         out += ["**Comparison**", ""] + [f"- {f}" for f in doc.comparison] + [""]
-    headers, rows = size_rows(doc.studies)
+    headers, rows = size_rows(doc.studies, _bandwidth(doc))
     out += ["## Scaling table", "", "Median over repeats, min-max in brackets.", "", md_table(headers, rows), ""]
+    if doc.benches:
+        out += md_commbench(doc, out_dir)
     if len(doc.studies) > 1:
         out += ["## What differs between the studies", ""]
         if doc.diffs:
@@ -160,12 +191,30 @@ def markdown(doc: Document, out_dir: Path) -> str:
     out += ["## Runs", "", "Every run in the study folders (results.csv has all columns).", "", md_table(headers, rows), ""]
     if doc.warnings:
         out += ["## Warnings", ""] + [f"- {w}" for w in doc.warnings] + [""]
-    out += ["## How to read this report", ""] + [f"- {t}" for t in HOW_TO_READ] + [""]
+    out += ["## How to read this report", ""] + [f"- {t}" for t in doc.how_to_read()] + [""]
     out += ["## Configuration", ""]
     for st in doc.studies:
         settings = common_settings(st.records)
         out += [f"**{st.name}**: settings shared by every run", "", md_table(["key", "value"], sorted(settings.items())), ""]
     return "\n".join(out)
+
+
+def md_commbench(doc: Document, out_dir: Path) -> list[str]:
+    headers, rows = commbench.table(doc.bandwidth, len(doc.studies) > 1)
+    for row, c in zip(rows, doc.bandwidth):
+        if c.bench is not None:
+            row[-1] = f"[{c.bench.run_id}]({commbench.relative(c.bench.path, out_dir)})"
+    out = ["## Beside commbench", "",
+           "The gradient all-reduce of the runs against commbench's all_reduce at the runs' mean bucket size "
+           "(fitted model; the nearest measured size beside it).", ""]
+    out += [md_table(headers, rows), ""] if rows else ["No multi-process run to compare.", ""]
+    for bench in doc.benches:
+        out += [f"- [`{bench.path}`]({commbench.relative(bench.path, out_dir)}): {bench.describe()}, "
+                f"{len(bench.points)} all_reduce sizes, {commbench.fit_text(bench)}"]
+        if bench.plot is not None:
+            link = commbench.relative(bench.plot, out_dir)
+            out += ["", f"  [![commbench {bench.run_id}]({link})]({link})"]
+    return out + [""]
 
 
 # -- html -------------------------------------------------------------------------------------
@@ -200,6 +249,29 @@ code{background:#f4f4f4;padding:0 3px}
 """
 
 
+def html_commbench(doc: Document, out_dir: Path) -> list[str]:
+    headers, rows = commbench.table(doc.bandwidth, len(doc.studies) > 1)
+    cells = [[_e(c) for c in row] for row in rows]
+    for row, c in zip(cells, doc.bandwidth):
+        if c.bench is not None:
+            row[-1] = f'<a href="{_e(commbench.relative(c.bench.path, out_dir))}">{_e(c.bench.run_id)}</a>'
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells)
+    parts = ["<h2>Beside commbench</h2><p>The gradient all-reduce of the runs against commbench's all_reduce at "
+             "the runs' mean bucket size (fitted model; the nearest measured size beside it).</p>",
+             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>" if rows
+             else "<p>No multi-process run to compare.</p>", "<ul>"]
+    for bench in doc.benches:
+        plot = (f' (<a href="{_e(commbench.relative(bench.plot, out_dir))}">commbench.png</a>)'
+                if bench.plot is not None else "")
+        parts.append(f'<li><a href="{_e(commbench.relative(bench.path, out_dir))}"><code>{_e(bench.path)}</code></a>'
+                     f"{plot}: {_e(bench.describe())}, {len(bench.points)} all_reduce sizes, "
+                     f"{_e(commbench.fit_text(bench))}</li>")
+    parts.append("</ul>")
+    parts += [_img(bench.plot) for bench in doc.benches if bench.plot is not None]
+    return parts
+
+
 def html_page(doc: Document, out_dir: Path) -> str:
     names = ", ".join(st.name for st in doc.studies)
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Scaling report: {_e(names)}</title>",
@@ -214,8 +286,10 @@ def html_page(doc: Document, out_dir: Path) -> str:
         parts.append("<ul>" + "".join(f"<li>{_e(f)}</li>" for f in doc.findings[st.name]) + "</ul>")
     if doc.comparison:
         parts.append("<h3>Comparison</h3><ul>" + "".join(f"<li>{_e(f)}</li>" for f in doc.comparison) + "</ul>")
-    headers, rows = size_rows(doc.studies)
+    headers, rows = size_rows(doc.studies, _bandwidth(doc))
     parts += ["<h2>Scaling table</h2><p>Median over repeats, min-max in brackets.</p>", html_table(headers, rows)]
+    if doc.benches:
+        parts += html_commbench(doc, out_dir)
     if len(doc.studies) > 1:
         parts.append("<h2>What differs between the studies</h2>")
         parts.append(html_table(["key", *(st.name for st in doc.studies)],
@@ -227,7 +301,7 @@ def html_page(doc: Document, out_dir: Path) -> str:
     parts += ["<h2>Runs</h2>", html_table(headers, rows)]
     if doc.warnings:
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li class='warn'>{_e(w)}</li>" for w in doc.warnings) + "</ul>")
-    parts.append("<h2>How to read this report</h2><ul>" + "".join(f"<li>{_e(t)}</li>" for t in HOW_TO_READ) + "</ul>")
+    parts.append("<h2>How to read this report</h2><ul>" + "".join(f"<li>{_e(t)}</li>" for t in doc.how_to_read()) + "</ul>")
     parts.append("<h2>Configuration</h2>")
     for st in doc.studies:
         settings = common_settings(st.records)

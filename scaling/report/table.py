@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from scaling.report.commbench import Bench, per_run
 from scaling.report.metrics import StudyStats
 
 COLUMNS = (
@@ -14,16 +16,22 @@ COLUMNS = (
     "compute_frac", "comm_exposed_frac", "data_frac", "other_frac",
     "comm_s", "comm_exposed_s", "overlap", "busbw_GBps", "peak_memory_bytes", "rss_peak_bytes",
     "bound", "run_id", "status", "threads_per_process", "measured_steps", "error",
+    "mean_bucket_bytes", "commbench_busbw_GBps", "busbw_vs_commbench", "commbench",
 )
 """``step_s`` is the run's median step; ``speedup`` of a weak study is the scaled speedup
-(efficiency * N / b); ``peak_memory_bytes`` is run.json's memory.max.peak (max over ranks)."""
+(efficiency * N / b); ``peak_memory_bytes`` is run.json's memory.max.peak (max over ranks).
+The last four are filled with ``--commbench`` where a result of the run's world size and
+backend was given: ``mean_bucket_bytes`` = comm_bytes / comm_buckets, ``commbench_busbw_GBps``
+commbench's all-reduce bus bandwidth at that size (fitted model), ``busbw_vs_commbench`` =
+busbw_GBps / commbench_busbw_GBps, ``commbench`` the commbench.json used."""
 
 
-def rows(studies: list[StudyStats]) -> list[dict[str, Any]]:
+def rows(studies: list[StudyStats], benches: Sequence[Bench] = ()) -> list[dict[str, Any]]:
     out = []
     for stats in studies:
         for run in sorted(stats.records.runs, key=lambda r: (r.world_size, r.repeat or 0, r.run_id)):
             s = run.summary if run.completed else {}
+            versus = per_run(run, benches) if benches else None
             out.append({
                 "study": stats.name,
                 "kind": stats.kind,
@@ -49,6 +57,10 @@ def rows(studies: list[StudyStats]) -> list[dict[str, Any]]:
                 "threads_per_process": run.threads_per_process,
                 "measured_steps": run.measured_steps,
                 "error": run.error,
+                "mean_bucket_bytes": versus[1].bucket_bytes if versus else None,
+                "commbench_busbw_GBps": versus[1].reference_GBps if versus else None,
+                "busbw_vs_commbench": versus[1].fraction if versus else None,
+                "commbench": str(versus[0].path) if versus else None,
             })
         for point in stats.records.missing_points:
             out.append({"study": stats.name, "kind": stats.kind, "world_size": point.get("world_size"),
