@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from scaling.provenance import cpu_model
+
 
 def count_step_flops(model: torch.nn.Module, loss_fn, batch, amp_dtype: torch.dtype | None) -> int:
     """FLOPs of one forward + backward on ``batch`` (gradients are cleared after)."""
@@ -40,15 +42,7 @@ def _cache_path() -> Path:
 
 
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 def gemm_probe_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, seconds: float = 0.3) -> float:
