@@ -47,18 +47,22 @@ def fmt_flops(n: float | None) -> str:
     return f"{n:.0f} FLOP"
 
 
+def processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
+
+
 def verdict_sentence(summary: dict[str, Any], world_size: int) -> str:
     bound = summary.get("bound")
     pct = {k: 100 * summary.get(f"{k}_frac", 0.0) for k in ("compute", "comm_exposed", "data", "other")}
     hidden = 100 * summary.get("overlap", 0.0)
     if bound == "communication":
-        return (f"Communication-bound on {world_size} processes: the exposed gradient all-reduce is "
+        return (f"Communication-bound on {processes(world_size)}: the exposed gradient all-reduce is "
                 f"{pct['comm_exposed']:.0f}% of the step (compute {pct['compute']:.0f}%), and only "
                 f"{hidden:.0f}% of the communication is hidden behind backward.")
     if bound == "data":
-        return (f"Data-bound on {world_size} processes: waiting for batches is {pct['data']:.0f}% of the step "
+        return (f"Data-bound on {processes(world_size)}: waiting for batches is {pct['data']:.0f}% of the step "
                 f"(compute {pct['compute']:.0f}%); more loader workers or faster storage would help first.")
-    return (f"Compute-bound on {world_size} processes: compute is {pct['compute']:.0f}% of the step; exposed "
+    return (f"Compute-bound on {processes(world_size)}: compute is {pct['compute']:.0f}% of the step; exposed "
             f"communication is {pct['comm_exposed']:.0f}% ({hidden:.0f}% of the all-reduce is hidden behind backward).")
 
 
