@@ -17,20 +17,3 @@ class Sink(Protocol):
 
     def on_end(self, run: dict[str, Any]) -> None: ...
 
-
-class MemorySink:
-    """Keeps everything in memory; what tests and notebooks read back."""
-
-    def __init__(self) -> None:
-        self.start: dict[str, Any] | None = None
-        self.steps: list[dict[str, Any]] = []
-        self.end: dict[str, Any] | None = None
-
-    def on_start(self, run: dict[str, Any]) -> None:
-        self.start = run
-
-    def on_steps(self, records: list[dict[str, Any]]) -> None:
-        self.steps.extend(records)
-
-    def on_end(self, run: dict[str, Any]) -> None:
-        self.end = run
