@@ -87,8 +87,8 @@ class DistConfig:
     """Process-group timeout: how long a rank waits for a dead or hung peer."""
     threads: int | str
     """Intra-op threads per process, or auto."""
-    gradient_as_bucket_view: bool = True
-    """Gradients are views into DDP's buckets (no copies; grads and comm_buffers are the same bytes)."""
+    gradient_as_bucket_view: bool = False
+    """Gradients as views into DDP's buckets (PyTorch's default is false; see conf/config.yaml)."""
 
     def __post_init__(self) -> None:
         _require(self.backend in BACKENDS, f"dist.backend must be one of {'|'.join(BACKENDS)} (got {self.backend!r})")
@@ -144,10 +144,13 @@ class InstrumentConfig:
     """False: the same loop with nothing but a per-step wall clock."""
     flops: bool
     memory: bool
+    control_steps: int = 5
+    """No-communication steps run after the measured ones: the counterfactual of the efficiency waterfall."""
 
     def __post_init__(self) -> None:
         for name in ("enabled", "flops", "memory"):
             _boolean(f"instrument.{name}", getattr(self, name))
+        _positive_int("instrument.control_steps", self.control_steps, allow_zero=True)
 
 
 @dataclass(frozen=True)

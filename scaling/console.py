@@ -53,17 +53,33 @@ def processes(n: int) -> str:
 
 def verdict_sentence(summary: dict[str, Any], world_size: int) -> str:
     bound = summary.get("bound")
-    pct = {k: 100 * summary.get(f"{k}_frac", 0.0) for k in ("compute", "comm_exposed", "data", "other")}
-    hidden = 100 * summary.get("overlap", 0.0)
+    pct = {k: 100 * (summary.get(f"{k}_frac") or 0.0) for k in ("compute", "comm_exposed", "comm_wait", "data", "other")}
+    transfer = pct["comm_exposed"] - pct["comm_wait"]
+    hidden = 100 * (summary.get("overlap") or 0.0)
     if bound == "communication":
         return (f"Communication-bound on {processes(world_size)}: the exposed gradient all-reduce is "
-                f"{pct['comm_exposed']:.0f}% of the step (compute {pct['compute']:.0f}%), and only "
+                f"{transfer:.0f}% of the step (compute {pct['compute']:.0f}%), and only "
                 f"{hidden:.0f}% of the communication is hidden behind backward.")
+    if bound == "straggler":
+        return (f"Straggler-bound on {processes(world_size)}: the ranks wait {pct['comm_wait']:.0f}% of the step "
+                f"for a slower rank ({straggler_clause(summary)}); compute {pct['compute']:.0f}%.")
     if bound == "data":
         return (f"Data-bound on {processes(world_size)}: waiting for batches is {pct['data']:.0f}% of the step "
                 f"(compute {pct['compute']:.0f}%); more loader workers or faster storage would help first.")
-    return (f"Compute-bound on {processes(world_size)}: compute is {pct['compute']:.0f}% of the step; exposed "
-            f"communication is {pct['comm_exposed']:.0f}% ({hidden:.0f}% of the all-reduce is hidden behind backward).")
+    if world_size == 1:
+        return f"Compute-bound on 1 process: compute is {pct['compute']:.0f}% of the step; no peer, no communication."
+    line = (f"Compute-bound on {processes(world_size)}: compute is {pct['compute']:.0f}% of the step; exposed "
+            f"communication is {transfer:.0f}% ({hidden:.0f}% of the all-reduce is hidden behind backward).")
+    if summary.get("straggler"):
+        line += f" Waiting for a slower rank: {pct['comm_wait']:.0f}% ({straggler_clause(summary)})."
+    return line
+
+
+def straggler_clause(summary: dict[str, Any]) -> str:
+    info = summary.get("straggler") or {}
+    if info.get("phase") is None:
+        return f"rank {info.get('rank', '?')}"
+    return f"rank {info['rank']}, {1e3 * info['lost_s']:.0f} ms per step more in {info['phase']} than the others"
 
 
 def render(run: dict[str, Any]) -> str:
@@ -80,21 +96,42 @@ def render(run: dict[str, Any]) -> str:
     if "compute_s" not in s:
         lines.append("  (instrumentation off: only the step wall clock was measured)")
         return "\n".join(lines)
-    lines += ["", "  where the step goes        seconds    share"]
-    for label, key in (("compute", "compute"), ("exposed communication", "comm_exposed"), ("data loading", "data"),
-                       ("framework overhead", "other")):
-        lines.append(f"    {label:<22} {s[f'{key}_s']:9.4f}   {100 * s[f'{key}_frac']:5.1f}%")
-    lines += [
-        "",
-        f"  gradient all-reduce: busy {s['comm_s']:.4f} s, exposed {s['comm_exposed_s']:.4f} s, "
-        f"overlap {100 * s['overlap']:.0f}%, {fmt_bytes(s['comm_bytes'])} per step, "
-        f"bus bandwidth {s['busbw_GBps']:.2f} GB/s",
-    ]
+    lines += ["", "  where the time goes (share of all measured steps)   s/step (median)   share"]
+    communicates = s.get("comm_s") is not None
+    rows = [("compute", "compute")]
+    if communicates:
+        rows += [("exposed communication", "comm_exposed")]
+    rows += [("data loading", "data"), ("framework overhead", "other")]
+    for label, key in rows:
+        lines.append(f"    {label:<48} {s[f'{key}_s']:9.4f}   {100 * s[f'{key}_frac']:5.1f}%")
+        if key == "comm_exposed" and s.get("comm_wait_frac"):
+            lines.append(f"      {'of which waiting for a slower rank':<46} {s['comm_wait_s']:9.4f}   "
+                         f"{100 * s['comm_wait_frac']:5.1f}%")
+    if communicates:
+        wire = s.get("comm_wire_bytes")
+        sent = "" if wire is None or wire == s["comm_bytes"] else f" ({fmt_bytes(wire)} on the wire)"
+        lines += [
+            "",
+            f"  gradient all-reduce: busy {s['comm_s']:.4f} s, exposed {s['comm_exposed_s']:.4f} s, "
+            f"overlap {100 * s['overlap']:.0f}%, {fmt_bytes(s['comm_bytes'])} per step{sent}, "
+            f"bus bandwidth {s['busbw_GBps']:.2f} GB/s",
+        ]
+        if s.get("comm_sync_s"):
+            lines.append(f"  buffer broadcast before forward: {s['comm_sync_s']:.4f} s per step (counted as exposed)")
+    controls = run.get("controls") or {}
+    if controls.get("nocomm_step_s") and communicates:
+        cost = s["step_s"] - controls["nocomm_step_s"]
+        lines.append(f"  without any communication (control steps): {controls['nocomm_step_s']:.4f} s per step; "
+                     f"communication costs {cost:.4f} s ({100 * cost / s['step_s']:.0f}% of the step), "
+                     f"{max(0.0, cost - s['comm_exposed_s']):.4f} s of it beyond the exposed time")
     memory = run.get("memory", {}).get("max")
     if memory:
         lines += ["", "  memory per rank (max over ranks)"]
         shared = run["memory"].get("grads_in_comm_buffers")
-        for key in ("params", "grads", "optimizer_state", "activations", "comm_buffers", "peak", "rss_peak"):
+        for key in ("params", "grads", "optimizer_state", "activations", "autocast_weights", "comm_buffers", "peak",
+                    "rss_peak"):
+            if key == "autocast_weights" and not memory.get(key):
+                continue
             note = "   (the same bytes: gradients are views into the DDP buckets)" if shared and key == "comm_buffers" else ""
             lines.append(f"    {key:<22} {fmt_bytes(memory.get(key)):>12}{note}")
     flops = run.get("flops") or {}

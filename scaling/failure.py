@@ -145,20 +145,21 @@ def failure_cause(own: dict[str, Any], errors: dict[int, dict[str, Any]], world_
     return f"rank {own['rank']}: {own['error']}"
 
 
-def rebuild_steps(files: RunFiles, world_size: int, global_batch: int, keys: tuple[str, ...]) -> list[dict[str, Any]]:
-    """steps.jsonl from the per-rank files: every step that every rank recorded."""
+def rebuild_steps(files: RunFiles, world_size: int, global_batch: int, keys: tuple[str, ...],
+                  nulls: tuple[str, ...] = ()) -> tuple[list[dict[str, Any]], dict[str, list[float]] | None]:
+    """steps.jsonl from the per-rank files: every step that every rank recorded, and each rank's totals."""
     per_rank = [read_rank_steps(files.rank_steps_path(rank)) for rank in range(world_size)]
     common = sorted(set.intersection(*(set(steps) for steps in per_rank))) if per_rank else []
     if not common:  # nothing to rebuild from: keep whatever rank 0 gathered
-        return read_steps(files.steps_jsonl)
+        return read_steps(files.steps_jsonl), None
     values = np.array([[[steps[s].get(k, 0.0) for k in keys] for s in common] for steps in per_rank])
-    records = aggregate.reduce_ranks(values, keys, common, global_batch)
+    records = aggregate.reduce_ranks(values, keys, common, global_batch, nulls)
     atomic_write_text(files.steps_jsonl, "".join(json.dumps(r) + "\n" for r in records))
-    return records
+    return records, aggregate.rank_totals(values, keys)
 
 
 def finalize_failed(files: RunFiles, exc: BaseException, world_size: int, global_batch: int,
-                    keys: tuple[str, ...]) -> str | None:
+                    keys: tuple[str, ...], nulls: tuple[str, ...] = ()) -> str | None:
     """Record this rank's error; if this rank is the finalizer, mark run.json failed. Returns the cause.
 
     Every failing rank rebuilds steps.jsonl, under a lock: a rank that was a
@@ -178,7 +179,7 @@ def finalize_failed(files: RunFiles, exc: BaseException, world_size: int, global
     if _claim(files):
         cause = failure_cause(own, _rank_errors(files, world_size), world_size)
     with _locked(files.logs / ".records.lock"):
-        records = rebuild_steps(files, world_size, global_batch, keys)
+        records, totals = rebuild_steps(files, world_size, global_batch, keys, nulls)
         try:
             run = read_json(files.run_json)
         except (OSError, ValueError):
@@ -189,7 +190,7 @@ def finalize_failed(files: RunFiles, exc: BaseException, world_size: int, global
             run.update(status="failed", error=f"rank {own['rank']}: {own['error']}", failed_at=time.time())
         run["measured_steps_kept"] = len(records)
         if records:
-            run["summary"] = {**aggregate.summarize(records, keys), "partial": True}
+            run["summary"] = {**aggregate.summarize(records, keys, nulls, totals), "partial": True}
         write_json(files.run_json, run)
     return cause
 

@@ -6,8 +6,11 @@ configuration mistake never reaches one); ``Trainer.run()`` is the loop.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scaling import dist as distsetup
-from scaling import hooks
+from scaling import faults, hooks
 from scaling.config import RunConfig
 from scaling.data import Batches, build_dataset, check_dataset_size
 from scaling.dist import Context, Launch
@@ -28,7 +31,8 @@ from scaling.models import build_model, loss_fn_for
 from scaling.records import RunFiles
 from scaling.sinks import Sink
 
-MEMORY_KEYS = ("params", "grads", "optimizer_state", "activations", "comm_buffers", "peak", "rss_peak")
+MEMORY_KEYS = ("params", "grads", "optimizer_state", "activations", "autocast_weights", "comm_buffers", "peak",
+               "rss_peak")
 
 
 @dataclass
@@ -50,7 +54,13 @@ class Job:
 
     @property
     def step_keys(self) -> tuple[str, ...]:
-        return aggregate.STEP_KEYS if self.cfg.instrument.enabled else aggregate.BARE_KEYS
+        """What each rank measures per step."""
+        return aggregate.local_keys(self.cfg.instrument.enabled, self.launch.world_size)
+
+    @property
+    def null_keys(self) -> tuple[str, ...]:
+        """Keys without a value in this run (communication, for a single process)."""
+        return aggregate.null_keys(self.cfg.instrument.enabled, self.launch.world_size)
 
 
 def prepare(cfg: RunConfig) -> Job:
@@ -71,11 +81,22 @@ def make_optimizer(optim: dict[str, Any], params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"])
 
 
+def forward_buffer_sync(enabled: bool) -> dict[str, bool]:
+    """DDP's switch for the buffer broadcast before forward, by the name this torch knows.
+
+    Newer releases call it ``forward_sync_buffers`` (buffers are still made
+    equal once at construction) and deprecate ``broadcast_buffers``.
+    """
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return {"forward_sync_buffers": enabled}
+    return {"broadcast_buffers": enabled}
+
+
 @dataclass
 class PendingStep:
     step: int
     marks: StepMarks
-    buckets: list
+    comm: tuple[list, list]
 
 
 @dataclass
@@ -101,6 +122,9 @@ class Trainer:
         self._previous: PendingStep | None = None  # the last finished step, queued at the next bookkeeping
         self._pending: list[PendingStep] = []  # measured steps not yet resolved into seconds
         self._resolved: list[tuple[int, dict[str, float]]] = []  # resolved, not yet gathered
+        self.rank_totals: dict[str, list[float]] = {}  # per key, each rank's sum over the measured steps
+        self.controls: dict[str, Any] | None = None
+        self.faults = faults.Injector.from_env(self.ctx.rank)
         self.rss_at_start = mem.rss_bytes()
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -109,18 +133,29 @@ class Trainer:
         cfg, job, device = self.job.cfg, self.job, self.ctx.device
         self.batches = Batches(job.dataset, job.batch_size, self.ctx.rank, self.ctx.world_size, device,
                                cfg.data.get("num_workers", 0), cfg.train.seed)
-        model = job.model.to(device)
+        model = self.module = job.model.to(device)
         if self.instrumented and cfg.instrument.flops:
             self.flops["per_sample"] = flops_mod.count_step_flops(
                 model, self.loss_fn, self.batches.next(), self.amp_dtype) / job.batch_size
-        self.model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
-                         bucket_cap_mb=cfg.dist.bucket_cap_mb,
-                         gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view)
-        state = hooks.make_state(job.hook, cfg.comm)
-        if self.instrumented:
-            self.model.register_comm_hook(state, self.comm.wrap(job.hook.hook))
-        elif not job.hook.builtin_reducer:
-            self.model.register_comm_hook(state, job.hook.hook)
+        self.buffers = [b for b in model.buffers()]
+        self.sync_buffers = False
+        if self.ctx.world_size == 1:
+            # No peer: the model a single-process user would train, without DDP's reducer.
+            self.model = model
+        else:
+            # DDP broadcasts buffers (batch-norm statistics) from rank 0 before
+            # every forward, a collective no hook sees. Instrumented, the loop
+            # does that broadcast itself, timed as comm_sync_s.
+            self.sync_buffers = self.instrumented and bool(self.buffers)
+            self.model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
+                             bucket_cap_mb=cfg.dist.bucket_cap_mb,
+                             gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,
+                             **forward_buffer_sync(not self.sync_buffers))
+            state = hooks.make_state(job.hook, cfg.comm)
+            if self.instrumented:
+                self.model.register_comm_hook(state, self.comm.wrap(job.hook.hook, hooks.wire_count(job.hook)))
+            elif not job.hook.builtin_reducer:
+                self.model.register_comm_hook(state, job.hook.hook)
         self.optimizer = make_optimizer(cfg.optim, self.model.parameters())
         self.memory["params"] = mem.params_bytes(model)
         self.activations = mem.SavedActivations(model)
@@ -137,7 +172,13 @@ class Trainer:
             if step == train.warmup_steps:
                 self._begin_measuring()
             inputs, targets = self.batches.next()
+            if self.faults:
+                self.faults.stall("data", step)
             self.timer.mark("data")
+            if self.sync_buffers:
+                self.comm.sync(self._broadcast_buffers)
+            if self.faults:
+                self.faults.stall("forward", step)
             with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 if step == 0 and self.instrumented and self.job.cfg.instrument.memory:
                     with self.activations.active():
@@ -147,6 +188,8 @@ class Trainer:
             self.timer.mark("forward")
             loss.backward()
             self.timer.mark("backward")
+            if self.faults:
+                self.faults.stall("optimizer", step)
             self.optimizer.step()
             if step == 0:
                 self.memory["grads"] = mem.grads_bytes(self.model)
@@ -156,10 +199,61 @@ class Trainer:
             self.timer.mark("other")
             self._previous = PendingStep(step, self.timer.finish(), self.comm.take_step())
         self._end_measuring()
+        self._run_controls(total)
+
+    def _broadcast_buffers(self) -> None:
+        """What DDP's broadcast_buffers does: rank 0's buffers to every rank, one flat tensor per dtype."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for buffer in self.buffers:
+            by_dtype.setdefault(buffer.dtype, []).append(buffer)
+        for group in by_dtype.values():
+            flat = torch.cat([b.reshape(-1) for b in group])
+            torch.distributed.broadcast(flat, src=0)
+            offset = 0
+            for buffer in group:
+                buffer.copy_(flat[offset:offset + buffer.numel()].view_as(buffer))
+                offset += buffer.numel()
+
+    def _run_controls(self, first_step: int) -> None:
+        """``instrument.control_steps`` more steps with no communication at all: the counterfactual.
+
+        Same processes, placement, batches and optimizer; gradients stay local
+        (DDP's ``no_sync``) and no buffers are broadcast. Left out of every
+        other statistic; their median step is ``controls.nocomm_step_s``.
+        """
+        count = self.job.cfg.instrument.control_steps
+        if not self.instrumented or count == 0:
+            return
+        no_sync = self.model.no_sync() if isinstance(self.model, DDP) else nullcontext()
+        marks = [self.clock.mark()]
+        with no_sync:
+            for step in range(first_step, first_step + count):
+                inputs, targets = self.batches.next()
+                if self.faults:
+                    self.faults.stall("data", step)
+                    self.faults.stall("forward", step)
+                with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss = self.loss_fn(self.model(inputs), targets)
+                loss.backward()
+                if self.faults:
+                    self.faults.stall("optimizer", step)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+                marks.append(self.clock.mark())
+        local = torch.tensor([self.clock.seconds_between(a, b) for a, b in zip(marks, marks[1:])], dtype=torch.float64)
+        per_rank = self.ctx.gather_tensor(local).numpy()  # [rank, step]
+        self.controls = {
+            "steps": count,
+            "nocomm_step_s": float(statistics.median(per_rank.mean(axis=0))),
+            "per_rank_step_s": [float(statistics.median(row)) for row in per_rank],
+        }
 
     def _begin_measuring(self) -> None:
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize()  # once, so that the wall clock starts on an idle device
+            # The first steps (DDP's bucket rebuild among them) hold more than
+            # any measured step: the peak is that of the measured steps.
+            torch.cuda.reset_peak_memory_stats(self.ctx.device)
         self.wall_start = time.perf_counter()
         self.timer.restart()
 
@@ -202,7 +296,8 @@ class Trainer:
         for pending in self._pending:
             values = self.timer.resolve(pending.marks)
             if self.instrumented:
-                values.update(self.comm.resolve(pending.buckets))
+                if self.ctx.world_size > 1:
+                    values.update(self.comm.resolve(pending.comm))
                 aggregate.derive(values)
             else:
                 values = {"step_s": values["step_s"]}
@@ -218,7 +313,8 @@ class Trainer:
         local = torch.tensor([[values[k] for k in keys] for _, values in self._resolved], dtype=torch.float64)
         self._resolved.clear()
         gathered = self.ctx.gather_tensor(local).numpy()
-        records = aggregate.reduce_ranks(gathered, keys, steps, self.job.global_batch)
+        records = aggregate.reduce_ranks(gathered, keys, steps, self.job.global_batch, self.job.null_keys)
+        aggregate.add_totals(self.rank_totals, aggregate.rank_totals(gathered, keys))
         self.records.extend(records)
         if self.ctx.is_main:
             self.files.append_steps(records)
@@ -232,26 +328,28 @@ class Trainer:
         recent = [r["step_s_max"] for r in self.records[-train.log_every:]]
         eta = (train.steps - done) * float(np.median(recent))
         line = f"step {done:>5}/{train.steps}  step {last['step_s']:.4f} s  {last['samples_per_s']:8.1f} samples/s"
-        if "comm_exposed_s" in last and last["step_s"] > 0:
+        if last.get("comm_exposed_s") is not None and last["step_s"] > 0:
             line += f"  exposed comm {100 * last['comm_exposed_s'] / last['step_s']:4.1f}%"
         self.log.info(f"{line}  slowest rank {last['slowest_rank']}  eta {eta:.0f} s")
 
     # -- results --------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
-        summary = aggregate.summarize(self.records, self.job.step_keys)
+        summary = aggregate.summarize(self.records, self.job.step_keys, self.job.null_keys, self.rank_totals)
         summary["measured_wall_s"] = self.wall_s
         summary["wall_samples_per_s"] = self.job.global_batch * len(self.records) / self.wall_s
         return summary
 
     def memory_report(self) -> dict[str, Any]:
         """Every rank's categories, gathered once at the end."""
-        model = self.model.module
-        self.memory.setdefault("grads", mem.grads_bytes(model))
+        self.memory.setdefault("grads", mem.grads_bytes(self.module))
         self.memory["optimizer_state"] = mem.optimizer_state_bytes(self.optimizer)
         if self.instrumented:
-            self.memory["activations"] = self.activations.bytes if self.job.cfg.instrument.memory else None
-            self.memory["comm_buffers"] = sum(self.comm.bucket_buffer_bytes.values())
+            measured = self.job.cfg.instrument.memory
+            self.memory["activations"] = self.activations.bytes if measured else None
+            self.memory["autocast_weights"] = self.activations.autocast_weight_bytes if measured else None
+            communicates = self.ctx.world_size > 1
+            self.memory["comm_buffers"] = sum(self.comm.bucket_buffer_bytes.values()) if communicates else None
         self.memory["peak"] = mem.peak_bytes(self.ctx.device, self.rss_at_start)
         self.memory["rss_peak"] = mem.rss_peak_bytes()
         local = torch.tensor([float(self.memory.get(k) if self.memory.get(k) is not None else -1) for k in MEMORY_KEYS],
@@ -262,7 +360,8 @@ class Trainer:
         # With bucket views the gradients are stored inside the comm buffers:
         # one allocation, reported under both names; do not add them up.
         return {"max": maximum, "per_rank": per_rank,
-                "grads_in_comm_buffers": self.instrumented and self.job.cfg.dist.gradient_as_bucket_view}
+                "grads_in_comm_buffers": (self.instrumented and self.ctx.world_size > 1
+                                          and self.job.cfg.dist.gradient_as_bucket_view)}
 
     def flops_report(self, summary: dict[str, Any]) -> dict[str, Any]:
         if "per_sample" not in self.flops:

@@ -124,7 +124,7 @@ def run_job(job: Job, ctx: distsetup.Context, log: logging.Logger, guard: failur
     try:
         trainer.run()
         summary = trainer.summary()
-        run.update(status="completed", finished_at=time.time(), summary=summary,
+        run.update(status="completed", finished_at=time.time(), summary=summary, controls=trainer.controls,
                    memory=trainer.memory_report(), flops=trainer.flops_report(summary))
     except BaseException as exc:
         guard.handling = True
@@ -132,7 +132,7 @@ def run_job(job: Job, ctx: distsetup.Context, log: logging.Logger, guard: failur
             trainer.record_finished_steps()
         except Exception:  # the records stay as they are; the failure itself matters more
             pass
-        cause = failure.finalize_failed(files, exc, ctx.world_size, job.global_batch, job.step_keys)
+        cause = failure.finalize_failed(files, exc, ctx.world_size, job.global_batch, job.step_keys, job.null_keys)
         for sink in trainer.sinks:  # rank 0 alone has sinks
             sink.on_end(failed_run(files, run, cause))
         if cause:

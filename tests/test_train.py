@@ -12,13 +12,15 @@ from scaling import cli, config
 from scaling.loop import prepare
 from tests.conftest import QUICK, TINY, check_ok, load_run, only_run_dir, single, torchrun
 
-STEP_KEYS = ["step_s", "data_s", "forward_s", "backward_s", "optimizer_s", "other_s", "comm_s", "comm_exposed_s",
-             "compute_s", "overlap", "comm_bytes", "algbw_GBps", "busbw_GBps"]
+COMM_KEYS = ["comm_s", "comm_exposed_s", "comm_wait_s", "comm_sync_s", "overlap", "comm_bytes", "comm_wire_bytes",
+             "algbw_GBps", "busbw_GBps"]
+STEP_KEYS = ["step_s", "data_s", "forward_s", "backward_s", "optimizer_s", "other_s", "compute_s", *COMM_KEYS]
 SUMMARY_KEYS = STEP_KEYS + ["step_s_p05", "step_s_p95", "samples_per_s", "compute_frac", "comm_exposed_frac",
-                            "data_frac", "other_frac", "bound"]
-MEMORY_KEYS = ["params", "grads", "optimizer_state", "activations", "comm_buffers", "peak", "rss_peak"]
+                            "comm_wait_frac", "data_frac", "other_frac", "bound", "straggler"]
+MEMORY_KEYS = ["params", "grads", "optimizer_state", "activations", "autocast_weights", "comm_buffers", "peak",
+               "rss_peak"]
 RUN_KEYS = ["status", "world_size", "nodes", "backend", "launcher", "device", "provenance", "summary", "memory",
-            "flops", "batch_size_per_rank", "global_batch_size", "run_id"]
+            "flops", "batch_size_per_rank", "global_batch_size", "run_id", "controls"]
 
 
 two_rank_dirs: dict = {}
@@ -85,10 +87,13 @@ def test_parts_add_up_to_the_step(two_rank_run):
         assert min(s["data_s"], s["forward_s"], s["backward_s"], s["optimizer_s"], s["other_s"]) >= 0
         assert s["compute_s"] == pytest.approx(s["step_s"] - s["data_s"] - s["comm_exposed_s"] - s["other_s"], abs=1e-9)
         assert 0 <= s["comm_exposed_s"] <= s["comm_s"] + 1e-12
-        # DDP waits for every bucket inside backward(), so its communication lies within it.
-        assert s["comm_exposed_s"] <= s["backward_s"] + 1e-9
+        # DDP waits for every bucket inside backward(), so its communication lies
+        # within it; the buffer broadcast happens before forward.
+        assert s["comm_sync_s"] <= s["forward_s"] + 1e-9
+        assert s["comm_exposed_s"] <= s["backward_s"] + s["comm_sync_s"] + 1e-9
     for s in per_rank:
-        assert s["algbw_GBps"] == pytest.approx(s["comm_bytes"] / s["comm_s"] / 1e9)
+        assert s["comm_wire_bytes"] == s["comm_bytes"]  # plain all-reduce sends the bucket as it is
+        assert s["algbw_GBps"] == pytest.approx(s["comm_wire_bytes"] / (s["comm_s"] - s["comm_sync_s"]) / 1e9)
         assert s["busbw_GBps"] == pytest.approx(s["algbw_GBps"] * 2 * (2 - 1) / 2)
         assert s["overlap"] == pytest.approx(1 - s["comm_exposed_s"] / s["comm_s"])
 
@@ -112,23 +117,36 @@ def run_config(run):
     return yaml.safe_load((two_rank_dirs[run["run_id"]] / "config.yaml").read_text())
 
 
-def test_shares_sum_to_one_and_verdict_follows_the_largest(two_rank_run):
-    _, _, _, run, _, _ = two_rank_run
+def test_shares_are_shares_of_the_total_time(two_rank_run):
+    _, _, _, run, steps, _ = two_rank_run
     s = run["summary"]
-    shares = {k: s[f"{k}_frac"] for k in ("compute", "comm_exposed", "data", "other")}
-    assert sum(shares.values()) == pytest.approx(1.0)
-    largest = max(shares, key=shares.get)
-    assert s["bound"] == {"comm_exposed": "communication", "data": "data"}.get(largest, "compute")
+    total = sum(step["step_s"] for step in steps)
+    for part in ("compute", "comm_exposed", "comm_wait", "data", "other"):
+        assert s[f"{part}_frac"] == pytest.approx(sum(step[f"{part}_s"] for step in steps) / total)
+    assert sum(s[f"{k}_frac"] for k in ("compute", "comm_exposed", "data", "other")) == pytest.approx(1.0)
+    assert 0 <= s["comm_wait_frac"] <= s["comm_exposed_frac"]
+
+
+def test_control_steps_are_recorded_apart(two_rank_run):
+    _, _, run_dir, run, steps, _ = two_rank_run
+    controls = run["controls"]
+    assert controls["steps"] == 5 and len(controls["per_rank_step_s"]) == 2
+    assert controls["nocomm_step_s"] > 0
+    # Left out of every other record: the measured steps are exactly 2..6.
+    assert [s["step"] for s in steps] == [2, 3, 4, 5, 6]
+    ranks = [json.loads(line)["step"] for line in (run_dir / "logs/rank0.steps.jsonl").read_text().splitlines()]
+    assert ranks == [2, 3, 4, 5, 6]
 
 
 def test_console_shows_progress_and_the_table(two_rank_run):
     _, _, _, run, _, proc = two_rank_run
     out = proc.stdout
     assert "step     2/5" in out and "samples/s" in out
-    for text in ("where the step goes", "exposed communication", "memory per rank", "FLOPs per sample", "MFU",
+    for text in ("where the time goes", "exposed communication", "memory per rank", "FLOPs per sample", "MFU",
+                 "without any communication (control steps)",
                  f"{run['summary']['bound'].capitalize()}-bound on 2 processes"):
         assert text in out, text
-    assert out.count("where the step goes") == 1  # rank 0 alone prints
+    assert out.count("where the time goes") == 1  # rank 0 alone prints
 
 
 def test_single_process_from_another_directory(tmp_path):
@@ -137,7 +155,13 @@ def test_single_process_from_another_directory(tmp_path):
     run, steps = load_run(only_run_dir(tmp_path / "runs", "solo"))
     assert (run["launcher"], run["world_size"], run["status"]) == ("single", 1, "completed")
     assert len(steps) == 4
-    assert run["summary"]["busbw_GBps"] == 0.0  # 2(n-1)/n is 0 for one process
+    # No peer: no DDP, and no communication numbers at all (null, not 0).
+    for key in COMM_KEYS:
+        assert run["summary"][key] is None and all(s[key] is None for s in steps), key
+    assert run["summary"]["comm_exposed_frac"] == 0.0 and run["summary"]["comm_wait_frac"] is None
+    assert run["memory"]["max"]["comm_buffers"] is None
+    assert run["summary"]["compute_frac"] + run["summary"]["data_frac"] + run["summary"]["other_frac"] == pytest.approx(1)
+    assert "no peer, no communication" in proc.stdout
 
 
 def test_instrumentation_off_keeps_only_the_wall_clock(root):
@@ -150,13 +174,34 @@ def test_instrumentation_off_keeps_only_the_wall_clock(root):
     assert run["memory"]["max"]["activations"] is None and run["memory"]["max"]["params"] > 0
 
 
-@pytest.mark.parametrize("hook", ["fp16", "powersgd"])
-def test_torch_comm_hooks_are_timed(hook, root):
-    proc = torchrun(2, [*TINY["mlp"], *QUICK, f"comm.hook={hook}", f"paths.root={root}"])
-    check_ok(proc)
+def powersgd_wire_bytes(overrides: list[str], rank: int) -> int:
+    """The bytes PowerSGD all-reduces for the model, worked out from its shapes (min compression rate 2)."""
+    job = prepare(config.parse(cli.compose_config(overrides)))
+    total = 0
+    for p in job.model.parameters():
+        n, m = p.shape[0], p.numel() // p.shape[0]
+        r = min(n, m, rank)
+        total += (n + m) * r if (n + m) * r * 2 < n * m else n * m
+    return 4 * total
+
+
+@pytest.mark.parametrize("hook", ["fp16", "bf16", "powersgd"])
+def test_torch_comm_hooks_are_timed_by_what_they_send(hook, root):
+    overrides = [*TINY["mlp"], "train.steps=4", "train.warmup_steps=2", "train.log_every=2", "instrument.flops=false",
+                 f"comm.hook={hook}", "comm.powersgd_rank=2"]
+    check_ok(torchrun(2, [*overrides, f"paths.root={root}"]))
     run, steps = load_run(only_run_dir(root))
     assert run["comm_hook"] == hook
-    assert all(s["comm_s"] > 0 and s["comm_bytes"] > 0 for s in steps)
+    model = model_bytes(overrides)
+    # fp16/bf16 send a 2-byte copy of each 4-byte gradient; PowerSGD the P and Q factors.
+    expected = model // 2 if hook in ("fp16", "bf16") else powersgd_wire_bytes(overrides, 2)
+    assert expected < model
+    for s in steps:
+        assert s["comm_s"] > 0 and s["comm_bytes"] == model
+        assert s["comm_wire_bytes"] == expected
+    rank_steps = (only_run_dir(root) / "logs/rank0.steps.jsonl").read_text().splitlines()
+    for s in map(json.loads, rank_steps):
+        assert s["algbw_GBps"] == pytest.approx(expected / (s["comm_s"] - s["comm_sync_s"]) / 1e9, rel=1e-6)
 
 
 def test_imagefolder_data(tmp_path):

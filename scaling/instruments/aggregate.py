@@ -3,8 +3,19 @@
 Each rank keeps its own per-step values; at log intervals they are gathered
 once (one collective for many steps, never one per step). For every key the
 record holds the mean over ranks and ``<key>_max`` / ``<key>_min``, plus
-``slowest_rank`` (the rank with the largest ``step_s``) and ``samples_per_s``
-(global batch / the slowest rank's ``step_s``).
+``slowest_rank`` and ``samples_per_s`` (global batch / the largest ``step_s``).
+
+Two values need every rank's numbers and are made here, at the reduction:
+``comm_wait_s`` (per rank: its exposed communication minus the smallest
+exposed communication of any rank in that step, i.e. the time it waited in a
+collective for a slower rank) and ``slowest_rank`` (the rank with the most
+time of its own in the step, ``step_s − comm_wait_s``: the one the others
+waited for; in a synchronised step every rank's ``step_s`` is about equal, so
+``step_s`` alone would name a rank at random).
+
+The summary's shares are shares of the total measured time (each part summed
+over the measured steps, divided by the summed ``step_s``), so that a stall on
+one step in five counts for what it costs.
 """
 
 from __future__ import annotations
@@ -15,69 +26,175 @@ from typing import Any
 
 import numpy as np
 
-STEP_KEYS = (
-    "step_s", "data_s", "forward_s", "backward_s", "optimizer_s", "other_s",
-    "comm_s", "comm_exposed_s", "compute_s", "overlap", "comm_bytes", "comm_buckets", "algbw_GBps", "busbw_GBps",
-)
+PHASE_KEYS = ("step_s", "data_s", "forward_s", "backward_s", "optimizer_s", "other_s", "compute_s")
+COMM_KEYS = ("comm_s", "comm_exposed_s", "comm_sync_s", "overlap", "comm_bytes", "comm_wire_bytes", "comm_buckets",
+             "algbw_GBps", "busbw_GBps")
+CROSS_RANK_KEYS = ("comm_wait_s",)
+"""Made at the reduction from every rank's values, never measured by one rank alone."""
 BARE_KEYS = ("step_s",)
 SHARES = ("compute", "comm_exposed", "data", "other")
+"""The four parts of a step; they add up to ``step_s``. ``comm_wait`` is a part of ``comm_exposed``."""
+STRAGGLER_PHASES = ("data", "forward", "backward", "optimizer", "other")
+STRAGGLER_MIN_FRAC = 0.05
+"""Waiting for slower ranks below this share of the time is noise: no straggler is named."""
+
+
+def local_keys(instrumented: bool, world_size: int) -> tuple[str, ...]:
+    """The keys one rank measures per step (the columns gathered from every rank)."""
+    if not instrumented:
+        return BARE_KEYS
+    return PHASE_KEYS + COMM_KEYS if world_size > 1 else PHASE_KEYS
+
+
+def null_keys(instrumented: bool, world_size: int) -> tuple[str, ...]:
+    """Keys that have no value in this run: a single process has no peer to communicate with."""
+    return COMM_KEYS + CROSS_RANK_KEYS if instrumented and world_size == 1 else ()
 
 
 def derive(metrics: dict[str, float]) -> dict[str, float]:
     """Add ``compute_s`` (step minus data, exposed communication and other)."""
     metrics["compute_s"] = max(
-        0.0, metrics["step_s"] - metrics["data_s"] - metrics["comm_exposed_s"] - metrics["other_s"]
+        0.0, metrics["step_s"] - metrics["data_s"] - metrics.get("comm_exposed_s", 0.0) - metrics["other_s"]
     )
     return metrics
 
 
-def reduce_ranks(per_rank: np.ndarray, keys: Sequence[str], steps: Sequence[int], global_batch: int) -> list[dict[str, Any]]:
-    """``per_rank[r, s, k]`` -> one record per step with mean/max/min over ranks."""
-    records = []
+def with_cross_rank(per_rank: np.ndarray, keys: Sequence[str]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """``per_rank[r, s, k]`` with ``comm_wait_s`` appended when the run communicates."""
+    keys = tuple(keys)
+    if "comm_exposed_s" not in keys:
+        return per_rank, keys
+    exposed = per_rank[:, :, keys.index("comm_exposed_s")]
+    wait = exposed - exposed.min(axis=0, keepdims=True)
+    return np.concatenate([per_rank, wait[:, :, None]], axis=2), keys + CROSS_RANK_KEYS
+
+
+def own_time(per_rank: np.ndarray, keys: Sequence[str]) -> np.ndarray:
+    """``[r, s]``: each rank's step time less its waiting for others."""
+    own = per_rank[:, :, keys.index("step_s")]
+    if "comm_wait_s" in keys:
+        own = own - per_rank[:, :, keys.index("comm_wait_s")]
+    return own
+
+
+def reduce_ranks(per_rank: np.ndarray, keys: Sequence[str], steps: Sequence[int], global_batch: int,
+                 nulls: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """``per_rank[r, s, k]`` (``keys`` as measured by each rank) -> one record per step."""
+    values_all, keys = with_cross_rank(np.asarray(per_rank, dtype=float), keys)
+    own = own_time(values_all, keys)
     step_col = keys.index("step_s")
+    records = []
     for s, step in enumerate(steps):
-        values = per_rank[:, s, :]
+        values = values_all[:, s, :]
         record: dict[str, Any] = {"step": int(step)}
         for k, key in enumerate(keys):
             column = values[:, k]
             record[key] = float(column.mean())
             record[f"{key}_max"] = float(column.max())
             record[f"{key}_min"] = float(column.min())
-        record["slowest_rank"] = int(values[:, step_col].argmax())
-        slowest = record["step_s_max"]
+        for key in nulls:
+            record[key] = None
+        record["slowest_rank"] = int(own[:, s].argmax())
+        slowest = float(values[:, step_col].max())
         record["samples_per_s"] = global_batch / slowest if slowest > 0 else 0.0
         records.append(record)
     return records
+
+
+def rank_totals(per_rank: np.ndarray, keys: Sequence[str]) -> dict[str, list[float]]:
+    """Per key, each rank's sum over the given steps (for naming where a straggler lost its time)."""
+    values, keys = with_cross_rank(np.asarray(per_rank, dtype=float), keys)
+    sums = values.sum(axis=1)
+    return {key: [float(v) for v in sums[:, k]] for k, key in enumerate(keys)}
+
+
+def add_totals(total: dict[str, list[float]], more: dict[str, list[float]]) -> dict[str, list[float]]:
+    for key, values in more.items():
+        total[key] = [a + b for a, b in zip(total[key], values)] if key in total else list(values)
+    return total
 
 
 def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
-def summarize(records: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
-    """Medians over measured steps, step_s percentiles, shares and the verdict."""
+def _median(records: Sequence[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(records: Sequence[dict[str, Any]], keys: Sequence[str], nulls: Sequence[str] = (),
+              totals: dict[str, list[float]] | None = None) -> dict[str, Any]:
+    """Medians over measured steps, step_s percentiles, shares of the total time and the verdict.
+
+    ``totals`` (per key, per rank sums over the same steps) lets the summary
+    name where the slowest rank lost its time.
+    """
     if not records:
         return {}
-    summary: dict[str, Any] = {key: statistics.median(r[key] for r in records) for key in keys}
+    keys = tuple(keys) + (CROSS_RANK_KEYS if "comm_exposed_s" in keys else ())
+    summary: dict[str, Any] = {key: _median(records, key) for key in keys}
+    summary.update({key: None for key in nulls})
     summary["samples_per_s"] = statistics.median(r["samples_per_s"] for r in records)
     step_times = [r["step_s"] for r in records]
     summary["step_s_p05"] = percentile(step_times, 5)
     summary["step_s_p95"] = percentile(step_times, 95)
     summary["steps"] = len(records)
-    if "compute_s" not in summary:
+    if "compute_s" not in keys:
         return summary
-    # Shares of the median step: the medians of the four parts, normalised so
-    # that they sum to 1 (medians of parts need not add up to the median step).
-    parts = {name: summary[f"{name}_s"] for name in SHARES}
-    total = sum(parts.values())
-    for name, value in parts.items():
-        summary[f"{name}_frac"] = value / total if total > 0 else 0.0
+    total = sum(step_times)
+    for name in (*SHARES, "comm_wait"):
+        key = f"{name}_s"
+        if key in keys:
+            part = sum(r[key] for r in records)
+            summary[f"{name}_frac"] = part / total if total > 0 else 0.0
+        else:
+            summary[f"{name}_frac"] = 0.0 if name == "comm_exposed" else None
+    summary["straggler"] = straggler(records, totals, summary)
     summary["bound"] = verdict(summary)
     return summary
 
 
 def verdict(summary: dict[str, Any]) -> str:
-    """communication when exposed communication is the largest share, data when data is, else compute."""
-    shares = {name: summary[f"{name}_frac"] for name in SHARES}
-    largest = max(shares, key=shares.get)
-    return {"comm_exposed": "communication", "data": "data"}.get(largest, "compute")
+    """The largest of: exposed transfer, waiting for slower ranks, data loading, compute (with overhead)."""
+    wait = summary.get("comm_wait_frac") or 0.0
+    shares = {
+        "communication": (summary.get("comm_exposed_frac") or 0.0) - wait,
+        "straggler": wait,
+        "data": summary.get("data_frac") or 0.0,
+        "compute": summary.get("compute_frac") or 0.0,
+    }
+    return max(shares, key=shares.get)
+
+
+def straggler(records: Sequence[dict[str, Any]], totals: dict[str, list[float]] | None,
+              summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The rank the others waited for, and the phase of its step where it lost the time.
+
+    Named when the waiting is at least STRAGGLER_MIN_FRAC of the measured time.
+    The phase is the one in which that rank spent the most time beyond the
+    other ranks' mean, counting only its own work (a phase's collective
+    waiting is taken out: sync broadcasts from forward, exposed all-reduce
+    from backward).
+    """
+    if (summary.get("comm_wait_frac") or 0.0) < STRAGGLER_MIN_FRAC:
+        return None
+    ranks = [r["slowest_rank"] for r in records]
+    rank = max(set(ranks), key=ranks.count)
+    out: dict[str, Any] = {"rank": rank, "phase": None, "lost_s": None}
+    if not totals or len(totals["step_s"]) < 2:
+        return out
+
+    def own(phase: str, r: int) -> float:
+        value = totals[f"{phase}_s"][r]
+        if phase == "forward":
+            value -= totals.get("comm_sync_s", [0.0] * (r + 1))[r]
+        if phase == "backward":
+            value -= totals["comm_exposed_s"][r] - totals.get("comm_sync_s", [0.0] * (r + 1))[r]
+        return value
+
+    others = [r for r in range(len(totals["step_s"])) if r != rank]
+    excess = {phase: own(phase, rank) - statistics.mean(own(phase, r) for r in others) for phase in STRAGGLER_PHASES}
+    phase = max(excess, key=excess.get)
+    out.update(phase=phase, lost_s=excess[phase] / len(records))
+    return out

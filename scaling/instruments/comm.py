@@ -2,15 +2,18 @@
 
 Keys (per rank, per step): ``comm_s`` (busy time: the union of the
 [launch, completion] intervals of all buckets, the part overlapped with
-backward included), ``comm_exposed_s`` (from the moment the last bucket became
-ready, i.e. backward compute finished, to the completion of the last
-all-reduce, plus any time a blocking hook held backward up), ``overlap``
-(1 - exposed / busy), ``comm_bytes`` (gradient bytes handed to the hook),
-``comm_buckets`` (buckets all-reduced), ``algbw_GBps`` (comm_bytes / comm_s)
-and ``busbw_GBps`` (algbw * 2(n-1)/n, the ring all-reduce factor used by
-nccl-tests). With a compressing hook (fp16, bf16, powersgd) fewer bytes cross
-the wire than ``comm_bytes``: the bandwidths are then effective gradient
-bandwidths, not link bandwidths.
+backward included, plus the buffer broadcast before forward),
+``comm_exposed_s`` (communication on the critical path: from the moment the
+last bucket became ready, i.e. backward compute finished, to the completion of
+the last all-reduce, plus any time a blocking hook held backward up, plus the
+buffer broadcast), ``comm_sync_s`` (the buffer broadcast alone: DDP's
+``broadcast_buffers``, done here by the loop and timed, because DDP's own
+runs outside every hook), ``overlap`` (1 - exposed / busy), ``comm_bytes``
+(gradient bytes handed to the hook), ``comm_wire_bytes`` (bytes the hook
+sent: half for fp16/bf16, the low-rank factors for PowerSGD),
+``comm_buckets`` (buckets all-reduced), ``algbw_GBps`` (wire bytes / busy
+time of the buckets) and ``busbw_GBps`` (algbw * 2(n-1)/n, the ring
+all-reduce factor used by nccl-tests).
 
 The wrapper is the documented ``register_comm_hook`` API: DDP calls the hook
 when a bucket is ready and waits for the returned future before ``backward()``
@@ -28,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from scaling.hooks import WireCount, full_bytes
 from scaling.instruments.clock import Clock
 
 Hook = Callable[[Any, dist.GradBucket], torch.futures.Future]
@@ -37,6 +41,7 @@ Hook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 class BucketEvent:
     index: int
     nbytes: int
+    wire_bytes: int
     launch: Any
     returned: Any = None
     """When the hook handed back its future: a blocking hook stalls backward until then."""
@@ -50,59 +55,82 @@ class CommTimer:
     clock: Clock
     world_size: int
     events: list[BucketEvent] = field(default_factory=list)
+    syncs: list[tuple[Any, Any]] = field(default_factory=list)
+    """[start, end] marks of the collectives outside the hook in this step (buffer broadcast)."""
     bucket_buffer_bytes: dict[int, int] = field(default_factory=dict)
+    """Per bucket index, the bytes of its buffer in the last step taken."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def wrap(self, hook: Hook) -> Hook:
+    def wrap(self, hook: Hook, count: WireCount | None = None) -> Hook:
+        count = count or full_bytes
+
         # No annotations here: DDP inspects them and rejects the string
         # forms that ``from __future__ import annotations`` would produce.
         def timed_hook(state, bucket):
             buffer = bucket.buffer()
-            event = BucketEvent(bucket.index(), buffer.numel() * buffer.element_size(), self.clock.mark())
+            launch = self.clock.mark()
+            future, wire = count(state, buffer, lambda: hook(state, bucket))
+            event = BucketEvent(bucket.index(), buffer.numel() * buffer.element_size(), wire, launch,
+                                returned=self.clock.mark())
             with self._lock:
                 self.events.append(event)
-                self.bucket_buffer_bytes[event.index] = event.nbytes
 
             def completed(fut: torch.futures.Future) -> Any:
                 event.done = self.clock.mark()
                 return fut.value()
 
-            future = hook(state, bucket)
-            event.returned = self.clock.mark()
             return future.then(completed)
 
         timed_hook.__name__ = f"timed_{getattr(hook, '__name__', 'hook')}"
         return timed_hook
 
-    def take_step(self) -> list[BucketEvent]:
+    def sync(self, collective: Callable[[], Any]) -> None:
+        """Run a collective outside the hook (it blocks the step) and time it."""
+        start = self.clock.mark()
+        collective()
+        self.syncs.append((start, self.clock.mark()))
+
+    def take_step(self) -> tuple[list[BucketEvent], list[tuple[Any, Any]]]:
         """The events of the step that just finished; starts a new step."""
         with self._lock:
             events, self.events = self.events, []
-        return events
+        syncs, self.syncs = self.syncs, []
+        if events:
+            self.bucket_buffer_bytes = {e.index: e.nbytes for e in events}
+        return events, syncs
 
-    def resolve(self, events: list[BucketEvent]) -> dict[str, float]:
-        if not events:
-            return {"comm_s": 0.0, "comm_exposed_s": 0.0, "overlap": 0.0, "comm_bytes": 0.0,
-                    "comm_buckets": 0.0, "algbw_GBps": 0.0, "busbw_GBps": 0.0}
-        origin = events[0].launch
+    def resolve(self, taken: tuple[list[BucketEvent], list[tuple[Any, Any]]]) -> dict[str, float]:
+        events, syncs = taken
+        if not events and not syncs:
+            return {"comm_s": 0.0, "comm_exposed_s": 0.0, "comm_sync_s": 0.0, "overlap": 0.0, "comm_bytes": 0.0,
+                    "comm_wire_bytes": 0.0, "comm_buckets": 0.0, "algbw_GBps": 0.0, "busbw_GBps": 0.0}
+        origin = syncs[0][0] if syncs else events[0].launch
         since = lambda mark: self.clock.seconds_between(origin, mark)  # noqa: E731
+        sync_intervals = [(since(start), since(end)) for start, end in syncs]
         intervals = sorted((since(e.launch), since(e.done)) for e in events)
-        busy = union_length(intervals)
-        last_ready = max(start for start, _ in intervals)
-        last_done = max(end for _, end in intervals)
-        # Exposed: after backward's last bucket was ready, plus any time a hook
-        # held backward up before returning its future (a blocking hook such
-        # as MPI's all-reduce hides nothing behind backward).
-        blocking = [(since(e.launch), since(e.returned)) for e in events]
-        exposed = union_length(sorted(blocking + [(last_ready, last_done)]))
+        bucket_busy = union_length(intervals)
+        sync_s = union_length(sorted(sync_intervals))
+        exposed = sync_s
+        if intervals:
+            last_ready = max(start for start, _ in intervals)
+            last_done = max(end for _, end in intervals)
+            # Exposed: after backward's last bucket was ready, plus any time a
+            # hook held backward up before returning its future (a blocking
+            # hook such as MPI's all-reduce hides nothing behind backward).
+            blocking = [(since(e.launch), since(e.returned)) for e in events]
+            exposed += union_length(sorted(blocking + [(last_ready, last_done)]))
+        busy = bucket_busy + sync_s  # the broadcast ends before forward, every bucket starts in backward
         nbytes = float(sum(e.nbytes for e in events))
-        algbw = nbytes / busy / 1e9 if busy > 0 else 0.0
+        wire = float(sum(e.wire_bytes for e in events))
+        algbw = wire / bucket_busy / 1e9 if bucket_busy > 0 else 0.0
         n = self.world_size
         return {
             "comm_s": busy,
             "comm_exposed_s": exposed,
+            "comm_sync_s": sync_s,
             "overlap": 1.0 - exposed / busy if busy > 0 else 0.0,
             "comm_bytes": nbytes,
+            "comm_wire_bytes": wire,
             "comm_buckets": float(len(events)),
             "algbw_GBps": algbw,
             "busbw_GBps": algbw * 2 * (n - 1) / n,

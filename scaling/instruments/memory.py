@@ -5,7 +5,9 @@ bytes saved for backward in one step, measured with saved-tensor hooks, each
 storage counted once and parameters left out), ``comm_buffers`` (the DDP
 gradient buckets as handed to the comm hook), ``peak`` (CUDA:
 ``max_memory_allocated``; CPU: growth of resident memory over the run) and
-``rss_peak`` (the process's peak resident set).
+``rss_peak`` (the process's peak resident set), and ``autocast_weights``
+(under autocast, the low-precision copies of the weights that autocast makes
+and autograd saves: weights, not activations, so counted apart).
 """
 
 from __future__ import annotations
@@ -44,26 +46,57 @@ def rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+VIEW_DEPTH = 4
+"""How many view-like autograd nodes may lie between a saved tensor and the cast of a weight (e.g. ``t()``)."""
+
+
 class SavedActivations:
     """Counts the bytes autograd saves for backward while active."""
 
     def __init__(self, model: torch.nn.Module) -> None:
+        self._params = {id(p) for p in model.parameters()}
         self._param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self._seen: set[int] = set()
         self.bytes = 0
+        self.autocast_weight_bytes = 0
+
+    def _is_weight_cast(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is (a view of) a dtype cast of a parameter, as autocast makes them."""
+        node = tensor.grad_fn
+        cast = False
+        for _ in range(VIEW_DEPTH + 1):
+            if node is None:
+                return False
+            name = type(node).__name__
+            if name == "AccumulateGrad":
+                return cast and id(node.variable) in self._params
+            if name.startswith("ToCopyBackward"):
+                cast = True
+            elif not name.startswith(("TBackward", "ViewBackward", "TransposeBackward", "PermuteBackward",
+                                      "ExpandBackward", "UnsqueezeBackward", "ReshapeAliasBackward")):
+                return False
+            parents = [fn for fn, _ in node.next_functions if fn is not None]
+            if len(parents) != 1:
+                return False
+            node = parents[0]
+        return False
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
         if key not in self._seen and key not in self._param_storages and storage.nbytes() > 0:
             self._seen.add(key)
-            self.bytes += storage.nbytes()
+            if self._is_weight_cast(tensor):
+                self.autocast_weight_bytes += storage.nbytes()
+            else:
+                self.bytes += storage.nbytes()
         return tensor
 
     @contextmanager
     def active(self) -> Iterator[SavedActivations]:
         self._seen.clear()
         self.bytes = 0
+        self.autocast_weight_bytes = 0
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
             yield self
 
