@@ -48,10 +48,22 @@ def blocking_allreduce(state, bucket):
 
 
 def _fault_due() -> bool:
-    """True on rank SCALING_TEST_FAULT_RANK once SCALING_TEST_FAULT_AFTER buckets were reduced."""
+    """True on rank SCALING_TEST_FAULT_RANK once SCALING_TEST_FAULT_AFTER buckets were reduced.
+
+    When it first turns true, the wall-clock time is written to the file
+    SCALING_TEST_FAULT_STAMP names (if set), so that a test can time what
+    follows from the fault itself rather than from the job's start.
+    """
     _calls["n"] += 1
-    return (dist.get_rank() == int(os.environ.get("SCALING_TEST_FAULT_RANK", "1"))
-            and _calls["n"] > int(os.environ.get("SCALING_TEST_FAULT_AFTER", "5")))
+    due = (dist.get_rank() == int(os.environ.get("SCALING_TEST_FAULT_RANK", "1"))
+           and _calls["n"] > int(os.environ.get("SCALING_TEST_FAULT_AFTER", "5")))
+    stamp = os.environ.get("SCALING_TEST_FAULT_STAMP")
+    if due and stamp and not os.path.exists(stamp):
+        with open(stamp, "w") as out:
+            out.write(repr(time.time()))
+            out.flush()
+            os.fsync(out.fileno())
+    return due
 
 
 def raise_on_rank(state, bucket):

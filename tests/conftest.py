@@ -26,7 +26,7 @@ QUICK = ["train.steps=4", "train.warmup_steps=1", "train.log_every=2", "instrume
 
 
 def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
+    env = dict(os.environ)  # XDG_CACHE_HOME included: the session's own cache folder (see ``own_cache``)
     env.pop("HYDRA_FULL_ERROR", None)
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
     env["OMP_NUM_THREADS"] = "1"  # explicit, whatever an earlier in-process job left in os.environ
@@ -68,3 +68,27 @@ def check_ok(proc: subprocess.CompletedProcess) -> None:
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     return tmp_path / "runs"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory: pytest.TempPathFactory):
+    """A cache folder of the test session's own, for the jobs it starts and for in-process tests.
+
+    The FLOP/s probe caches its result per host under ``$XDG_CACHE_HOME/scaling``:
+    a test must neither read a figure a user's job measured nor leave its own behind.
+    """
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(cache))
+        yield cache
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is false on this machine")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
