@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 BACKENDS = ("auto", "gloo", "nccl")
+DEVICES = ("auto", "cpu", "cuda")
 BUILTIN_HOOKS = ("allreduce", "fp16", "bf16", "powersgd", "mpi")
 AMP_MODES = ("none", "bf16")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -87,11 +88,16 @@ class DistConfig:
     """Process-group timeout: how long a rank waits for a dead or hung peer."""
     threads: int | str
     """Intra-op threads per process, or auto."""
+    device: str = "auto"
+    """auto (CUDA with nccl, else CPU) | cpu | cuda (gloo can all-reduce CUDA tensors: several ranks on one GPU)."""
     gradient_as_bucket_view: bool = False
     """Gradients as views into DDP's buckets (PyTorch's default is false; see conf/config.yaml)."""
 
     def __post_init__(self) -> None:
         _require(self.backend in BACKENDS, f"dist.backend must be one of {'|'.join(BACKENDS)} (got {self.backend!r})")
+        _require(self.device in DEVICES, f"dist.device must be one of {'|'.join(DEVICES)} (got {self.device!r})")
+        _require(not (self.backend == "nccl" and self.device == "cpu"),
+                 "dist.device=cpu cannot use dist.backend=nccl (NCCL moves CUDA tensors only); use gloo")
         _require(
             isinstance(self.bucket_cap_mb, (int, float)) and self.bucket_cap_mb > 0,
             f"dist.bucket_cap_mb must be a number > 0 (got {self.bucket_cap_mb!r})",

@@ -61,8 +61,9 @@ def verdict_sentence(summary: dict[str, Any], world_size: int) -> str:
                 f"{transfer:.0f}% of the step (compute {pct['compute']:.0f}%), and only "
                 f"{hidden:.0f}% of the communication is hidden behind backward.")
     if bound == "straggler":
-        return (f"Straggler-bound on {processes(world_size)}: the ranks wait {pct['comm_wait']:.0f}% of the step "
-                f"for a slower rank ({straggler_clause(summary)}); compute {pct['compute']:.0f}%.")
+        return (f"Straggler-bound on {processes(world_size)}: a rank waits up to "
+                f"{100 * (summary.get('comm_wait_max_frac') or 0):.0f}% of the step for a slower one "
+                f"({straggler_clause(summary)}); compute {pct['compute']:.0f}%.")
     if bound == "data":
         return (f"Data-bound on {processes(world_size)}: waiting for batches is {pct['data']:.0f}% of the step "
                 f"(compute {pct['compute']:.0f}%); more loader workers or faster storage would help first.")

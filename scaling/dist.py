@@ -121,6 +121,15 @@ def resolve_backend(requested: str) -> str:
     return requested
 
 
+def resolve_device(requested: str, backend: str) -> str:
+    """cuda or cpu: CUDA with NCCL, or when asked for (gloo all-reduces CUDA tensors through the host)."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("dist.device=cuda needs CUDA, and no CUDA device is visible; use dist.device=auto or cpu")
+    if requested == "auto":
+        return "cuda" if backend == "nccl" else "cpu"
+    return requested
+
+
 def resolve_threads(requested: int | str, launch: Launch) -> int:
     """Intra-op threads per process: explicit, because mpiexec and srun set none."""
     if requested != "auto":
@@ -178,7 +187,7 @@ def init(launch: Launch, cfg: DistConfig) -> Context:
     backend = resolve_backend(cfg.backend)
     threads = resolve_threads(cfg.threads, launch)
     torch.set_num_threads(threads)
-    if backend == "nccl":
+    if resolve_device(cfg.device, backend) == "cuda":
         device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:

@@ -66,6 +66,7 @@ class Job:
 def prepare(cfg: RunConfig) -> Job:
     launch = distsetup.detect()
     backend = distsetup.resolve_backend(cfg.dist.backend)
+    distsetup.resolve_device(cfg.dist.device, backend)  # a CUDA request without CUDA fails here, not in the group
     batch_size = cfg.train.per_rank_batch(launch.world_size)
     hook = hooks.resolve(cfg.comm, backend, launch.launcher)
     dataset, num_classes = build_dataset(cfg.data, cfg.train.seed)
@@ -370,8 +371,9 @@ class Trainer:
         if cfg.peak_tflops is not None:
             peak, source = cfg.peak_tflops * 1e12, "config"
         else:
-            peak = flops_mod.peak_flops(self.ctx.device, self.amp_dtype or torch.float32,
-                                        concurrent=self.job.launch.local_world_size)
+            dtype = self.amp_dtype or torch.float32
+            tf32 = flops_mod.runs_in_tf32(self.ctx.device, dtype, convolutions=cfg.model["kind"] == "resnet")
+            peak = flops_mod.peak_flops(self.ctx.device, dtype, concurrent=self.job.launch.local_world_size, tf32=tf32)
             source = "probe"
         achieved = self.flops["per_sample"] * self.job.batch_size / summary["step_s"]
         return {"per_sample": self.flops["per_sample"], "achieved_per_s": achieved, "peak_per_s": peak,

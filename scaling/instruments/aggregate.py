@@ -15,7 +15,12 @@ waited for; in a synchronised step every rank's ``step_s`` is about equal, so
 
 The summary's shares are shares of the total measured time (each part summed
 over the measured steps, divided by the summed ``step_s``), so that a stall on
-one step in five counts for what it costs.
+one step in five counts for what it costs. ``comm_wait_frac`` (mean over
+ranks) is the part of ``comm_exposed_frac`` spent waiting; the verdict weighs
+the waiting by ``comm_wait_max_frac``, that of the rank that waited most: when
+one rank of two stalls 60 ms in data loading, the mean data share and the mean
+waiting share are both about half the stall, but the cause is one slow rank,
+which the waiting rank sees whole.
 """
 
 from __future__ import annotations
@@ -143,9 +148,9 @@ def summarize(records: Sequence[dict[str, Any]], keys: Sequence[str], nulls: Seq
     if "compute_s" not in keys:
         return summary
     total = sum(step_times)
-    for name in (*SHARES, "comm_wait"):
-        key = f"{name}_s"
-        if key in keys:
+    for name, key in (*((n, f"{n}_s") for n in SHARES), ("comm_wait", "comm_wait_s"),
+                      ("comm_wait_max", "comm_wait_s_max")):
+        if key.removesuffix("_max") in keys:
             part = sum(r[key] for r in records)
             summary[f"{name}_frac"] = part / total if total > 0 else 0.0
         else:
@@ -156,11 +161,11 @@ def summarize(records: Sequence[dict[str, Any]], keys: Sequence[str], nulls: Seq
 
 
 def verdict(summary: dict[str, Any]) -> str:
-    """The largest of: exposed transfer, waiting for slower ranks, data loading, compute (with overhead)."""
-    wait = summary.get("comm_wait_frac") or 0.0
+    """The largest of: exposed transfer, waiting for slower ranks (as the rank that waited most saw it),
+    data loading, compute."""
     shares = {
-        "communication": (summary.get("comm_exposed_frac") or 0.0) - wait,
-        "straggler": wait,
+        "communication": (summary.get("comm_exposed_frac") or 0.0) - (summary.get("comm_wait_frac") or 0.0),
+        "straggler": summary.get("comm_wait_max_frac") or 0.0,
         "data": summary.get("data_frac") or 0.0,
         "compute": summary.get("compute_frac") or 0.0,
     }
@@ -171,13 +176,13 @@ def straggler(records: Sequence[dict[str, Any]], totals: dict[str, list[float]] 
               summary: dict[str, Any]) -> dict[str, Any] | None:
     """The rank the others waited for, and the phase of its step where it lost the time.
 
-    Named when the waiting is at least STRAGGLER_MIN_FRAC of the measured time.
+    Named when the rank that waited most waited at least STRAGGLER_MIN_FRAC of the measured time.
     The phase is the one in which that rank spent the most time beyond the
     other ranks' mean, counting only its own work (a phase's collective
     waiting is taken out: sync broadcasts from forward, exposed all-reduce
     from backward).
     """
-    if (summary.get("comm_wait_frac") or 0.0) < STRAGGLER_MIN_FRAC:
+    if (summary.get("comm_wait_max_frac") or 0.0) < STRAGGLER_MIN_FRAC:
         return None
     ranks = [r["slowest_rank"] for r in records]
     rank = max(set(ranks), key=ranks.count)

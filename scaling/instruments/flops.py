@@ -71,13 +71,27 @@ def gemm_probe_flops(device: torch.device, dtype: torch.dtype, size: int | None 
             return best
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype, concurrent: int = 1) -> float:
+def runs_in_tf32(device: torch.device, dtype: torch.dtype, convolutions: bool) -> bool:
+    """Whether the model's fp32 FLOPs really run in TF32 on this device.
+
+    PyTorch lets cuDNN use TF32 for fp32 convolutions by default, but runs
+    fp32 matrix products in full fp32 unless told otherwise: a ResNet's peak
+    is the TF32 one, a transformer's or an MLP's the fp32 one (some 8x lower
+    on an H100), unless the user enabled TF32 matmuls.
+    """
+    if device.type != "cuda" or dtype != torch.float32:
+        return False
+    return torch.backends.cudnn.allow_tf32 if convolutions else torch.backends.cuda.matmul.allow_tf32
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, concurrent: int = 1, tf32: bool = False) -> float:
     """The probe's result, from the cache when this host, device, threads and concurrency were probed before.
 
     ``concurrent`` processes of the job probe at once on this host, as they
-    train at once: on a CPU they share cores and memory bandwidth.
+    train at once: on a CPU they share cores and memory bandwidth. ``tf32``:
+    probe fp32 products with TF32 (see ``runs_in_tf32``).
     """
-    tf32 = device.type == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    tf32 = tf32 and device.type == "cuda" and dtype == torch.float32
     key = (f"{socket.gethostname()}|{_device_name(device)}|{device.type}|{'tf32' if tf32 else dtype}"
            f"|threads={torch.get_num_threads()}|processes={concurrent}")
     path = _cache_path()
@@ -87,10 +101,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype, concurrent: int = 1) ->
         cache = {}
     if key in cache:
         return float(cache[key])
-    # cuDNN runs fp32 convolutions in TF32 unless told otherwise: then the
-    # honest fp32 peak is the TF32 one, or MFU could exceed 1.
     previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32 or previous
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         value = gemm_probe_flops(device, dtype)
     finally:

@@ -1,0 +1,244 @@
+"""Every CUDA claim of the training job, checked on one GPU against a cause of known size, in one table.
+
+    python scripts/gpu_check.py [--out results.json] [--quick]
+
+Each row runs real jobs (``python -m scaling.train`` or ``torchrun``) and
+compares what the records say with something measured independently of the
+instruments: a plain loop written here, ``torch.cuda.max_memory_allocated``
+taken by that loop, a delay injected on purpose. Rows:
+
+  timing     CUDA-event step time vs the wall clock of the same run, and vs a plain loop
+  overhead   the framework's wall throughput vs the plain loop
+  memory     the run's CUDA peak vs the plain loop's max_memory_allocated
+  mfu        MFU against a bf16 peak in the GPU's range; fp32 matmul models against the fp32 (not TF32) peak
+  stall      a 50 ms data stall per step recovered in data_s
+  comm       2 ranks on one GPU (gloo on CUDA tensors): a 30 ms delay per bucket recovered in comm_s
+  straggler  one of the 2 ranks stalled 60 ms per step: bound=straggler, that rank named, comm_wait_s recovered
+  nccl       NCCL initialises and all-reduces (commbench, 1 rank)
+
+Exit status 0 when every row passes. Needs one CUDA device; it takes about
+4 minutes on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESNET = ["+exp=resnet", "model=resnet50", "data.image_size=224", "train.amp=bf16", "train.batch_size=64",
+          "data.num_samples=1024", "logger.wandb.mode=disabled", "train.log_every=10"]
+MLP = ["+exp=mlp", "model.in_features=4096", "model.hidden=4096", "model.layers=4", "train.batch_size=256",
+       "data.num_samples=4096", "dist.bucket_cap_mb=25", "logger.wandb.mode=disabled", "train.log_every=5",
+       "instrument.flops=false"]
+TRANSFORMER = ["+exp=transformer", "model.d_model=1024", "model.n_layers=4", "model.n_heads=16", "model.d_ff=4096",
+               "data.seq_len=512", "train.batch_size=16", "data.num_samples=512", "logger.wandb.mode=disabled",
+               "train.log_every=10"]
+
+PLAIN_LOOP = r'''
+import json, sys, time
+import torch, torch.nn.functional as F, torchvision
+from torch.utils.data import DataLoader, TensorDataset
+steps, warmup, batch, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+device = torch.device("cuda")
+gen = torch.Generator().manual_seed(0)
+data = TensorDataset(torch.randn(1024, 3, 224, 224, generator=gen), torch.randint(0, 10, (1024,), generator=gen))
+loader = DataLoader(data, batch_size=batch, shuffle=True, drop_last=True, pin_memory=True, generator=gen)
+torch.manual_seed(0)
+model = torchvision.models.resnet50(weights=None, num_classes=10).to(device)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+it = iter(loader)
+for step in range(warmup + steps):
+    if step == warmup:
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); start = time.perf_counter()
+    try:
+        x, y = next(it)
+    except StopIteration:
+        it = iter(loader); x, y = next(it)
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+torch.cuda.synchronize()
+wall = time.perf_counter() - start
+json.dump({"step_s": wall / steps, "samples_per_s": batch * steps / wall,
+           "max_memory_allocated": torch.cuda.max_memory_allocated()}, open(out, "w"))
+'''
+
+
+class Check:
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def row(self, name: str, what: str, measured: str, expected: str, ok: bool) -> None:
+        self.rows.append({"check": name, "what": what, "measured": measured, "expected": expected, "ok": bool(ok)})
+        print(f"[{'PASS' if ok else 'FAIL'}] {name}: {what}: {measured} (expected {expected})", flush=True)
+
+    def fail(self, name: str, error: str) -> None:
+        self.row(name, "ran", error[-400:].replace("\n", " | "), "exit 0", False)
+
+
+def env(**extra: str) -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    out.update(PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="4",
+               PYTHONUNBUFFERED="1")
+    out.update(extra)
+    return out
+
+
+def run(cmd: list[str], timeout: float = 240, **extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=env(**extra), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit {proc.returncode}: {' '.join(cmd[:6])}…\n{proc.stdout[-1500:]}\n{proc.stderr[-2500:]}")
+    return proc
+
+
+def train(root: Path, name: str, overrides: list[str], nproc: int = 1, **extra: str) -> dict:
+    args = ["-m", "scaling.train", *overrides, f"paths.root={root}", f"study.name={name}"]
+    if nproc == 1:
+        run([sys.executable, *args], **extra)
+    else:
+        run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
+            **extra)
+    run_dir = next(p for p in (root / name).iterdir() if p.is_dir())
+    record = json.loads((run_dir / "run.json").read_text())
+    record["_steps"] = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines() if line]
+    return record
+
+
+def within(value: float, target: float, rel: float) -> bool:
+    return abs(value - target) <= rel * abs(target)
+
+
+def check_single_gpu(check: Check, root: Path, steps: int) -> None:
+    plain_out = root / "plain.json"
+    run([sys.executable, "-c", PLAIN_LOOP, str(steps), "5", "64", str(plain_out)])
+    plain = json.loads(plain_out.read_text())
+    inst = train(root, "resnet", [*RESNET, f"train.steps={steps}", "train.warmup_steps=5"])
+    s, mem, flops = inst["summary"], inst["memory"]["max"], inst["flops"]
+    wall_step = s["measured_wall_s"] / s["steps"]
+    mean_event_step = statistics.mean(r["step_s"] for r in inst["_steps"])
+    check.row("timing", "mean CUDA-event step_s vs wall clock / steps (same run)",
+              f"{mean_event_step * 1e3:.2f} ms vs {wall_step * 1e3:.2f} ms", "within 3 %",
+              within(mean_event_step, wall_step, 0.03))
+    check.row("timing", "median step_s vs a plain loop's wall step",
+              f"{s['step_s'] * 1e3:.2f} ms vs {plain['step_s'] * 1e3:.2f} ms", "within 5 %",
+              within(s["step_s"], plain["step_s"], 0.05))
+    check.row("overhead", "framework wall throughput / plain loop",
+              f"{s['wall_samples_per_s']:.0f} / {plain['samples_per_s']:.0f} = "
+              f"{s['wall_samples_per_s'] / plain['samples_per_s']:.3f}", ">= 0.98",
+              s["wall_samples_per_s"] / plain["samples_per_s"] >= 0.98)
+    check.row("memory", "run peak vs plain loop max_memory_allocated (after warm-up)",
+              f"{mem['peak'] / 2**20:.0f} MiB vs {plain['max_memory_allocated'] / 2**20:.0f} MiB", "within 10 %",
+              within(mem["peak"], plain["max_memory_allocated"], 0.10))
+    parts = sum(mem[k] or 0 for k in ("params", "grads", "optimizer_state", "activations", "autocast_weights"))
+    check.row("memory", "params+grads+optimizer+activations+autocast weights vs peak",
+              f"{parts / 2**20:.0f} MiB vs {mem['peak'] / 2**20:.0f} MiB", "0.6..1.05 x peak",
+              0.6 * mem["peak"] <= parts <= 1.05 * mem["peak"])
+    check.row("memory", "autocast weight copies (bf16) vs half the fp32 params",
+              f"{(mem['autocast_weights'] or 0) / 2**20:.1f} MiB vs {mem['params'] / 2 / 2**20:.1f} MiB",
+              "0.8..1.05 x (batch-norm weights stay fp32)",
+              0.8 * mem["params"] / 2 <= (mem["autocast_weights"] or 0) <= 1.05 * mem["params"] / 2)
+    check.row("mfu", "bf16 GEMM peak probe (resnet50, bf16 autocast)",
+              f"{flops['peak_per_s'] / 1e12:.0f} TFLOP/s, MFU {100 * flops['mfu']:.1f} %",
+              "peak 400..1000 TFLOP/s, 0 < MFU < 1", 400e12 <= flops["peak_per_s"] <= 1000e12 and 0 < flops["mfu"] < 1)
+    independent = flops["per_sample"] * 64 / plain["step_s"]
+    check.row("mfu", "achieved FLOP/s vs per_sample x batch / plain step",
+              f"{flops['achieved_per_s'] / 1e12:.1f} vs {independent / 1e12:.1f} TFLOP/s", "within 5 %",
+              within(flops["achieved_per_s"], independent, 0.05))
+
+    stalled = train(root, "stall", [*RESNET, "train.steps=10", "train.warmup_steps=3"],
+                    SCALING_INJECT_STALL="data:0.05")
+    gained = stalled["summary"]["data_s"] - s["data_s"]
+    check.row("stall", "a 50 ms host stall in data loading, seen in data_s (CUDA events)",
+              f"+{gained * 1e3:.1f} ms, bound {stalled['summary']['bound']}", "50 ms within 10 %",
+              within(gained, 0.05, 0.10))
+
+    tf = train(root, "fp32", [*TRANSFORMER, "train.steps=10", "train.warmup_steps=3"])
+    peak = tf["flops"]["peak_per_s"]
+    check.row("mfu", "fp32 transformer: probe peak is fp32 (TF32 matmuls off by default)",
+              f"{peak / 1e12:.0f} TFLOP/s, MFU {100 * tf['flops']['mfu']:.1f} %", "peak 20..120 TFLOP/s, MFU < 1",
+              20e12 <= peak <= 120e12 and 0 < tf["flops"]["mfu"] < 1)
+
+
+def check_two_ranks(check: Check, root: Path) -> None:
+    shared = [*MLP, "dist.backend=gloo", "dist.device=cuda", "train.steps=6", "train.warmup_steps=2",
+              "comm.hook=tests.comm_hooks:delayed_allreduce"]
+    base = train(root, "comm0", shared, nproc=2, SCALING_TEST_DELAY_S="0")
+    slow = train(root, "comm1", shared, nproc=2, SCALING_TEST_DELAY_S="0.03")
+    buckets = slow["summary"]["comm_buckets"]
+    grown = slow["summary"]["comm_s"] - base["summary"]["comm_s"]
+    check.row("comm", f"30 ms per bucket x {buckets:.0f} buckets, seen in comm_s (CUDA events in the hook)",
+              f"+{grown * 1e3:.1f} ms (expected {buckets * 30:.0f} ms)", "within 25 %",
+              within(grown, buckets * 0.03, 0.25))
+    exposed = slow["summary"]["comm_exposed_s"] - base["summary"]["comm_exposed_s"]
+    check.row("comm", "the same delay in comm_exposed_s", f"+{exposed * 1e3:.1f} ms", f"{buckets * 30:.0f} ms within 40 %",
+              within(exposed, buckets * 0.03, 0.40))
+    strag = train(root, "straggler", [*MLP, "dist.backend=gloo", "dist.device=cuda", "train.steps=6",
+                                      "train.warmup_steps=2"], nproc=2, SCALING_INJECT_STALL="data:0.06@rank=1")
+    s = strag["summary"]
+    waits = statistics.median(r["comm_wait_s_max"] for r in strag["_steps"])
+    info = s.get("straggler") or {}
+    check.row("straggler", "rank 1 stalled 60 ms/step: bound, rank, phase, comm_wait_s of the waiting rank",
+              f"{s['bound']}, rank {info.get('rank')}, {info.get('phase')}, {waits * 1e3:.1f} ms",
+              "straggler, rank 1, data, 60 ms within 20 %",
+              s["bound"] == "straggler" and info.get("rank") == 1 and info.get("phase") == "data"
+              and within(waits, 0.06, 0.20))
+
+
+def check_nccl(check: Check, root: Path) -> None:
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+         "scaling.commbench", "commbench.ops=[all_reduce]", "commbench.min_bytes=1048576",
+         "commbench.max_bytes=67108864", "commbench.iters=10", "dist.backend=nccl", f"paths.root={root}"])
+    result = json.loads(next(root.glob("commbench/*/commbench.json")).read_text())
+    largest = max(result["results"], key=lambda r: r["bytes"])
+    check.row("nccl", "commbench all_reduce on NCCL (1 rank)",
+              f"backend {result['backend']}, {largest['bytes'] >> 20} MiB in {largest['time_s'] * 1e6:.0f} us",
+              "backend nccl, a time > 0", result["backend"] == "nccl" and largest["time_s"] > 0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="also write the table as JSON here")
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device visible; nothing to check", file=sys.stderr)
+        return 2
+    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}, "
+          f"{torch.cuda.get_device_name()}", flush=True)
+    check = Check()
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for name, step in (("single-gpu", lambda: check_single_gpu(check, root, args.steps)),
+                           ("two-ranks", lambda: check_two_ranks(check, root)),
+                           ("nccl", lambda: check_nccl(check, root))):
+            try:
+                step()
+            except Exception as exc:  # one failing group must not hide the others
+                check.fail(name, str(exc))
+    print(f"\n{'check':<10} {'ok':<5} {'what':<78} measured  [expected]")
+    for r in check.rows:
+        print(f"{r['check']:<10} {'PASS' if r['ok'] else 'FAIL':<5} {r['what'][:78]:<78} {r['measured']}  [{r['expected']}]")
+    print(f"\n{sum(r['ok'] for r in check.rows)} passed, {sum(not r['ok'] for r in check.rows)} failed "
+          f"in {time.time() - started:.0f} s")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(),
+                                              "rows": check.rows}, indent=1))
+    return 0 if all(r["ok"] for r in check.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
