@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -124,3 +125,45 @@ def test_config_mistakes_end_with_one_line(override: str, expected: str, tmp_pat
 def test_help_names_the_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.run("scaling.commbench", commbench.main, "commbench", argv=["--help"]) == 0
     assert "scaling.commbench" in capsys.readouterr().out
+
+
+SIDE_BY_SIDE = '''
+import json, statistics, sys, time
+import torch, torch.distributed as dist
+from scaling import cli, commbench, dist as distsetup
+
+settings = commbench.parse(cli.compose_config(["commbench.iters=10", "commbench.warmup_iters=2"], "commbench"))
+ctx = distsetup.init(distsetup.detect(), settings.dist)
+size = int(sys.argv[2])
+n = ctx.world_size
+rounds = []
+for _ in range(7):  # side by side, so that a load that comes and goes hits both alike
+    case = commbench.torch_case("all_reduce", size // 4, n, ctx.device)
+    bench = commbench.measure(ctx, case, "all_reduce", "torch", size, settings.bench)
+    buf = torch.zeros(size // 4)
+    dist.all_reduce(buf)
+    dist.barrier()
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        dist.all_reduce(buf)
+        times.append(time.perf_counter() - start)
+    # A ring all-reduce moves 2(n-1)/n of the message through each rank's link.
+    timed_busbw = size / statistics.median(times) / 1e9 * 2 * (n - 1) / n
+    rounds.append({"commbench": bench.busbw_GBps, "timed": timed_busbw})
+if ctx.rank == 0:
+    with open(sys.argv[1], "w") as out:
+        json.dump(rounds, out)
+distsetup.teardown()
+'''
+
+
+def test_all_reduce_bus_bandwidth_agrees_with_a_timing_of_dist_all_reduce(tmp_path: Path) -> None:
+    script, out = tmp_path / "side_by_side.py", tmp_path / "rounds.json"
+    script.write_text(SIDE_BY_SIDE)
+    check(run_torchrun(2, [str(script), str(out), str(16 * 2**20)]))
+    rounds = json.loads(out.read_text())
+    for r in rounds:
+        print(f"all_reduce 16 MiB on 2 ranks: commbench {r['commbench']:.3f} GB/s, timed here {r['timed']:.3f} GB/s")
+    ratios = sorted(r["commbench"] / r["timed"] for r in rounds)
+    assert ratios[len(ratios) // 2] == pytest.approx(1.0, rel=0.25)
