@@ -7,6 +7,13 @@ intra-op threads per process, so the points differ only in the number of
 processes. The study resumes: a point whose run.json says ``completed`` is not
 run again, and a failed or interrupted one is moved aside and rerun. It ends with
 the report (``scaling.report``) over the study folder.
+
+With ``study.controls=true`` (the default) each repeat also runs, for every
+per-rank batch B of a multi-process point, one single-process control point
+``solo-b<B>-r<r>``: plain ``python -m scaling.train`` (no launcher, no peer) at
+per-rank batch B. A world-size-1 point of the study at batch B already is that
+control, so none is run for B then. The report splits the lost efficiency with
+it (scaling.report.waterfall).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 from omegaconf import DictConfig, ListConfig
 
 from scaling import cli, config
@@ -35,8 +43,10 @@ KINDS = ("strong", "weak")
 STUDY_JSON = "study.json"
 # Keys the study sets for every point; the user's values for them are replaced.
 POINT_KEYS = ("study.name", "paths.root", "paths.run_id", "dist.threads", "train.global_batch_size")
+# A control point sets the per-rank batch itself as well.
+CONTROL_KEYS = (*POINT_KEYS, "train.batch_size")
 # Keys that may change when a study is resumed (extending it is fine); any other difference is refused.
-RESUMABLE_KEYS = ("study.nprocs", "study.repeats", "study.fail_fast", "paths.", "logger.")
+RESUMABLE_KEYS = ("study.nprocs", "study.repeats", "study.fail_fast", "study.controls", "paths.", "logger.")
 STOP_GRACE_S = 30.0
 
 
@@ -44,10 +54,28 @@ STOP_GRACE_S = 30.0
 class Point:
     world_size: int
     repeat: int
+    solo_batch: int | None = None
+    """Set for a single-process control point: its per-rank batch."""
+
+    @property
+    def is_control(self) -> bool:
+        return self.solo_batch is not None
 
     @property
     def run_id(self) -> str:
+        if self.solo_batch is not None:
+            return f"solo-b{self.solo_batch}-r{self.repeat}"
         return f"n{self.world_size}-r{self.repeat}"
+
+    @property
+    def group(self) -> str:
+        """Points that take about as long as each other (for the time estimate)."""
+        return "solo" if self.is_control else f"n{self.world_size}"
+
+    def describe(self) -> str:
+        if self.solo_batch is not None:
+            return f"solo control (1 process, no peer) at per-rank batch {self.solo_batch}"
+        return f"{self.world_size} process(es)"
 
 
 @dataclass(frozen=True)
@@ -71,15 +99,26 @@ class StudySpec:
     root: Path
     user_overrides: tuple[str, ...]
     """The user's Hydra overrides, forwarded to every point (but for the keys the study sets per point)."""
+    controls: bool = True
+    """Run a single-process control point for every per-rank batch no world-size-1 point covers."""
 
     @property
     def dir(self) -> Path:
         return self.root / self.name
 
+    def control_batches(self) -> tuple[int, ...]:
+        """Per-rank batches of multi-process points that no world-size-1 point of the study runs."""
+        if not self.controls:
+            return ()
+        covered = {self.batch_per_rank(1)} if 1 in self.nprocs else set()
+        return tuple(sorted({self.batch_per_rank(n) for n in self.nprocs if n > 1} - covered))
+
     def points(self) -> list[Point]:
         # Repeat-major order: the first pass gives a whole curve early, and slow drift of
         # the machine (other load, heat) spreads over all world sizes instead of biasing one.
-        return [Point(n, r) for r in range(self.repeats) for n in self.nprocs]
+        # A repeat's controls run right after its points, under the same conditions.
+        return [p for r in range(self.repeats)
+                for p in [*(Point(n, r) for n in self.nprocs), *(Point(1, r, b) for b in self.control_batches())]]
 
     def batch_per_rank(self, world_size: int) -> int:
         if self.kind == "strong":
@@ -100,6 +139,8 @@ class StudySpec:
             "global_batch_size": self.global_batch_size,
             "batch_size_per_rank": {str(n): self.batch_per_rank(n) for n in self.nprocs},
             "launcher": "torchrun --standalone",
+            "controls": self.controls,
+            "control_batches": list(self.control_batches()),
             "overrides": list(self.user_overrides),
         }
 
@@ -116,6 +157,8 @@ class Outcome:
     elapsed_s: float = 0.0
     error: str | None = None
     moved_aside: list[str] = field(default_factory=list)
+    solo_batch: int | None = None
+    """A control point's per-rank batch; None for a point of the study."""
 
 
 class StudyInterrupted(Exception):
@@ -138,6 +181,12 @@ def _int_list(key: str, value: Any) -> tuple[int, ...]:
         if not isinstance(item, int) or isinstance(item, bool) or item < 1:
             raise ConfigError(f"{key} must list positive integers, e.g. {key}=[1,2,4] (got {item!r} in {items})")
     return tuple(sorted(set(items)))
+
+
+def _boolean(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false (got {value!r})")
+    return value
 
 
 def _positive(key: str, value: Any) -> int:
@@ -175,16 +224,15 @@ def spec_from_config(cfg: DictConfig, user_overrides: Sequence[str]) -> StudySpe
         raise ConfigError(f"study.name must be a plain directory name (got {name!r})")
     nprocs = _int_list("study.nprocs", study.get("nprocs"))
     repeats = _positive("study.repeats", study.get("repeats", 1))
-    fail_fast = study.get("fail_fast", False)
-    if not isinstance(fail_fast, bool):
-        raise ConfigError(f"study.fail_fast must be true or false (got {fail_fast!r})")
+    fail_fast = _boolean("study.fail_fast", study.get("fail_fast", False))
+    controls = _boolean("study.controls", study.get("controls", True))
     threads = resolve_threads(study.get("threads", "auto"), cfg.dist.threads, nprocs)
     global_batch, per_rank = _batch_sizes(kind, cfg, nprocs)
     return StudySpec(
         name=name, kind=kind, exp=str(cfg.get("exp_name", "default")), nprocs=nprocs, repeats=repeats,
         fail_fast=fail_fast, threads_per_process=threads, global_batch_size=global_batch,
         batch_size_per_rank=per_rank, root=Path(str(cfg.paths.root)).absolute(),
-        user_overrides=tuple(user_overrides),
+        user_overrides=tuple(user_overrides), controls=controls,
     )
 
 
@@ -213,14 +261,20 @@ def _batch_sizes(kind: str, cfg: DictConfig, nprocs: Sequence[int]) -> tuple[int
 def job_overrides(spec: StudySpec, point: Point) -> list[str]:
     extra = [f"study.name={spec.name}", f"paths.root={spec.root}", f"paths.run_id={point.run_id}",
              f"dist.threads={spec.threads_per_process}"]
-    if spec.kind == "strong":
+    if point.solo_batch is not None:
+        extra += ["train.global_batch_size=null", f"train.batch_size={point.solo_batch}"]
+    elif spec.kind == "strong":
         extra.append(f"train.global_batch_size={spec.global_batch_size}")
-    forwarded = [o for o in spec.user_overrides if override_key(o) not in POINT_KEYS]
+    owned = CONTROL_KEYS if point.is_control else POINT_KEYS
+    forwarded = [o for o in spec.user_overrides if override_key(o) not in owned]
     return [*forwarded, *extra]
 
 
 def job_command(spec: StudySpec, point: Point) -> list[str]:
-    """torchrun, as ``python -m torch.distributed.run`` so that it is the Python running the study."""
+    """torchrun, as ``python -m torch.distributed.run`` so that it is the Python running the study;
+    a control point is what a single-process user runs: ``python -m scaling.train``, no launcher."""
+    if point.is_control:
+        return [sys.executable, "-m", "scaling.train", *job_overrides(spec, point)]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={point.world_size}",
             "-m", "scaling.train", *job_overrides(spec, point)]
 
@@ -238,6 +292,8 @@ def check_points(spec: StudySpec) -> dict[str, Any]:
     run_cfg = config.parse(cli.compose_config(job_overrides(spec, first)))
     for n in spec.nprocs:
         run_cfg.train.per_rank_batch(n)
+    for control in (p for p in spec.points() if p.is_control and p.repeat == 0):
+        config.parse(cli.compose_config(job_overrides(spec, control)))
     return run_cfg.raw
 
 
@@ -329,25 +385,83 @@ def failure_reason(spec: StudySpec, point: Point, returncode: int) -> str:
     for line in reversed(lines):
         if "error" in line.lower() and not line.startswith(("[", "W", "I")):
             return line[:300]
-    return f"torchrun exited with status {returncode}"
+    return f"{'the job' if point.is_control else 'torchrun'} exited with status {returncode}"
 
 
-def stop_job(proc: subprocess.Popen) -> None:
-    """End torchrun and every rank: SIGTERM to the job's process group, SIGKILL after a grace period."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def stop_job(proc: subprocess.Popen, signum: int, run_dir: Path) -> None:
+    """End the job the way its user would have, so that it records why it stopped.
+
+    ``signum`` (SIGINT for Ctrl-C, SIGTERM for a scheduler's stop) goes once to the
+    job's own process: torchrun passes it on to every rank (each rank runs in a
+    session of its own), and each rank writes run.json ``failed`` with the cause.
+    It is sent once only: a second signal on a rank that is already writing its
+    failure would cut the record short. What is left after STOP_GRACE_S (torchrun,
+    ranks, their children) is killed. A job stopped before it could write its
+    record (during set-up) is marked failed here, with the cause.
+    """
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for signum, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(proc.pid, signum)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        family = _descendants(proc.pid)
+        try:
+            os.kill(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + STOP_GRACE_S
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        family += [p for p in _descendants(proc.pid) if p not in family]
+        _, alive = psutil.wait_procs(family, timeout=max(0.0, deadline - time.monotonic()))
+        if proc.poll() is None or alive:
+            _kill(proc, alive)
+        mark_stopped(run_dir, signum)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _kill(proc: subprocess.Popen, processes: Sequence[psutil.Process]) -> None:
+    for target in (*processes, *_descendants(proc.pid)):
+        try:
+            target.kill()
+        except psutil.Error:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=10.0)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def stop_cause(signum: int) -> str:
+    if signum == signal.SIGINT:
+        return "interrupted (Ctrl-C / SIGINT to the study)"
+    return f"interrupted ({signal.Signals(signum).name} to the study)"
+
+
+def mark_stopped(run_dir: Path, signum: int) -> None:
+    """run.json still says running after the job is gone: it was stopped before it could say so itself."""
+    from scaling.records import write_json
+
+    path = run_dir / "run.json"
+    try:
+        run = read_json_object(path)
+    except ValueError:
+        return
+    if run.get("status") == "running":
+        run.update(status="failed", error=f"{stop_cause(signum)}, before the job recorded it", failed_at=time.time())
+        write_json(path, run)
 
 
 def run_point(spec: StudySpec, point: Point) -> Outcome:
@@ -363,14 +477,18 @@ def run_point(spec: StudySpec, point: Point) -> Outcome:
                                 env=job_env(spec), start_new_session=True)
         try:
             returncode = proc.wait()
+        except KeyboardInterrupt:
+            stop_job(proc, signal.SIGINT, spec.dir / point.run_id)
+            raise
         except BaseException:
-            stop_job(proc)
+            stop_job(proc, signal.SIGTERM, spec.dir / point.run_id)
             raise
     elapsed_s = time.monotonic() - started
     if returncode == 0 and point_state(spec.dir / point.run_id) == "completed":
-        return Outcome(point.run_id, point.world_size, point.repeat, "completed", elapsed_s)
+        return Outcome(point.run_id, point.world_size, point.repeat, "completed", elapsed_s,
+                       solo_batch=point.solo_batch)
     return Outcome(point.run_id, point.world_size, point.repeat, "failed", elapsed_s,
-                   error=failure_reason(spec, point, returncode))
+                   error=failure_reason(spec, point, returncode), solo_batch=point.solo_batch)
 
 
 # -- progress ---------------------------------------------------------------------------------
@@ -388,21 +506,22 @@ class Progress:
 
     total: int
     started: float = field(default_factory=time.monotonic)
-    durations_s: dict[int, list[float]] = field(default_factory=dict)
+    durations_s: dict[str, list[float]] = field(default_factory=dict)
+    """Elapsed seconds of the points run, by Point.group."""
 
-    def record(self, world_size: int, elapsed_s: float) -> None:
-        self.durations_s.setdefault(world_size, []).append(elapsed_s)
+    def record(self, point: Point, elapsed_s: float) -> None:
+        self.durations_s.setdefault(point.group, []).append(elapsed_s)
 
     def estimate_s(self, remaining: Sequence[Point]) -> float | None:
         every = [d for ds in self.durations_s.values() for d in ds]
         if not every:
             return None
         fallback = sum(every) / len(every)
-        return sum(_mean(self.durations_s.get(p.world_size)) or fallback for p in remaining)
+        return sum(_mean(self.durations_s.get(p.group)) or fallback for p in remaining)
 
     def line(self, index: int, point: Point, repeats: int, remaining: Sequence[Point]) -> str:
         eta = self.estimate_s(remaining)
-        return (f"[point {index}/{self.total}] {point.run_id}: {point.world_size} process(es), "
+        return (f"[point {index}/{self.total}] {point.run_id}: {point.describe()}, "
                 f"repeat {point.repeat + 1}/{repeats}  elapsed {fmt_duration(time.monotonic() - self.started)}  "
                 f"eta {fmt_duration(eta) if eta is not None else '?'}")
 
@@ -468,13 +587,28 @@ def announce(spec: StudySpec) -> None:
     if crowded:
         print(f"  note: from {crowded[0]} processes on, processes x threads exceed the {available_cores()} cores here; "
               "those points measure contention for cores as well as scaling", flush=True)
+    print(f"  {controls_line(spec)}", flush=True)
     print(f"  records: {spec.dir}", flush=True)
+
+
+def controls_line(spec: StudySpec) -> str:
+    if not spec.controls:
+        return ("controls: none (study.controls=false); the report cannot split the lost efficiency into "
+                "smaller batch, contention and interference")
+    batches = spec.control_batches()
+    covered = (f"; per-rank batch {spec.batch_per_rank(1)} is run by the 1-process point itself"
+               if 1 in spec.nprocs and len(spec.nprocs) > 1 else "")
+    if not batches:
+        return f"controls: no solo control point needed{covered}"
+    names = ", ".join(f"solo-b{b}" for b in batches)
+    return (f"controls: {names} per repeat (python -m scaling.train, 1 process, no peer, at the per-rank batch "
+            f"of the multi-process points){covered}")
 
 
 def execute(spec: StudySpec, settings: dict[str, Any]) -> list[Outcome]:
     """Run every point not completed before; raises StudyInterrupted after stopping a running job."""
     points = spec.points()
-    outcomes = [Outcome(p.run_id, p.world_size, p.repeat, "pending") for p in points]
+    outcomes = [Outcome(p.run_id, p.world_size, p.repeat, "pending", solo_batch=p.solo_batch) for p in points]
     started_at = time.time()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     progress = Progress(total=len(points))
@@ -496,7 +630,7 @@ def execute(spec: StudySpec, settings: dict[str, Any]) -> list[Outcome]:
             print(progress.line(index, point, spec.repeats, [point, *remaining]), flush=True)
             result = run_point(spec, point)
             outcome.status, outcome.elapsed_s, outcome.error = result.status, result.elapsed_s, result.error
-            progress.record(point.world_size, result.elapsed_s)
+            progress.record(point, result.elapsed_s)
             print(f"    {point.run_id} {result_line(spec, point, result)}", flush=True)
             write_study_json(spec, settings, outcomes, "running", started_at)
             if result.status == "failed" and spec.fail_fast:

@@ -66,7 +66,9 @@ class Study:
         """One row per world size: medians over the completed repeats."""
         out = []
         for n in self.world_sizes:
-            done = [r for r in self.rows if r.get("world_size") == n and r.get("step_s") is not None]
+            # Control points (solo-b<B>) are not points of the curve; they enter through the loss columns.
+            done = [r for r in self.rows if r.get("world_size") == n and r.get("step_s") is not None
+                    and r.get("role") in (None, "point")]
             if not done:
                 continue
             point: dict[str, Any] = {"world_size": n}

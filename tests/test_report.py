@@ -237,3 +237,161 @@ def test_wandb_flag_without_wandb_support_says_so(strong, tmp_path, monkeypatch,
 def test_missing_study_folder_is_one_line(tmp_path):
     proc = run_report(tmp_path / "nope")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+# -- why efficiency is lost: the waterfall on records worked out by hand ------------------------
+
+
+def write_run(study: Path, run_id: str, world_size: int, batch: int, global_batch: int, summary: dict,
+              controls: dict | None = None, hook: str = "allreduce") -> None:
+    """A completed run.json as the training job writes it; at world size 1 every comm key is null."""
+    peer = world_size > 1
+    comm = {k: (summary.get(k) if peer else None) for k in ("comm_s", "comm_exposed_s", "comm_wait_s", "comm_sync_s",
+                                                           "overlap", "comm_bytes", "comm_wire_bytes", "comm_buckets",
+                                                           "algbw_GBps", "busbw_GBps", "comm_wait_frac")}
+    full = {"samples_per_s": global_batch / summary["step_s"], "compute_frac": 0.6, "comm_exposed_frac": 0.2 if peer
+            else 0.0, "data_frac": 0.1, "other_frac": 0.1 if peer else 0.3, "bound": "compute", "straggler": None,
+            **summary, **comm}
+    folder = study / run_id
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({
+        "status": "completed", "run_id": run_id, "world_size": world_size, "nodes": 1, "backend": "gloo",
+        "launcher": "torchrun" if peer else "single", "batch_size_per_rank": batch, "global_batch_size": global_batch,
+        "threads_per_process": 1, "comm_hook": hook, "summary": full, "controls": controls,
+        "memory": {"max": {"params": 1000, "grads": 1000, "optimizer_state": 0, "activations": 10,
+                           "comm_buffers": 1000 if peer else None, "peak": 5000, "rss_peak": 9000}}}))
+
+
+def hand_study(root: Path, with_controls: bool = True) -> Path:
+    """Strong scaling of a global batch of 8 over 1 and 2 processes, in seconds per step:
+
+    T(1) = 0.100, so T_ideal(2) = 0.050; T(2) = 0.160: 0.110 lost, 68.75 points of efficiency (100 x 0.110/0.160).
+    solo-b4 (one process at the per-rank batch of 2 processes): S = 0.058, data 0.003, other 0.001.
+    At 2 processes: no-comm control C = 0.081, data 0.006, other 0.004, exposed 0.052 of which waiting 0.012.
+
+      smaller batch  S - T_ideal                   = 0.058 - 0.050                 = 0.008   5.0   points
+      contention     C - S - d - o                 = 0.081 - 0.058 - 0.003 - 0.003 = 0.017  10.625
+      data           d = 0.006 - 0.003             =                                 0.003   1.875
+      other          o = 0.004 - 0.001             =                                 0.003   1.875
+      interference   T - C - exposed               = 0.160 - 0.081 - 0.052         = 0.027  16.875
+      exposed        comm_exposed - comm_wait      = 0.052 - 0.012                 = 0.040  25.0
+      waiting        comm_wait                     =                                 0.012   7.5
+                                                                             sum     = 0.110  68.75
+    """
+    study = root / "hand"
+    study.mkdir(parents=True)
+    (study / "study.json").write_text(json.dumps({"name": "hand", "kind": "strong", "nprocs": [1, 2], "repeats": 1,
+                                                  "controls": with_controls}))
+    write_run(study, "n1-r0", 1, 8, 8, {"step_s": 0.100, "data_s": 0.004, "other_s": 0.002},
+              controls={"steps": 5, "nocomm_step_s": 0.099, "per_rank_step_s": [0.099]} if with_controls else None)
+    write_run(study, "n2-r0", 2, 4, 8, {
+        "step_s": 0.160, "data_s": 0.006, "other_s": 0.004, "comm_s": 0.060, "comm_exposed_s": 0.052,
+        "comm_wait_s": 0.012, "comm_wait_frac": 0.075, "overlap": 0.1333, "comm_bytes": 2e6, "comm_wire_bytes": 2e6,
+        "comm_buckets": 2, "busbw_GBps": 0.0333, "bound": "straggler",
+        "straggler": {"rank": 1, "phase": "optimizer", "lost_s": 0.011}},
+        controls={"steps": 5, "nocomm_step_s": 0.081, "per_rank_step_s": [0.080, 0.082]} if with_controls else None)
+    if with_controls:
+        write_run(study, "solo-b4-r0", 1, 4, 4, {"step_s": 0.058, "data_s": 0.003, "other_s": 0.001})
+    return study
+
+
+HAND_TERMS_S = {"batch": 0.008, "contention": 0.017, "data": 0.003, "other": 0.003, "interference": 0.027,
+                "comm_exposed": 0.040, "comm_wait": 0.012}
+
+
+def report_in_process(study: Path, capsys) -> str:
+    assert report_main([str(study)]) == 0
+    return capsys.readouterr().out
+
+
+def test_waterfall_splits_the_lost_time_as_worked_out_by_hand(tmp_path, capsys):
+    study = hand_study(tmp_path)
+    out = report_in_process(study, capsys)
+    rows = {r["run_id"]: r for r in read_csv(study / "results.csv")}
+    two = rows["n2-r0"]
+    assert float(two["world_step_s"]) == 0.160 and float(two["ideal_step_s"]) == pytest.approx(0.050, abs=1e-15)
+    for term, seconds in HAND_TERMS_S.items():
+        assert float(two[f"loss_{term}_s"]) == pytest.approx(seconds, abs=1e-12), term
+    assert sum(float(two[f"loss_{t}_s"]) for t in HAND_TERMS_S) == pytest.approx(0.160 - 0.050, abs=1e-12)
+    assert two["loss_unsplit_s"] == ""
+    one = rows["n1-r0"]
+    assert all(float(one[f"loss_{t}_s"]) == 0.0 for t in HAND_TERMS_S), "the 1-process baseline loses nothing"
+    # Points rounded so that they add up to the 69 shown (68.75 exactly).
+    sentence = ("Of the 69 points of efficiency lost at 2 processes (efficiency 31%): 5 smaller batch, 11 contention, "
+                "2 data loading, 2 framework overhead, 17 interference, 25 exposed all-reduce, "
+                "7 waiting for rank 1, slow in optimizer.")
+    assert sentence in out
+    md = (study / "report.md").read_text()
+    assert sentence in md
+    table = md.split("## Why efficiency is lost")[1].split("\n## ")[0]
+    assert "| + contention | 17.0 ms (+10.6 pts) |" in table and "| = measured step T | 160.0 ms |" in table
+    assert "| efficiency T_ideal/T | 31% |" in table
+    assert (study / "plots" / "waterfall.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_the_control_point_is_a_row_but_not_a_point_of_the_curve(tmp_path, capsys):
+    study = hand_study(tmp_path)
+    out = report_in_process(study, capsys)
+    rows = {r["run_id"]: r for r in read_csv(study / "results.csv")}
+    solo = rows["solo-b4-r0"]
+    assert (solo["role"], solo["world_size"], solo["batch_size_per_rank"]) == ("control", "1", "4")
+    assert solo["speedup"] == solo["efficiency"] == solo["loss_batch_s"] == ""
+    assert {rows[r]["role"] for r in ("n1-r0", "n2-r0")} == {"point"}
+    assert "from 1 process to 2: speedup 0.62x" in out, "the baseline is n1, not the faster solo control"
+
+
+def test_straggler_verdict_names_the_rank_and_the_phase(tmp_path, capsys):
+    out = report_in_process(hand_study(tmp_path), capsys)
+    line = next(x for x in out.splitlines() if "Straggler-bound" in x)
+    assert "Straggler-bound at 2 processes" in line and "waiting for slower ranks is 8% of the time" in line
+    assert "rank 1, which loses its time in optimizer (11.00 ms per step" in line
+
+
+def test_null_communication_at_one_process_is_a_dash_and_out_of_the_medians(tmp_path, capsys):
+    study = hand_study(tmp_path)
+    report_in_process(study, capsys)
+    rows = {r["run_id"]: r for r in read_csv(study / "results.csv")}
+    assert rows["n1-r0"]["comm_s"] == rows["n1-r0"]["busbw_GBps"] == rows["n1-r0"]["overlap"] == ""
+    scaling_table = (study / "report.md").read_text().split("## Scaling table")[1].split("\n## ")[0]
+    one = next(x for x in scaling_table.splitlines() if x.startswith("| 1 | 8 | 8 |"))
+    assert one.endswith("| 30% | – | – | compute |"), "hidden share and bus bandwidth: no value, no peer"
+
+
+def test_without_controls_the_terms_that_need_them_are_empty_and_the_finding_says_why(tmp_path, capsys):
+    study = hand_study(tmp_path, with_controls=False)
+    out = report_in_process(study, capsys)
+    two = {r["run_id"]: r for r in read_csv(study / "results.csv")}["n2-r0"]
+    for term in ("batch", "contention", "data", "other", "interference"):
+        assert two[f"loss_{term}_s"] == "", term
+    assert float(two["loss_comm_exposed_s"]) == pytest.approx(0.040, abs=1e-12)
+    assert float(two["loss_comm_wait_s"]) == pytest.approx(0.012, abs=1e-12)
+    assert float(two["loss_unsplit_s"]) == pytest.approx(0.110 - 0.052, abs=1e-12)
+    # 25 + 7.5 + 36.25 = 68.75: rounded to add up to 69.
+    assert ("Of the 69 points of efficiency lost at 2 processes (efficiency 31%): 25 exposed all-reduce, "
+            "8 waiting for rank 1, slow in optimizer, 36 not split (no solo control at per-rank batch 4 "
+            "(study.controls=false); no no-communication control steps at 2 processes") in out
+    table = (study / "report.md").read_text().split("## Why efficiency is lost")[1].split("\n## ")[0]
+    assert "| + smaller batch | – |" in table and "| + not split (control missing) | 58.0 ms (+36." in table
+
+
+def test_weak_waterfall_has_no_batch_term(tmp_path, capsys):
+    """Weak scaling, per-rank batch 4: T(1) = 0.050 is the ideal (and the solo control); T(2) = 0.080.
+
+    contention = C - T_ideal - d - o = 0.056 - 0.050 - 0.001 - 0.001 = 0.004; exposed 0.020 - 0.004 = 0.016;
+    waiting 0.004; interference = 0.080 - 0.056 - 0.020 = 0.004: with d and o, 0.030 = T - T_ideal.
+    """
+    study = tmp_path / "weakhand"
+    study.mkdir()
+    (study / "study.json").write_text(json.dumps({"name": "weakhand", "kind": "weak", "nprocs": [1, 2],
+                                                  "controls": True}))
+    write_run(study, "n1-r0", 1, 4, 4, {"step_s": 0.050, "data_s": 0.002, "other_s": 0.001})
+    write_run(study, "n2-r0", 2, 4, 8, {"step_s": 0.080, "data_s": 0.003, "other_s": 0.002, "comm_exposed_s": 0.020,
+                                        "comm_wait_s": 0.004, "comm_bytes": 1e6, "comm_buckets": 1},
+              controls={"steps": 5, "nocomm_step_s": 0.056, "per_rank_step_s": [0.056, 0.056]})
+    report_in_process(study, capsys)
+    two = {r["run_id"]: r for r in read_csv(study / "results.csv")}["n2-r0"]
+    expected = {"batch": 0.0, "contention": 0.004, "data": 0.001, "other": 0.001, "interference": 0.004,
+                "comm_exposed": 0.016, "comm_wait": 0.004}
+    for term, seconds in expected.items():
+        assert float(two[f"loss_{term}_s"]) == pytest.approx(seconds, abs=1e-12), term
+    assert float(two["ideal_step_s"]) == 0.050

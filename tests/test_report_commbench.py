@@ -95,6 +95,36 @@ def test_the_printed_line_names_reached_reference_fraction_bucket_and_commbench(
                                "(2 ranks on gloo, 1 node(s) (runs/commbench/cb-n2))")
 
 
+def compressed_run(summary: dict, hook: str) -> RunRecord:
+    full = {"step_s": 0.1, "samples_per_s": 10.0, **summary}
+    return RunRecord(study="s", folder=Path("runs/s/n2-r0"), status="completed", world_size=2, nodes=1, repeat=0,
+                     batch_per_rank=4, global_batch=8, threads_per_process=1, summary=full, memory_max={}, error=None,
+                     run={"backend": "gloo", "comm_hook": hook}, config={}, measured_steps=3)
+
+
+def test_a_compressing_hook_is_measured_by_the_bytes_it_sent():
+    """fp16 sends 1 MB for 2 MB of gradients, in 2 buckets (0.5 MB per call), busy 2 ms: 0.5 GB/s at n = 2.
+
+    commbench's model at 0.5 MB: t = 2e-4 + 0.5e6/1e9 = 7e-4 s, busbw = 0.5e6 / 7e-4 = 0.714 GB/s: 70%.
+    Counting gradient bytes would claim 1 GB/s at 1 MB buckets, 120% of the benchmark's 0.833 GB/s there.
+    """
+    wire = compressed_run({"comm_bytes": 2e6, "comm_wire_bytes": 1e6, "comm_buckets": 2, "busbw_GBps": 0.5}, "fp16")
+    # A record from before comm_wire_bytes: busbw was computed from the gradient bytes.
+    older = compressed_run({"comm_bytes": 2e6, "comm_buckets": 2, "busbw_GBps": 1.0}, "fp16")
+    for run in (wire, older):
+        assert run.busbw_GBps() == pytest.approx(0.5, rel=1e-12)
+        assert commbench.run_bucket_bytes(run) == pytest.approx(0.5e6, rel=1e-12)
+        _, at = commbench.per_run(run, [bench(2)])
+        assert at.fraction == pytest.approx(0.7, rel=1e-12)
+
+
+def test_powersgd_without_wire_bytes_is_not_compared():
+    older = compressed_run({"comm_bytes": 2e6, "comm_buckets": 2, "busbw_GBps": 1.0}, "powersgd")
+    assert older.busbw_GBps() is None
+    (line,) = commbench.study_lines(commbench.compare_study("s", [older], [bench(2)]))
+    assert "lack comm_wire_bytes" in line and "powersgd" in line
+
+
 def test_only_the_same_backend_matches_and_the_same_node_count_is_preferred():
     two_nodes, one_node, nccl = bench(2, nodes=2), bench(2, nodes=1), bench(2, backend="nccl")
     assert commbench.match([nccl, two_nodes, one_node], 2, "gloo", 1) is one_node

@@ -3,9 +3,13 @@
 ``python -m scaling.report runs/<study> --commbench runs/commbench/<run_id>`` reads
 the benchmark's ``commbench.json`` and, for every multi-process world size of the
 study, compares the bus bandwidth of the gradient all-reduce (run.json
-``summary.busbw_GBps``: gradient bytes over the union of the all-reduce intervals,
-times 2(n-1)/n) with what commbench measured for one all-reduce of the run's
-mean bucket size (``summary.comm_bytes / summary.comm_buckets``):
+``summary.busbw_GBps``: the bytes the hook sent over the union of the all-reduce
+intervals, times 2(n-1)/n) with what commbench measured for one all-reduce of the
+run's mean message size (``summary.comm_wire_bytes / summary.comm_buckets``).
+Both sides count the bytes really sent, so a compressing hook (fp16, bf16,
+powersgd) is not credited with bandwidth it did not use; records older than
+``comm_wire_bytes`` are corrected for fp16/bf16 from the hook's name
+(``RunRecord.busbw_GBps``), and left out for powersgd, whose wire bytes they cannot tell:
 
 - the reference is the fitted alpha-beta model of op ``all_reduce``, transport
   ``torch`` (``scaling.commfit``), evaluated at the mean bucket size; without a
@@ -204,10 +208,11 @@ def _median(values: Sequence[Any]) -> float | None:
 
 
 def run_bucket_bytes(run: RunRecord) -> float | None:
-    s = run.summary
-    if not isinstance(s.get("comm_bytes"), (int, float)) or not isinstance(s.get("comm_buckets"), (int, float)):
+    """Bytes on the wire per all-reduce call (the message size commbench is read at)."""
+    wire, buckets = run.wire_bytes(), run.number("comm_buckets")
+    if wire is None or buckets is None or buckets <= 0:
         return None
-    return mean_bucket_bytes(s["comm_bytes"], s["comm_buckets"]) if s["comm_buckets"] > 0 else None
+    return mean_bucket_bytes(wire, buckets)
 
 
 def match(benches: Sequence[Bench], world_size: int, backend: str | None, nodes: int | None) -> Bench | None:
@@ -232,9 +237,13 @@ def compare_runs(study: str, world_size: int, runs: Sequence[RunRecord], benches
                               f"no commbench result with world size {world_size} and backend {backend or '?'} "
                               f"among those given ({given}); run scaling.commbench with {world_size} ranks "
                               "to compare")
-    reached = _median([r.summary.get("busbw_GBps") for r in done])
+    reached = _median([r.busbw_GBps() for r in done])
     bucket = _median([run_bucket_bytes(r) for r in done])
     if reached is None or bucket is None:
+        if any(r.number("comm_bytes") is not None for r in done):
+            hooks = sorted({str(r.run.get("comm_hook")) for r in done})
+            return without(f"the runs lack comm_wire_bytes and their hook ({', '.join(hooks)}) compresses by an "
+                           "unknown factor: the bytes really sent are not known")
         return without("the runs record no gradient all-reduce (summary.busbw_GBps, comm_bytes, comm_buckets)")
     found = at_bucket(reached, bucket, bench.fit, bench.points)
     if found is None:
@@ -253,8 +262,8 @@ def per_run(run: RunRecord, benches: Sequence[Bench]) -> tuple[Bench, AtBucket] 
     if not run.completed or run.world_size < 2:
         return None
     bench = match(benches, run.world_size, run.run.get("backend"), run.nodes)
-    reached, bucket = run.summary.get("busbw_GBps"), run_bucket_bytes(run)
-    if bench is None or not isinstance(reached, (int, float)) or bucket is None:
+    reached, bucket = run.busbw_GBps(), run_bucket_bytes(run)
+    if bench is None or reached is None or bucket is None:
         return None
     found = at_bucket(float(reached), bucket, bench.fit, bench.points)
     return (bench, found) if found else None

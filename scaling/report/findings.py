@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from scaling.report import waterfall
 from scaling.report.configdiff import KeyDiff
 from scaling.report.metrics import SHARE_LABELS, SHARES, SizeStats, StudyStats, failed_points
 
@@ -70,12 +71,42 @@ def boundness(stats: StudyStats) -> str | None:
         hidden = f"; {pct(last.overlap)} of communication is hidden behind backward" if last.overlap is not None else ""
         return (f"Communication-bound {since}: at {procs(last.world_size)} the exposed all-reduce is "
                 f"{pct(share['comm_exposed'])} of the step (compute {pct(share['compute'])}){hidden}.")
+    if last.bound == "straggler":
+        return f"Straggler-bound {since}: at {procs(last.world_size)} {straggler_text(last)}."
     if last.bound == "data":
         return (f"Data-bound {since}: at {procs(last.world_size)} waiting for batches is {pct(share['data'])} of "
                 "the step; more loader workers (data.num_workers) or faster storage come first.")
     exposed = ", ".join(f"{pct(s.shares['comm_exposed'])} at {s.world_size}" for s in sizes)
     return (f"Compute-bound {since}: compute is {pct(share['compute'])} of the step at {procs(last.world_size)}; "
             f"exposed communication is {exposed} (share of the step by world size).")
+
+
+def straggler_text(size: SizeStats) -> str:
+    """Who the others wait for, where it loses its time, and how much of the step the waiting is."""
+    waiting = f"waiting for slower ranks is {pct(size.comm_wait_frac)} of the time" if size.comm_wait_frac else ""
+    who = size.straggler
+    if not who:
+        return waiting or "ranks wait for each other"
+    where = f" in {who['phase']}" if who.get("phase") else ""
+    lost = f" ({who['lost_s'] * 1e3:.2f} ms per step more than the others)" if who.get("lost_s") else ""
+    text = f"the ranks wait for rank {who['rank']}, which loses its time{where}{lost}"
+    if who.get("of", 1) > 1:
+        text += f" (named in {who['runs']} of {who['of']} repeats)"
+    return f"{waiting}: {text}" if waiting else text
+
+
+def stragglers(stats: StudyStats) -> str | None:
+    """A straggler named at a size whose verdict is not already "straggler" (there boundness names it)."""
+    named = [s for s in stats.sizes if s.straggler and s.bound != "straggler"]
+    if not named:
+        return None
+    size = named[-1]
+    return f"Straggler at {procs(size.world_size)}: {straggler_text(size)}."
+
+
+def lost_efficiency(stats: StudyStats) -> str | None:
+    """Where the efficiency went, in points, at the largest world size (scaling.report.waterfall)."""
+    return waterfall.finding(stats.waterfall) if stats.waterfall is not None else None
 
 
 def efficiency_loss(stats: StudyStats) -> str | None:
@@ -162,12 +193,18 @@ def fairness(stats: StudyStats) -> str | None:
 
 
 def failures(stats: StudyStats) -> list[str]:
-    return [f"Point {run_id} failed: {cause}." for run_id, cause in failed_points(stats)]
+    out = [f"Point {run_id} failed: {cause}." for run_id, cause in failed_points(stats)]
+    done = {(r.solo_batch, r.repeat) for r in stats.records.controls if r.completed}
+    for run in stats.records.controls:
+        if not run.completed and (run.solo_batch, run.repeat) not in done:
+            out.append(f"Control {run.run_id} failed: {run.error or 'status ' + run.status}.")
+            done.add((run.solo_batch, run.repeat))
+    return out
 
 
 def study_findings(stats: StudyStats) -> list[str]:
-    found = [headline(stats), boundness(stats), efficiency_loss(stats), communication(stats), memory(stats),
-             noise(stats), fairness(stats), *failures(stats)]
+    found = [headline(stats), lost_efficiency(stats), boundness(stats), stragglers(stats), efficiency_loss(stats),
+             communication(stats), memory(stats), noise(stats), fairness(stats), *failures(stats)]
     if not stats.sizes:
         found.insert(0, "No run of this study completed: nothing to measure.")
     return [f for f in found if f]

@@ -13,11 +13,13 @@ the spread over repeats (min and max of the per-run values) gives the error bars
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from scaling.report.records import RunRecord, StudyRecords
+from scaling.report.records import RunRecord, StudyRecords, common_straggler
+from scaling.report.waterfall import StudyWaterfall, study_waterfall
 
 SHARES = ("compute", "comm_exposed", "data", "other")
 SHARE_LABELS = {"compute": "compute", "comm_exposed": "exposed communication", "data": "data loading",
@@ -70,9 +72,15 @@ class SizeStats:
     comm_exposed_s: Spread | None
     overlap: float | None
     busbw_GBps: float | None
+    """Of the bytes really sent (comm_wire_bytes): a compressing hook's is not overstated."""
     memory_bytes: dict[str, float | None]
     """Median over repeats of the max over ranks, per category, plus peak and rss_peak."""
     bound: str | None
+    """compute | communication | straggler | data: the runs' own verdict (the most common over repeats)."""
+    comm_wait_frac: float | None = None
+    """Share of the time spent waiting for slower ranks (part of comm_exposed); None without a peer."""
+    straggler: dict[str, Any] | None = None
+    """The rank the others waited for and the phase where it lost its time (run.json summary.straggler)."""
 
 
 @dataclass
@@ -82,6 +90,8 @@ class StudyStats:
     sizes: list[SizeStats] = field(default_factory=list)
     run_speedup: dict[str, float] = field(default_factory=dict)
     run_efficiency: dict[str, float] = field(default_factory=dict)
+    waterfall: StudyWaterfall | None = None
+    """Why efficiency is lost, per world size."""
 
     @property
     def name(self) -> str:
@@ -122,6 +132,23 @@ def verdict(shares: dict[str, float]) -> str:
     return {"comm_exposed": "communication", "data": "data"}.get(largest, "compute")
 
 
+def size_bound(runs: Sequence[RunRecord], shares: dict[str, float]) -> str | None:
+    """The verdict the runs' records give (the most common over repeats; ties go to the median run's)."""
+    bounds = [r.summary.get("bound") for r in runs if isinstance(r.summary.get("bound"), str)]
+    if not bounds:
+        return verdict(shares) if shares else None
+    counts = Counter(bounds).most_common()
+    tied = [b for b, c in counts if c == counts[0][1]]
+    if len(tied) == 1:
+        return tied[0]
+    return _median_run(runs).summary.get("bound") if _median_run(runs).summary.get("bound") in tied else tied[0]
+
+
+def _median_run(runs: Sequence[RunRecord]) -> RunRecord:
+    ordered = sorted(runs, key=lambda r: r.number("step_s") or 0.0)
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def _shares(runs: Sequence[RunRecord]) -> dict[str, float]:
     medians = {name: _median([r.summary.get(f"{name}_frac") for r in runs]) for name in SHARES}
     if any(v is None for v in medians.values()):
@@ -156,9 +183,11 @@ def size_stats(kind: str, world_size: int, runs: list[RunRecord], t_base: float 
         comm_s=_spread(done, lambda r: r.summary.get("comm_s")),
         comm_exposed_s=_spread(done, lambda r: r.summary.get("comm_exposed_s")),
         overlap=_median([r.summary.get("overlap") for r in done]),
-        busbw_GBps=_median([r.summary.get("busbw_GBps") for r in done]),
+        busbw_GBps=_median([r.busbw_GBps() for r in done]),
         memory_bytes={k: _median([r.memory_max.get(k) for r in done]) for k in memory_keys},
-        bound=verdict(shares) if shares else None,
+        bound=size_bound(done, shares),
+        comm_wait_frac=_median([r.summary.get("comm_wait_frac") for r in done]),
+        straggler=common_straggler(done),
     )
 
 
@@ -177,7 +206,7 @@ def study_stats(records: StudyRecords) -> StudyStats:
     done = [r for r in records.runs if r.completed]
     base = min((r.world_size for r in done), default=None)
     t_base = _median([r.summary["step_s"] for r in done if r.world_size == base]) if base else None
-    stats = StudyStats(records, base)
+    stats = StudyStats(records, base, waterfall=study_waterfall(records))
     if t_base:
         for run in done:
             pair = scaling_pair(records.kind, t_base, run.summary["step_s"], base, run.world_size)
@@ -193,13 +222,15 @@ def study_stats(records: StudyRecords) -> StudyStats:
 
 def failed_points(stats: StudyStats) -> list[tuple[str, str]]:
     """(run id, cause) of points with no completed run; superseded failed attempts are not listed."""
-    completed = {(r.world_size, r.repeat) for r in stats.records.runs if r.completed}
-    out: dict[tuple[int, int | None], tuple[str, str]] = {}
+    completed = {(r.world_size, r.repeat, None) for r in stats.records.runs if r.completed}
+    completed |= {(1, r.repeat, r.solo_batch) for r in stats.records.controls if r.completed}
+    out: dict[tuple[int, int | None, int | None], tuple[str, str]] = {}
     for run in stats.records.runs:
-        key = (run.world_size, run.repeat)
+        key = (run.world_size, run.repeat, None)
         if not run.completed and key not in completed:
             out[key] = (run.run_id, run.error or f"status {run.status}")
     for point in stats.records.missing_points:
-        out.setdefault((point.get("world_size"), point.get("repeat")),
-                       (str(point.get("run_id")), str(point.get("error") or "failed before writing records")))
-    return [out[k] for k in sorted(out, key=lambda k: (k[0] or 0, k[1] or 0))]
+        key = (point.get("world_size"), point.get("repeat"), point.get("solo_batch"))
+        if key not in completed:
+            out.setdefault(key, (str(point.get("run_id")), str(point.get("error") or "failed before writing records")))
+    return [out[k] for k in sorted(out, key=lambda k: (k[2] is not None, k[0] or 0, k[1] or 0, k[2] or 0))]

@@ -19,6 +19,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
 
+from scaling.report import waterfall as wf  # noqa: E402
 from scaling.report.metrics import MEMORY_CATEGORIES, SHARE_LABELS, SHARES, Spread, StudyStats  # noqa: E402
 
 SHARE_COLORS = {"compute": "#4C72B0", "comm_exposed": "#C44E52", "data": "#DD8452", "other": "#8C8C8C"}
@@ -59,7 +60,8 @@ def _yerr(spreads: Sequence[Spread], scale: float = 1.0) -> list[list[float]] | 
 def _finish(fig: Figure, path: Path, note: str | None = SPREAD_NOTE) -> Path:
     if note:
         fig.text(0.01, 0.005, note, fontsize=8, color="#555555", ha="left", va="bottom")
-    fig.tight_layout(rect=(0, 0.03 if note else 0, 1, 1))
+    lines = note.count("\n") + 1 if note else 0
+    fig.tight_layout(rect=(0, 0.16 * lines / fig.get_figheight(), 1, 1))  # about one 8-pt line per 0.16 inch
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
@@ -260,12 +262,93 @@ def communication(studies: Sequence[StudyStats], path: Path) -> Path:
                               "hidden = 1 - exposed/busy (overlapped with backward)")
 
 
+WATERFALL_TOTAL = "#4C72B0"
+WATERFALL_LOSS = "#C44E52"
+WATERFALL_GAIN = "#55A868"
+WATERFALL_UNSPLIT = "#BBBBBB"
+WATERFALL_COLUMNS = 2
+WATERFALL_TICKS = {"batch": "smaller\nbatch", "contention": "contention", "data": "data\nloading",
+                   "other": "framework\noverhead", "interference": "interfer-\nence",
+                   "comm_exposed": "exposed\nall-reduce", "comm_wait": "waiting for\nslower ranks"}
+
+
+def _waterfall_bars(size: wf.SizeWaterfall) -> list[tuple[str, float, float, str, str]]:
+    """(label, bottom, height, colour, text) from T_ideal up to T; None terms are skipped, their sum shown
+    as one hatched "not split" bar."""
+    places = wf.ms_decimals(size.step_s)
+    bars = [("ideal\nT_ideal", 0.0, size.ideal_step_s, WATERFALL_TOTAL, f"{wf.ms(size.ideal_step_s, places)} ms")]
+    level = size.ideal_step_s
+    steps = [(_tick(t, size), v, False) for t, v in size.terms_s.items() if v is not None]
+    if size.unsplit_s is not None:
+        steps.append(("not split\n(control\nmissing)", size.unsplit_s, True))
+    for label, value, unsplit in steps:
+        colour = WATERFALL_UNSPLIT if unsplit else (WATERFALL_LOSS if value >= 0 else WATERFALL_GAIN)
+        text = f"{'+' if value >= 0 else '−'}{wf.ms(abs(value), places)} ms\n{size.points(value):+.1f} pts"
+        bars.append((label, level, value, colour, text))
+        level += value
+    bars.append(("measured\nT", 0.0, size.step_s, WATERFALL_TOTAL,
+                 f"{wf.ms(size.step_s, places)} ms\neff. {100 * size.efficiency:.0f}%"))
+    return bars
+
+
+def _tick(term: str, size: wf.SizeWaterfall) -> str:
+    if term == "comm_wait" and size.straggler:
+        return f"waiting for\nrank {size.straggler['rank']}"
+    return WATERFALL_TICKS[term]
+
+
+def _draw_waterfall(ax: Axes, size: wf.SizeWaterfall, title: str) -> None:
+    bars = _waterfall_bars(size)
+    xs = list(range(len(bars)))
+    scale = 1e3
+    for x, (label, bottom, height, colour, text) in zip(xs, bars):
+        hatch = "//" if colour == WATERFALL_UNSPLIT else None
+        ax.bar(x, height * scale, 0.7, bottom=bottom * scale, color=colour, hatch=hatch, edgecolor="#333333",
+               linewidth=0.5)
+        top = max(bottom, bottom + height) * scale
+        ax.annotate(text, (x, top), textcoords="offset points", xytext=(0, 3), ha="center", va="bottom", fontsize=7)
+    for x in xs[:-1]:  # connectors: each bar starts where the previous one ended
+        end = (bars[x][1] + bars[x][2]) * scale
+        ax.plot([x + 0.35, x + 0.65], [end, end], color="#555555", linewidth=0.6)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([b[0] for b in bars], fontsize=7)
+    highest = max(max(b[1], b[1] + b[2]) for b in bars) * scale
+    ax.set_ylim(0, highest * 1.25 if highest > 0 else 1.0)
+    ax.set_ylabel("time per step (ms)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def waterfall(studies: Sequence[StudyStats], path: Path) -> Path:
+    """Per study and world size: from T_ideal up to the measured T, one bar per term of the lost efficiency."""
+    panels = [(st, size) for st in studies if st.waterfall is not None for size in st.waterfall.shown()]
+    if not panels:
+        fig, ax = plt.subplots(figsize=(7.5, 3))
+        reasons = "; ".join(f"{st.name}: {st.waterfall.problem or 'only the baseline completed'}"
+                            for st in studies if st.waterfall is not None)
+        ax.text(0.5, 0.5, f"no waterfall to draw ({reasons})", ha="center", va="center", wrap=True)
+        ax.set_axis_off()
+        return _finish(fig, path, None)
+    columns = min(WATERFALL_COLUMNS, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, grid = plt.subplots(rows, columns, figsize=(0.6 + 7.4 * columns, 0.9 + 4.6 * rows), squeeze=False)
+    for ax, (st, size) in zip([a for row in grid for a in row], panels):
+        _draw_waterfall(ax, size, f"{st.name}: {wf.procs(size.world_size)} ({st.kind} scaling), "
+                                  f"{100 * size.efficiency:.0f}% efficient")
+    for ax in [a for row in grid for a in row][len(panels):]:
+        ax.set_axis_off()
+    return _finish(fig, path, "red: time lost per step, green: time gained; pts = points of efficiency (100 x term / T)\n"
+                              "medians over repeats; T_ideal = T(b)·b/N (strong) or T(b) (weak); hatched: not split, "
+                              "a control is missing")
+
+
 FIGURES = {
     "throughput.png": throughput,
     "efficiency.png": efficiency,
     "breakdown.png": breakdown,
     "memory.png": memory,
     "communication.png": communication,
+    "waterfall.png": waterfall,
 }
 
 

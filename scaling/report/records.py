@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,8 @@ from typing import Any
 import yaml
 
 RUN_ID = re.compile(r"^n(?P<world_size>\d+)-r(?P<repeat>\d+)$")
+CONTROL_ID = re.compile(r"^solo-b(?P<batch>\d+)-r(?P<repeat>\d+)(?:$|\.)")
+"""A study's single-process control point (a failed attempt moved aside keeps the prefix)."""
 REQUIRED = ("status", "world_size")
 SUMMARY_REQUIRED = ("step_s", "samples_per_s")
 
@@ -42,6 +47,8 @@ class RunRecord:
     """config.yaml flattened to dotted keys."""
     measured_steps: int
     """Lines in steps.jsonl (for a failed run: the steps kept)."""
+    solo_batch: int | None = None
+    """A study's single-process control point (solo-b<B>-r<R>): its per-rank batch B."""
 
     @property
     def run_id(self) -> str:
@@ -50,6 +57,43 @@ class RunRecord:
     @property
     def completed(self) -> bool:
         return self.status == "completed"
+
+    @property
+    def is_control(self) -> bool:
+        return self.solo_batch is not None
+
+    @property
+    def controls(self) -> dict[str, Any]:
+        """run.json ``controls`` (the no-communication steps); empty when the run has none."""
+        value = self.run.get("controls")
+        return value if isinstance(value, dict) else {}
+
+    def number(self, key: str) -> float | None:
+        """A summary value, or None where it is absent or null (comm keys at world size 1)."""
+        value = self.summary.get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def wire_bytes(self) -> float | None:
+        """Bytes the comm hook put on the wire per step (comm_wire_bytes; older records: from the hook's name)."""
+        wire = self.number("comm_wire_bytes")
+        if wire is not None:
+            return wire
+        grads = self.number("comm_bytes")
+        if grads is None:
+            return None
+        factor = WIRE_FACTOR.get(str(self.run.get("comm_hook") or "allreduce"))
+        return grads * factor if factor is not None else None
+
+    def busbw_GBps(self) -> float | None:
+        """Bus bandwidth of the bytes really sent. Records with comm_wire_bytes have it so already; older
+        records computed it from the gradient bytes, which overstates a compressing hook's."""
+        busbw = self.number("busbw_GBps")
+        if busbw is None or self.number("comm_wire_bytes") is not None:
+            return busbw
+        grads, wire = self.number("comm_bytes"), self.wire_bytes()
+        if wire is None or not grads:
+            return None
+        return busbw * wire / grads
 
 
 @dataclass
@@ -61,11 +105,26 @@ class StudyRecords:
     kind_source: str
     """study.json, run.json, or inferred from batch sizes."""
     runs: list[RunRecord]
+    """The study's points (world size N, repeat r), failed attempts included; controls apart."""
     definition: dict[str, Any]
     """study.json, when the study was run by ``scaling.study``."""
     missing_points: list[dict[str, Any]] = field(default_factory=list)
     """Points study.json lists as failed that left no run folder (the job died before making one)."""
     warnings: list[str] = field(default_factory=list)
+    controls: list[RunRecord] = field(default_factory=list)
+    """Single-process control points (solo-b<B>-r<R>), failed attempts included."""
+
+    def solo_runs(self, batch_per_rank: int | None) -> list[RunRecord]:
+        """Completed single-process runs at this per-rank batch: control points, and the study's own
+        world-size-1 points (which are the control for their batch)."""
+        return [r for r in (*self.runs, *self.controls)
+                if r.completed and r.world_size == 1 and batch_per_rank is not None
+                and r.batch_per_rank == batch_per_rank]
+
+
+WIRE_FACTOR = {"allreduce": 1.0, "mpi": 1.0, "fp16": 0.5, "bf16": 0.5}
+"""Wire bytes per gradient byte of the built-in hooks, for records older than comm_wire_bytes (powersgd's
+depends on its rank and the shapes: unknown)."""
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -139,13 +198,14 @@ def read_run(study: str, folder: Path) -> tuple[RunRecord | None, str | None]:
         warning = f"{path} says running: the job was interrupted (or is still running); reported as incomplete"
     memory = run.get("memory") if isinstance(run.get("memory"), dict) else {}
     match = RUN_ID.match(str(run.get("run_id", folder.name))) or RUN_ID.match(folder.name)
+    control = CONTROL_ID.match(folder.name)
     record = RunRecord(
         study=study,
         folder=folder,
         status=status,
         world_size=int(run["world_size"]),
         nodes=_int_or_none(run.get("nodes")),
-        repeat=int(match["repeat"]) if match else None,
+        repeat=int(match["repeat"]) if match else (int(control["repeat"]) if control else None),
         batch_per_rank=_int_or_none(run.get("batch_size_per_rank")),
         global_batch=_int_or_none(run.get("global_batch_size")),
         threads_per_process=_int_or_none(run.get("threads_per_process")),
@@ -155,6 +215,7 @@ def read_run(study: str, folder: Path) -> tuple[RunRecord | None, str | None]:
         run=run,
         config=_read_config(folder / "config.yaml"),
         measured_steps=_count_steps(folder / "steps.jsonl"),
+        solo_batch=int(control["batch"]) if control else None,
     )
     return record, warning
 
@@ -206,12 +267,14 @@ def load_study(folder: Path) -> StudyRecords:
             warnings.append(warning)
         if record is not None:
             runs.append(record)
+    controls = [r for r in runs if r.is_control]
+    runs = [r for r in runs if not r.is_control]
     _number_repeats(runs)
     kind, source = _kind(definition, runs)
-    present = {r.run_id for r in runs}
+    present = {r.run_id for r in (*runs, *controls)}
     missing = [p for p in definition.get("points", []) if isinstance(p, dict)
                and p.get("status") == "failed" and p.get("run_id") not in present]
-    return StudyRecords(name, folder, kind, source, runs, definition, missing, warnings)
+    return StudyRecords(name, folder, kind, source, runs, definition, missing, warnings, controls)
 
 
 def _kind(definition: dict[str, Any], runs: list[RunRecord]) -> tuple[str, str]:
@@ -221,3 +284,17 @@ def _kind(definition: dict[str, Any], runs: list[RunRecord]) -> tuple[str, str]:
     if len(kinds) == 1 and next(iter(kinds)) in ("strong", "weak"):
         return str(next(iter(kinds))), "run.json"
     return infer_kind(runs), "inferred from the batch sizes"
+
+
+def common_straggler(runs: Sequence[RunRecord]) -> dict[str, Any] | None:
+    """The straggler most repeats name (the median run's when they disagree)."""
+    named = [r.summary["straggler"] for r in runs if isinstance(r.summary.get("straggler"), dict)]
+    if not named:
+        return None
+    ranks = Counter(s.get("rank") for s in named).most_common()
+    rank = ranks[0][0]
+    same = [s for s in named if s.get("rank") == rank]
+    lost = [s["lost_s"] for s in same if isinstance(s.get("lost_s"), (int, float))]
+    phases = Counter(s.get("phase") for s in same if s.get("phase")).most_common()
+    return {"rank": rank, "phase": phases[0][0] if phases else None,
+            "lost_s": statistics.median(lost) if lost else None, "runs": len(same), "of": len(runs)}

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scaling.report import commbench
+from scaling.report import commbench, waterfall
 from scaling.report.configdiff import KeyDiff, common_settings
 from scaling.report.metrics import Spread, StudyStats
 from scaling.report.table import COLUMNS
@@ -24,11 +24,18 @@ HOW_TO_READ = [
     "gradient was ready); data loading; framework overhead. Hidden = share of the all-reduce overlapped with "
     "backward. The verdict names the largest share.",
     "Spread: tables show median (min-max) over repeats; the plots draw the same as error bars.",
+    "Why efficiency is lost (waterfall): T(N) - T_ideal(N) split into terms that add up to it, in ms per step "
+    "and in points of efficiency (100 x term / T(N)): smaller batch (one process at this per-rank batch, the "
+    "solo-b<B> control, against T_ideal), contention (the no-communication control steps against the solo "
+    "control), data loading and framework overhead beyond the solo control's, interference (the measured step "
+    "against the no-communication control, less exposed communication), exposed all-reduce, waiting for "
+    "slower ranks. A term whose control is missing shows as '–' and its share as 'not split'.",
+    "'–': no value, e.g. communication at 1 process (no peer); left out of every median.",
 ]
 HOW_TO_READ_COMMBENCH = (
-    "Beside commbench: the all-reduce bus bandwidth the runs reached (gradient bytes over the busy time of the "
-    "all-reduce, x 2(n-1)/n; median over repeats) as a share of commbench's all_reduce bus bandwidth for one "
-    "message of the runs' mean bucket size (comm_bytes / comm_buckets), from commbench's fitted alpha-beta "
+    "Beside commbench: the all-reduce bus bandwidth the runs reached (bytes the hook sent over the busy time of "
+    "the all-reduce, x 2(n-1)/n; median over repeats) as a share of commbench's all_reduce bus bandwidth for one "
+    "message of the runs' mean size on the wire (comm_wire_bytes / comm_buckets), from commbench's fitted alpha-beta "
     "model (the nearest measured size is shown too). Only a commbench result of the same world size and "
     "backend is used. Below 100%: the training all-reduce gets less of the link than the benchmark does "
     "(contention with compute, many small buckets, waiting between buckets)."
@@ -68,7 +75,7 @@ def _spread(s: Spread | None, fmt: str, scale: float = 1.0, suffix: str = "") ->
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
+    return waterfall.NULL if x is None else f"{100 * x:.0f}%"
 
 
 def size_rows(studies: Sequence[StudyStats], bandwidth: Sequence[commbench.SizeComparison] | None = None
@@ -92,13 +99,38 @@ def size_rows(studies: Sequence[StudyStats], bandwidth: Sequence[commbench.SizeC
                 _spread(s.step_s, ".4f"), _spread(s.samples_per_s, ".1f"), _spread(s.speedup, ".2f", suffix="x"),
                 _spread(s.efficiency, ".0f", 100, "%"),
                 *(_pct(s.shares.get(k)) for k in ("compute", "comm_exposed", "data", "other")),
-                _pct(s.overlap), "-" if s.busbw_GBps is None else f"{s.busbw_GBps:.2f}", s.bound or "-",
+                _pct(s.overlap), waterfall.NULL if s.busbw_GBps is None else f"{s.busbw_GBps:.2f}", s.bound or "-",
             ]
             if bandwidth is not None:
                 at = versus.get((st.name, s.world_size))
                 row += [commbench.gbps(at.reference_GBps), _pct(at.fraction)] if at else ["-", "-"]
             rows.append(row)
     return headers, rows
+
+
+def waterfall_tables(doc: Document) -> list[tuple[StudyStats, list[str], list[list[str]]]]:
+    """Each study's waterfall table (world sizes as columns), or none where it cannot be split."""
+    out = []
+    for st in doc.studies:
+        if st.waterfall is not None and st.waterfall.shown():
+            headers, rows = waterfall.table(st.waterfall)
+            out.append((st, headers, rows))
+    return out
+
+
+WATERFALL_INTRO = ("From the ideal step T_ideal (T(b)·b/N strong, T(b) weak) up to the measured step T, term by "
+                   "term: ms per step, and points of efficiency in brackets (100 x term / T). Medians over repeats.")
+
+
+def waterfall_notes(st: StudyStats) -> list[str]:
+    if st.waterfall is None:
+        return []
+    if st.waterfall.problem:
+        return [f"{st.name}: no waterfall: {st.waterfall.problem}."]
+    notes = []
+    for size in st.waterfall.shown():
+        notes += [f"{waterfall.procs(size.world_size)}: {m}" for m in size.missing]
+    return notes
 
 
 def run_rows(doc: Document) -> tuple[list[str], list[list[str]]]:
@@ -137,6 +169,9 @@ def console(doc: Document, out_dir: Path) -> str:
     headers, rows = size_rows(doc.studies, _bandwidth(doc))
     parts = [fixed_width(headers, rows) if rows else "no completed run to tabulate"]
     parts.append("  (median over repeats, min-max in brackets)")
+    for st, headers, rows in waterfall_tables(doc):
+        parts.append(f"\n{st.name}: why efficiency is lost (ms per step, points of efficiency in brackets)")
+        parts.append(fixed_width(headers, rows))
     for st in doc.studies:
         parts.append(f"\n{st.name} ({st.kind} scaling):")
         parts += [f"  - {f}" for f in doc.findings[st.name]]
@@ -175,6 +210,7 @@ def markdown(doc: Document, out_dir: Path) -> str:
         out += ["**Comparison**", ""] + [f"- {f}" for f in doc.comparison] + [""]
     headers, rows = size_rows(doc.studies, _bandwidth(doc))
     out += ["## Scaling table", "", "Median over repeats, min-max in brackets.", "", md_table(headers, rows), ""]
+    out += md_waterfall(doc)
     if doc.benches:
         out += md_commbench(doc, out_dir)
     if len(doc.studies) > 1:
@@ -197,6 +233,20 @@ def markdown(doc: Document, out_dir: Path) -> str:
         settings = common_settings(st.records)
         out += [f"**{st.name}**: settings shared by every run", "", md_table(["key", "value"], sorted(settings.items())), ""]
     return "\n".join(out)
+
+
+def md_waterfall(doc: Document) -> list[str]:
+    tables = waterfall_tables(doc)
+    notes = [n for st in doc.studies for n in waterfall_notes(st)]
+    if not tables and not notes:
+        return []
+    out = ["## Why efficiency is lost", "", WATERFALL_INTRO, ""]
+    for st, headers, rows in tables:
+        if len(doc.studies) > 1:
+            out += [f"**{st.name}**", ""]
+        out += [md_table(headers, rows), ""]
+    out += [f"- {n}" for n in notes] + ([""] if notes else [])
+    return out
 
 
 def md_commbench(doc: Document, out_dir: Path) -> list[str]:
@@ -272,6 +322,21 @@ def html_commbench(doc: Document, out_dir: Path) -> list[str]:
     return parts
 
 
+def html_waterfall(doc: Document) -> list[str]:
+    tables = waterfall_tables(doc)
+    notes = [n for st in doc.studies for n in waterfall_notes(st)]
+    if not tables and not notes:
+        return []
+    parts = ["<h2>Why efficiency is lost</h2>", f"<p>{_e(WATERFALL_INTRO)}</p>"]
+    for st, headers, rows in tables:
+        if len(doc.studies) > 1:
+            parts.append(f"<h3>{_e(st.name)}</h3>")
+        parts.append(html_table(headers, rows))
+    if notes:
+        parts.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
+    return parts
+
+
 def html_page(doc: Document, out_dir: Path) -> str:
     names = ", ".join(st.name for st in doc.studies)
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Scaling report: {_e(names)}</title>",
@@ -288,6 +353,7 @@ def html_page(doc: Document, out_dir: Path) -> str:
         parts.append("<h3>Comparison</h3><ul>" + "".join(f"<li>{_e(f)}</li>" for f in doc.comparison) + "</ul>")
     headers, rows = size_rows(doc.studies, _bandwidth(doc))
     parts += ["<h2>Scaling table</h2><p>Median over repeats, min-max in brackets.</p>", html_table(headers, rows)]
+    parts += html_waterfall(doc)
     if doc.benches:
         parts += html_commbench(doc, out_dir)
     if len(doc.studies) > 1:

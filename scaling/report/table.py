@@ -9,6 +9,8 @@ from typing import Any
 
 from scaling.report.commbench import Bench, per_run
 from scaling.report.metrics import StudyStats
+from scaling.report.records import RunRecord
+from scaling.report.waterfall import TERMS, column
 
 COLUMNS = (
     "study", "kind", "world_size", "nodes", "batch_size_per_rank", "global_batch_size", "repeat",
@@ -17,19 +19,30 @@ COLUMNS = (
     "comm_s", "comm_exposed_s", "overlap", "busbw_GBps", "peak_memory_bytes", "rss_peak_bytes",
     "bound", "run_id", "status", "threads_per_process", "measured_steps", "error",
     "mean_bucket_bytes", "commbench_busbw_GBps", "busbw_vs_commbench", "commbench",
+    "role", "world_step_s", "ideal_step_s", *(column(t) for t in TERMS), "loss_unsplit_s",
 )
 """``step_s`` is the run's median step; ``speedup`` of a weak study is the scaled speedup
 (efficiency * N / b); ``peak_memory_bytes`` is run.json's memory.max.peak (max over ranks).
 The last four are filled with ``--commbench`` where a result of the run's world size and
-backend was given: ``mean_bucket_bytes`` = comm_bytes / comm_buckets, ``commbench_busbw_GBps``
+backend was given: ``mean_bucket_bytes`` = comm_wire_bytes / comm_buckets (bytes sent per all-reduce call), ``commbench_busbw_GBps``
 commbench's all-reduce bus bandwidth at that size (fitted model), ``busbw_vs_commbench`` =
-busbw_GBps / commbench_busbw_GBps, ``commbench`` the commbench.json used."""
+busbw_GBps / commbench_busbw_GBps, ``commbench`` the commbench.json used.
+``busbw_GBps`` is that of the bytes really sent (comm_wire_bytes; for records older than it, corrected
+for the fp16/bf16 hooks); empty at world size 1, which has no peer.
+``role``: ``point`` (a world size of the study) or ``control`` (solo-b<B>: one process at per-rank batch B,
+no peer; not a point of the scaling curve, so no speedup or efficiency).
+The loss columns (scaling.report.waterfall) are those of the run's world size, medians over its repeats:
+``world_step_s`` = T(N), ``ideal_step_s`` = T_ideal(N), and ``loss_*_s`` the terms, which add up to
+``world_step_s - ideal_step_s``; a term whose control is missing is empty and ``loss_unsplit_s`` holds
+what the empty ones add up to."""
 
 
 def rows(studies: list[StudyStats], benches: Sequence[Bench] = ()) -> list[dict[str, Any]]:
     out = []
     for stats in studies:
-        for run in sorted(stats.records.runs, key=lambda r: (r.world_size, r.repeat or 0, r.run_id)):
+        runs = sorted(stats.records.runs, key=lambda r: (r.world_size, r.repeat or 0, r.run_id))
+        controls = sorted(stats.records.controls, key=lambda r: (r.solo_batch or 0, r.repeat or 0, r.run_id))
+        for run in [*runs, *controls]:
             s = run.summary if run.completed else {}
             versus = per_run(run, benches) if benches else None
             out.append({
@@ -48,7 +61,7 @@ def rows(studies: list[StudyStats], benches: Sequence[Bench] = ()) -> list[dict[
                 "comm_s": s.get("comm_s"),
                 "comm_exposed_s": s.get("comm_exposed_s"),
                 "overlap": s.get("overlap"),
-                "busbw_GBps": s.get("busbw_GBps"),
+                "busbw_GBps": run.busbw_GBps() if run.completed else None,
                 "peak_memory_bytes": run.memory_max.get("peak") if run.completed else None,
                 "rss_peak_bytes": run.memory_max.get("rss_peak") if run.completed else None,
                 "bound": s.get("bound"),
@@ -61,12 +74,23 @@ def rows(studies: list[StudyStats], benches: Sequence[Bench] = ()) -> list[dict[
                 "commbench_busbw_GBps": versus[1].reference_GBps if versus else None,
                 "busbw_vs_commbench": versus[1].fraction if versus else None,
                 "commbench": str(versus[0].path) if versus else None,
+                "role": "control" if run.is_control else "point",
+                **loss_columns(stats, run),
             })
         for point in stats.records.missing_points:
+            control = point.get("solo_batch") is not None
             out.append({"study": stats.name, "kind": stats.kind, "world_size": point.get("world_size"),
+                        "batch_size_per_rank": point.get("solo_batch"), "role": "control" if control else "point",
                         "repeat": point.get("repeat"), "run_id": point.get("run_id"), "status": "failed",
                         "measured_steps": 0, "error": point.get("error") or "failed before writing records"})
     return out
+
+
+def loss_columns(stats: StudyStats, run: RunRecord) -> dict[str, Any]:
+    if run.is_control or not run.completed or stats.waterfall is None:
+        return {}
+    size = stats.waterfall.size(run.world_size)
+    return size.columns() if size is not None else {}
 
 
 def write_csv(path: Path, table: list[dict[str, Any]]) -> None:
