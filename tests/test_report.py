@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from scaling.report.__main__ import main as report_main
+from scaling.report.waterfall import TERMS
 from tests.study_runs import (HTML_TAG, PNG_SIGNATURE, REPO, copy_study, env, explain, png_size, read_run,
                               run_report, strong_study, weak_study, weak_study_failed)
 
-PLOTS = ("throughput.png", "efficiency.png", "breakdown.png", "memory.png", "communication.png")
+PLOTS = ("throughput.png", "efficiency.png", "breakdown.png", "memory.png", "communication.png", "waterfall.png")
 SUMMARY_COLUMNS = ("step_s", "samples_per_s", "compute_frac", "comm_exposed_frac", "data_frac", "other_frac",
                    "comm_s", "comm_exposed_s", "overlap", "busbw_GBps")
 
@@ -66,13 +67,18 @@ def median_step_s(study_dir: Path, world_size: int) -> float:
 
 
 def test_strong_results_csv_equals_the_definitions_recomputed_from_run_json(strong):
-    rows = read_csv(strong.dir / "results.csv")
+    everything = read_csv(strong.dir / "results.csv")
+    rows = [r for r in everything if r["role"] == "point"]
     assert sorted(r["run_id"] for r in rows) == ["n1-r0", "n1-r1", "n2-r0", "n2-r1"]
+    assert sorted(r["run_id"] for r in everything if r["role"] == "control") == ["solo-b4-r0", "solo-b4-r1"]
     t_base = median_step_s(strong.dir, 1)
     for row in rows:
         run = read_run(strong.dir / row["run_id"])
         n = run["world_size"]
         for key in SUMMARY_COLUMNS:
+            if run["summary"][key] is None:  # communication at world size 1: no peer
+                assert n == 1 and row[key] == "", (row["run_id"], key)
+                continue
             assert float(row[key]) == pytest.approx(run["summary"][key], rel=1e-12), (row["run_id"], key)
         assert (row["bound"], row["status"], row["kind"], row["study"]) == (run["summary"]["bound"], "completed",
                                                                             "strong", "tiny-strong")
@@ -83,9 +89,33 @@ def test_strong_results_csv_equals_the_definitions_recomputed_from_run_json(stro
         assert float(row["efficiency"]) == pytest.approx(speedup * 1 / n, rel=1e-12)
 
 
+def test_strong_loss_columns_add_up_to_the_measured_loss(strong):
+    """T(N) - T_ideal(N), recomputed from run.json, is what the loss columns of every point row add up to; the
+    batch term is the solo-b4 controls' median step against T_ideal(2) = T(1)/2."""
+    rows = [r for r in read_csv(strong.dir / "results.csv") if r["role"] == "point"]
+    t_base = median_step_s(strong.dir, 1)
+    for row in rows:
+        n = int(row["world_size"])
+        measured, ideal = median_step_s(strong.dir, n), t_base / n
+        assert float(row["world_step_s"]) == pytest.approx(measured, rel=1e-12)
+        assert float(row["ideal_step_s"]) == pytest.approx(ideal, rel=1e-12)
+        assert row["loss_unsplit_s"] == "", "every control ran"
+        total = sum(float(row[f"loss_{term}_s"]) for term in TERMS)
+        assert abs(total - (measured - ideal)) < 1e-9, row["run_id"]
+    solo = statistics.median(read_run(strong.dir / f"solo-b4-r{r}")["summary"]["step_s"] for r in (0, 1))
+    two = next(r for r in rows if r["world_size"] == "2")
+    assert float(two["loss_batch_s"]) == pytest.approx(solo - t_base / 2, rel=1e-9)
+    nocomm = statistics.median(read_run(strong.dir / f"n2-r{r}")["controls"]["nocomm_step_s"] for r in (0, 1))
+    exposed = statistics.median(read_run(strong.dir / f"n2-r{r}")["summary"]["comm_exposed_s"] for r in (0, 1))
+    assert float(two["loss_interference_s"]) == pytest.approx(median_step_s(strong.dir, 2) - nocomm - exposed,
+                                                              rel=1e-9, abs=1e-12)
+    md = (strong.dir / "report.md").read_text()
+    assert "## Why efficiency is lost" in md and "points of efficiency lost at 2 processes" in md
+
+
 def test_strong_per_rank_batch_halves_in_results_csv(strong):
     batches = {(int(r["world_size"]), int(r["batch_size_per_rank"]), int(r["global_batch_size"]))
-               for r in read_csv(strong.dir / "results.csv")}
+               for r in read_csv(strong.dir / "results.csv") if r["role"] == "point"}
     assert batches == {(1, 8, 8), (2, 4, 8)}
 
 
@@ -175,7 +205,7 @@ def test_corrupt_run_json_is_named_and_the_rest_is_reported(strong, tmp_path):
     assert proc.returncode == 0, explain(proc)
     assert str(broken) in proc.stdout and "not valid JSON" in proc.stdout
     rows = read_csv(study / "results.csv")
-    assert sorted(r["run_id"] for r in rows) == ["n1-r0", "n1-r1", "n2-r0"]
+    assert sorted(r["run_id"] for r in rows if r["role"] == "point") == ["n1-r0", "n1-r1", "n2-r0"]
     assert str(broken) in (study / "report.md").read_text()
 
 
@@ -224,7 +254,7 @@ def test_wandb_flag_publishes_through_scaling_wandb_report(strong, tmp_path, mon
     assert report_main([str(study), "--wandb"]) == 0
     assert len(calls) == 1
     assert calls[0]["results_csv"] == study / "results.csv"
-    assert len(calls[0]["rows"]) == 4 and sorted(p.name for p in calls[0]["plots"]) == sorted(PLOTS)
+    assert len(calls[0]["rows"]) == 6 and sorted(p.name for p in calls[0]["plots"]) == sorted(PLOTS)
 
 
 def test_wandb_flag_without_wandb_support_says_so(strong, tmp_path, monkeypatch, capsys):

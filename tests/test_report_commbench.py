@@ -175,7 +175,7 @@ def test_report_states_the_share_of_commbench_bandwidth_reached(strong, bench_di
     fit = next(f for f in record["fit"] if (f["op"], f["transport"]) == ("all_reduce", "torch"))
     runs = {p.name: read_run(p) for p in sorted(study.glob("n2-r*"))}
     reached = statistics.median(r["summary"]["busbw_GBps"] for r in runs.values())
-    bucket = statistics.median(r["summary"]["comm_bytes"] / r["summary"]["comm_buckets"] for r in runs.values())
+    bucket = statistics.median(r["summary"]["comm_wire_bytes"] / r["summary"]["comm_buckets"] for r in runs.values())
     fraction = reached / ring_busbw_GBps(fit, 2, bucket)
 
     line = next(x for x in proc.stdout.splitlines() if "n2: all-reduce reached" in x)
@@ -188,7 +188,7 @@ def test_report_states_the_share_of_commbench_bandwidth_reached(strong, bench_di
         rows = {r["run_id"]: r for r in csv.DictReader(f)}
     for run_id, run in runs.items():
         s = run["summary"]
-        own = s["busbw_GBps"] / ring_busbw_GBps(fit, 2, s["comm_bytes"] / s["comm_buckets"])
+        own = s["busbw_GBps"] / ring_busbw_GBps(fit, 2, s["comm_wire_bytes"] / s["comm_buckets"])
         assert float(rows[run_id]["busbw_vs_commbench"]) == pytest.approx(own, rel=1e-9), run_id
         assert rows[run_id]["commbench"] == str(bench_dir / "commbench.json")
     assert rows["n1-r0"]["busbw_vs_commbench"] == "" and rows["n1-r0"]["commbench"] == ""
@@ -202,4 +202,4 @@ def test_report_states_the_share_of_commbench_bandwidth_reached(strong, bench_di
     assert table_row.endswith(f"| {100 * fraction:.0f}% |"), "the scaling table's vs-commbench column"
     page = (study / "report.html").read_text()
     assert f'href="{rel_json}"' in page and f"{100 * fraction:.0f}% of commbench" in page
-    assert page.count('src="data:image/png;base64,') == 6, "the five study plots and commbench's, embedded"
+    assert page.count('src="data:image/png;base64,') == 7, "the six study plots and commbench's, embedded"

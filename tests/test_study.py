@@ -51,6 +51,7 @@ def weak(weak_failed, tmp_path_factory):
     (["study=weak", "train.global_batch_size=8"], "train.global_batch_size"),
     (["study=strong", "paths.run_id=mine"], "paths.run_id"),
     (["study=strong", "dist.bucket_cap_mb=0"], "dist.bucket_cap_mb"),
+    (["study=strong", "study.controls=sometimes"], "study.controls"),
 ])
 def test_bad_study_input_is_refused_with_one_line_before_anything_runs(tmp_path, capsys, args, names):
     root = tmp_path / "runs"
@@ -74,13 +75,30 @@ def test_indivisible_global_batch_names_the_world_size_and_a_valid_choice(tmp_pa
 
 
 def test_strong_study_runs_every_point_as_a_torchrun_job(strong):
-    runs = {p.name: read_run(p) for p in strong.dir.iterdir() if (p / "run.json").exists()}
+    runs = {p.name: read_run(p) for p in strong.dir.iterdir() if (p / "run.json").exists() and p.name[0] == "n"}
     assert sorted(runs) == ["n1-r0", "n1-r1", "n2-r0", "n2-r1"]
     for run_id, run in runs.items():
         assert run["status"] == "completed", run_id
         assert run["launcher"] == "torchrun"
         assert run["world_size"] == int(run_id[1])
         assert run["study"] == "tiny-strong" and run["study_kind"] == "strong"
+
+
+def test_a_solo_control_runs_exactly_for_the_batches_no_one_process_point_covers(strong, weak):
+    """Strong, global batch 8 on [1, 2]: n1 runs batch 8 itself, batch 4 (n2's) gets solo-b4, once per repeat.
+    Weak, batch 4 on [1, 2]: n1 already runs batch 4, so no control point at all."""
+    solo = {p.name: read_run(p) for p in strong.dir.iterdir() if p.name.startswith("solo-")}
+    assert sorted(solo) == ["solo-b4-r0", "solo-b4-r1"]
+    for run_id, run in solo.items():
+        assert run["status"] == "completed", run_id
+        assert run["launcher"] == "single", "plain python -m scaling.train, no launcher"
+        assert (run["world_size"], run["batch_size_per_rank"], run["global_batch_size"]) == (1, 4, 4)
+        assert run["threads_per_process"] == strong.study_json["threads_per_process"]
+        assert run["summary"]["comm_s"] is None, "no peer, no communication"
+    assert strong.study_json["control_batches"] == [4] and strong.study_json["controls"] is True
+    assert not [name for name in weak.entries if name.startswith("solo-")]
+    assert weak.study_json["control_batches"] == []
+    assert "controls: solo-b4 per repeat" in strong.proc.stdout
 
 
 def test_strong_study_halves_the_per_rank_batch_and_keeps_the_global_batch(strong):
@@ -109,15 +127,17 @@ def test_study_json_holds_the_definition_and_every_outcome(strong):
     assert (data["kind"], data["nprocs"], data["repeats"], data["global_batch_size"]) == ("strong", [1, 2], 2, 8)
     assert data["batch_size_per_rank"] == {"1": 8, "2": 4}
     assert data["status"] == "completed"
-    assert [(p["run_id"], p["status"]) for p in data["points"]] == [
-        ("n1-r0", "completed"), ("n2-r0", "completed"), ("n1-r1", "completed"), ("n2-r1", "completed")]
+    assert [(p["run_id"], p["status"], p["solo_batch"]) for p in data["points"]] == [
+        ("n1-r0", "completed", None), ("n2-r0", "completed", None), ("solo-b4-r0", "completed", 4),
+        ("n1-r1", "completed", None), ("n2-r1", "completed", None), ("solo-b4-r1", "completed", 4)]
     assert "train.global_batch_size=8" in data["overrides"] and "model.hidden=256" in data["overrides"]
 
 
 def test_progress_names_point_repeat_elapsed_and_eta(strong):
     lines = [ln for ln in strong.proc.stdout.splitlines() if ln.startswith("[point ")]
-    assert [ln.split("]")[0] for ln in lines] == [f"[point {i}/4" for i in range(1, 5)]
+    assert [ln.split("]")[0] for ln in lines] == [f"[point {i}/6" for i in range(1, 7)]
     assert "repeat 2/2" in lines[-1] and "elapsed" in lines[-1]
+    assert "solo-b4-r0: solo control (1 process, no peer) at per-rank batch 4, repeat 1/2" in lines[2]
     assert "eta ?" in lines[0] and "eta ?" not in lines[-1], "after one point the time left is estimated"
 
 
@@ -125,6 +145,7 @@ def test_study_ends_with_the_report_table_and_findings(strong):
     out = strong.proc.stdout
     assert "world size" in out and "efficiency" in out
     assert "Strong scaling (global batch 8 fixed) from 1 process to 2" in out
+    assert "why efficiency is lost" in out and "Of the " in out and " points of efficiency " in out
     assert (strong.dir / "report.html").exists() and (strong.dir / "results.csv").exists()
 
 
@@ -137,7 +158,7 @@ def test_second_run_of_a_completed_study_runs_nothing(strong):
     assert proc.returncode == 0, explain(proc)
     after = {p.name: (p / "run.json").stat().st_mtime_ns for p in strong.dir.iterdir() if (p / "run.json").exists()}
     assert after == before, "no run folder added and none rewritten"
-    assert proc.stdout.count("completed earlier, skipped") == 4
+    assert proc.stdout.count("completed earlier, skipped") == 6
     assert "[point 1/4] n1-r0: 1 process" not in proc.stdout, "no point started"
 
 
@@ -185,21 +206,25 @@ def test_fail_fast_stops_at_the_first_failed_point(tmp_path):
     assert proc.returncode == 1, explain(proc)
     assert not (tmp_path / "ff" / "n2-r0").exists()
     points = {p["run_id"]: p["status"] for p in json.loads((tmp_path / "ff" / "study.json").read_text())["points"]}
-    assert points == {"n1-r0": "failed", "n2-r0": "pending"}
+    assert points == {"n1-r0": "failed", "n2-r0": "pending", "solo-b4-r0": "pending"}
 
 
-def test_ctrl_c_stops_the_running_job_and_every_rank(tmp_path):
-    """SIGINT to the study ends torchrun and both ranks; the point is left for the next invocation."""
+@pytest.mark.parametrize("when", ["at start-up", "while training"])
+def test_ctrl_c_stops_the_running_job_and_every_rank(tmp_path, when):
+    """SIGINT to the study ends torchrun and both ranks, and the point's run.json says failed, interrupted
+    (README: "Ctrl-C ends the job the same way, with `interrupted` as the cause"): whether the job is still
+    setting up (run.json just written) or training (steps being recorded)."""
     cmd = [sys.executable, "-m", "scaling.study", *TINY, f"paths.root={tmp_path}", "study=weak", "study.name=cc",
            "study.nprocs=[2]", "train.steps=100000", "train.log_every=1000"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run_json = tmp_path / "cc" / "n2-r0" / "run.json"
+    run_dir = tmp_path / "cc" / "n2-r0"
+    ready = run_dir / ("run.json" if when == "at start-up" else "logs/rank1.steps.jsonl")
     try:
-        for _ in range(1200):  # until the job is training (or the study has ended by itself)
-            if run_json.exists() or proc.poll() is not None:
+        for _ in range(1200):  # until the job is there (or the study has ended by itself)
+            if (ready.exists() and ready.stat().st_size > 0) or proc.poll() is not None:
                 break
-            time.sleep(0.25)
-        assert run_json.exists(), "the job never started"
+            time.sleep(0.1)
+        assert ready.exists(), "the job never started"
         ranks = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])
                  and p.pid != proc.pid]
         assert ranks, "no job process found"
@@ -213,5 +238,8 @@ def test_ctrl_c_stops_the_running_job_and_every_rank(tmp_path):
     assert "interrupted" in err and "Run the same command again" in err
     _, alive = psutil.wait_procs(ranks, timeout=30)
     assert not alive, f"left running: {[p.pid for p in alive]}"
-    assert read_run(tmp_path / "cc" / "n2-r0")["status"] in ("failed", "running")
+    run = read_run(run_dir)
+    assert run["status"] == "failed" and "interrupted" in run["error"], run.get("error")
+    if when == "while training":
+        assert "interrupted (Ctrl-C / SIGINT)" in run["error"], "the ranks themselves record the Ctrl-C"
     assert json.loads((tmp_path / "cc" / "study.json").read_text())["status"] == "interrupted"
