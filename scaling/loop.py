@@ -82,6 +82,10 @@ def make_optimizer(optim: dict[str, Any], params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"])
 
 
+CUDA_RESOLVE_LAG_STEPS = 2
+"""Steps left queued on the device when a log interval reads its events."""
+
+
 def forward_buffer_sync(enabled: bool) -> dict[str, bool]:
     """DDP's switch for the buffer broadcast before forward, by the name this torch knows.
 
@@ -134,10 +138,13 @@ class Trainer:
         cfg, job, device = self.job.cfg, self.job, self.ctx.device
         self.batches = Batches(job.dataset, job.batch_size, self.ctx.rank, self.ctx.world_size, device,
                                cfg.data.get("num_workers", 0), cfg.train.seed)
-        model = self.module = job.model.to(device)
         if self.instrumented and cfg.instrument.flops:
-            self.flops["per_sample"] = flops_mod.count_step_flops(
-                model, self.loss_fn, self.batches.next(), self.amp_dtype) / job.batch_size
+            flops = flops_mod.count_step_flops_on_meta(job.model, self.loss_fn, job.dataset[0], job.batch_size)
+            if flops is None:  # an operator without a meta kernel: count on a real batch instead
+                flops = flops_mod.count_step_flops(job.model.to(device), self.loss_fn, self.batches.next(),
+                                                   self.amp_dtype)
+            self.flops["per_sample"] = flops / job.batch_size
+        model = self.module = job.model.to(device)
         self.buffers = [b for b in model.buffers()]
         self.sync_buffers = False
         if self.ctx.world_size == 1:
@@ -290,11 +297,16 @@ class Trainer:
             self._resolve_pending()  # host timestamps cost nothing to resolve
         measured = step - self.job.cfg.train.warmup_steps
         if measured > 0 and measured % self.job.cfg.train.log_every == 0:
-            self._resolve_pending()  # on CUDA: the one synchronisation of this log interval
+            # On CUDA, waiting for the last steps' events would drain the
+            # device's queue (a bubble the plain loop never has): the newest
+            # steps wait for the next interval.
+            self._resolve_pending(keep=CUDA_RESOLVE_LAG_STEPS if self.ctx.device.type == "cuda" else 0)
             self._gather_and_record()
 
-    def _resolve_pending(self) -> None:
-        for pending in self._pending:
+    def _resolve_pending(self, keep: int = 0) -> None:
+        """Turn the marks of pending steps into seconds, all but the newest ``keep``."""
+        ready, self._pending = self._pending[:len(self._pending) - keep], self._pending[len(self._pending) - keep:]
+        for pending in ready:
             values = self.timer.resolve(pending.marks)
             if self.instrumented:
                 if self.ctx.world_size > 1:
@@ -304,7 +316,6 @@ class Trainer:
                 values = {"step_s": values["step_s"]}
             self.files.append_rank_step(pending.step, values)
             self._resolved.append((pending.step, values))
-        self._pending.clear()
 
     def _gather_and_record(self) -> None:
         if not self._resolved:

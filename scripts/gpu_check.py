@@ -35,8 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RESNET = ["+exp=resnet", "model=resnet50", "data.image_size=224", "train.amp=bf16", "train.batch_size=64",
           "data.num_samples=1024", "logger.wandb.mode=disabled", "train.log_every=10"]
-MLP = ["+exp=mlp", "model.in_features=4096", "model.hidden=4096", "model.layers=4", "train.batch_size=256",
-       "data.num_samples=4096", "dist.bucket_cap_mb=25", "logger.wandb.mode=disabled", "train.log_every=5",
+MLP = ["+exp=mlp", "model.in_features=1024", "model.hidden=1024", "model.layers=4", "train.batch_size=256",
+       "data.num_samples=4096", "dist.bucket_cap_mb=2", "logger.wandb.mode=disabled", "train.log_every=5",
        "instrument.flops=false"]
 TRANSFORMER = ["+exp=transformer", "model.d_model=1024", "model.n_layers=4", "model.n_heads=16", "model.d_ff=4096",
                "data.seq_len=512", "train.batch_size=16", "data.num_samples=512", "logger.wandb.mode=disabled",
@@ -159,9 +159,14 @@ def check_single_gpu(check: Check, root: Path, steps: int) -> None:
     stalled = train(root, "stall", [*RESNET, "train.steps=10", "train.warmup_steps=3"],
                     SCALING_INJECT_STALL="data:0.05")
     gained = stalled["summary"]["data_s"] - s["data_s"]
-    check.row("stall", "a 50 ms host stall in data loading, seen in data_s (CUDA events)",
-              f"+{gained * 1e3:.1f} ms, bound {stalled['summary']['bound']}", "50 ms within 10 %",
-              within(gained, 0.05, 0.10))
+    slower = stalled["summary"]["step_s"] - s["step_s"]
+    # Once the device starves, the host's own batch assembly (hidden before,
+    # while the device worked through queued steps) is exposed as well: the
+    # step grows by the stall and a little more, all of it in data_s.
+    check.row("stall", "a 50 ms host stall in data loading: data_s gain vs step_s gain (CUDA events)",
+              f"+{gained * 1e3:.1f} ms of +{slower * 1e3:.1f} ms, bound {stalled['summary']['bound']}",
+              ">= 47.5 ms and within 10 % of the step's gain, bound data",
+              gained >= 0.0475 and within(gained, slower, 0.10) and stalled["summary"]["bound"] == "data")
 
     tf = train(root, "fp32", [*TRANSFORMER, "train.steps=10", "train.warmup_steps=3"])
     peak = tf["flops"]["peak_per_s"]
@@ -172,17 +177,19 @@ def check_single_gpu(check: Check, root: Path, steps: int) -> None:
 
 def check_two_ranks(check: Check, root: Path) -> None:
     shared = [*MLP, "dist.backend=gloo", "dist.device=cuda", "train.steps=6", "train.warmup_steps=2",
-              "comm.hook=tests.comm_hooks:delayed_allreduce"]
+              "comm.hook=tests.gpu_hooks:device_delayed_allreduce"]
     base = train(root, "comm0", shared, nproc=2, SCALING_TEST_DELAY_S="0")
-    slow = train(root, "comm1", shared, nproc=2, SCALING_TEST_DELAY_S="0.03")
+    slow = train(root, "comm1", shared, nproc=2, SCALING_TEST_DELAY_S="0.02")
     buckets = slow["summary"]["comm_buckets"]
     grown = slow["summary"]["comm_s"] - base["summary"]["comm_s"]
-    check.row("comm", f"30 ms per bucket x {buckets:.0f} buckets, seen in comm_s (CUDA events in the hook)",
-              f"+{grown * 1e3:.1f} ms (expected {buckets * 30:.0f} ms)", "within 25 %",
-              within(grown, buckets * 0.03, 0.25))
+    check.row("comm", f"20 ms on the device per bucket x {buckets:.0f} buckets, seen in comm_s (CUDA events)",
+              f"+{grown * 1e3:.1f} ms (expected {buckets * 20:.0f} ms)", "within 20 %",
+              within(grown, buckets * 0.02, 0.20))
     exposed = slow["summary"]["comm_exposed_s"] - base["summary"]["comm_exposed_s"]
-    check.row("comm", "the same delay in comm_exposed_s", f"+{exposed * 1e3:.1f} ms", f"{buckets * 30:.0f} ms within 40 %",
-              within(exposed, buckets * 0.03, 0.40))
+    slower = slow["summary"]["step_s"] - base["summary"]["step_s"]
+    check.row("comm", "the same delay: comm_exposed_s gain vs step_s gain", f"+{exposed * 1e3:.1f} ms of "
+              f"+{slower * 1e3:.1f} ms, bound {slow['summary']['bound']}", "within 15 %, bound communication",
+              within(exposed, slower, 0.15) and slow["summary"]["bound"] == "communication")
     strag = train(root, "straggler", [*MLP, "dist.backend=gloo", "dist.device=cuda", "train.steps=6",
                                       "train.warmup_steps=2"], nproc=2, SCALING_INJECT_STALL="data:0.06@rank=1")
     s = strag["summary"]

@@ -13,6 +13,7 @@ share a host's cores. It is cached per host, device and thread count.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -33,6 +34,27 @@ def count_step_flops(model: torch.nn.Module, loss_fn, batch, amp_dtype: torch.dt
             loss = loss_fn(model(inputs), targets)
         loss.backward()
     model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def count_step_flops_on_meta(model: torch.nn.Module, loss_fn, sample: tuple[torch.Tensor, torch.Tensor],
+                             batch_size: int) -> int | None:
+    """The same count on shapes alone: a copy of the model on the meta device, a batch of ``sample``'s shape.
+
+    Nothing is computed and nothing touches the training device (its memory
+    allocator, its first batch), and it costs no real forward and backward.
+    FLOPs do not depend on the dtype, so autocast is left out. None when an
+    operator of the model has no meta implementation.
+    """
+    inputs, targets = (torch.as_tensor(t) for t in sample)
+    try:
+        meta_model = copy.deepcopy(model).to("meta")
+        meta_inputs = torch.empty((batch_size, *inputs.shape), dtype=inputs.dtype, device="meta")
+        meta_targets = torch.empty((batch_size, *targets.shape), dtype=targets.dtype, device="meta")
+        with FlopCounterMode(display=False) as counter:
+            loss_fn(meta_model(meta_inputs), meta_targets).backward()
+    except (NotImplementedError, RuntimeError):
+        return None
     return int(counter.get_total_flops())
 
 

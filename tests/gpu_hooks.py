@@ -1,0 +1,52 @@
+"""A DDP communication hook for CUDA checks (``comm.hook=tests.gpu_hooks:device_delayed_allreduce``).
+
+Plain all-reduce whose result is held back on the device by a spin kernel of
+SCALING_TEST_DELAY_S seconds per bucket, all on one stream so that the delays
+of a step add up (one communication channel). A host-side sleep would not do
+on a GPU: while the host sleeps the device is still working through the
+backward kernels queued before, so part of a host delay is hidden and the
+cause would not be of known size. A delay on the device is what a slow
+collective kernel is.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+_state: dict[str, object] = {}
+
+
+def _cycles_per_second() -> float:
+    """Measured once: how many spin cycles ``torch.cuda._sleep`` takes per second on this device."""
+    if "rate" not in _state:
+        cycles = 50_000_000
+        torch.cuda._sleep(cycles)  # warm-up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        _state["rate"] = cycles / (start.elapsed_time(end) / 1e3)
+    return float(_state["rate"])
+
+
+def device_delayed_allreduce(state, bucket):
+    delay = float(os.environ.get("SCALING_TEST_DELAY_S", "0"))
+
+    def late(fut):
+        result = fut.value()
+        if delay > 0:
+            if "stream" not in _state:
+                _state["stream"] = torch.cuda.Stream()
+            channel = _state["stream"]
+            current = torch.cuda.current_stream()
+            channel.wait_stream(current)
+            with torch.cuda.stream(channel):
+                torch.cuda._sleep(int(delay * _cycles_per_second()))
+            current.wait_stream(channel)
+        return result
+
+    return default_hooks.allreduce_hook(state, bucket).then(late)
