@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from scaling.schema import MEMORY_KEYS, SHARE_LABELS, SHARES
+
 GIB = 1024**3
 MIB = 1024**2
 
@@ -53,7 +55,7 @@ def processes(n: int) -> str:
 
 def verdict_sentence(summary: dict[str, Any], world_size: int) -> str:
     bound = summary.get("bound")
-    pct = {k: 100 * (summary.get(f"{k}_frac") or 0.0) for k in ("compute", "comm_exposed", "comm_wait", "data", "other")}
+    pct = {k: 100 * (summary.get(f"{k}_frac") or 0.0) for k in (*SHARES, "comm_wait")}
     transfer = pct["comm_exposed"] - pct["comm_wait"]
     hidden = 100 * (summary.get("overlap") or 0.0)
     if bound == "communication":
@@ -99,12 +101,8 @@ def render(run: dict[str, Any]) -> str:
         return "\n".join(lines)
     lines += ["", "  where the time goes (share of all measured steps)   s/step (median)   share"]
     communicates = s.get("comm_s") is not None
-    rows = [("compute", "compute")]
-    if communicates:
-        rows += [("exposed communication", "comm_exposed")]
-    rows += [("data loading", "data"), ("framework overhead", "other")]
-    for label, key in rows:
-        lines.append(f"    {label:<48} {s[f'{key}_s']:9.4f}   {100 * s[f'{key}_frac']:5.1f}%")
+    for key in (k for k in SHARES if communicates or k != "comm_exposed"):
+        lines.append(f"    {SHARE_LABELS[key]:<48} {s[f'{key}_s']:9.4f}   {100 * s[f'{key}_frac']:5.1f}%")
         if key == "comm_exposed" and s.get("comm_wait_frac"):
             lines.append(f"      {'of which waiting for a slower rank':<46} {s['comm_wait_s']:9.4f}   "
                          f"{100 * s['comm_wait_frac']:5.1f}%")
@@ -129,8 +127,7 @@ def render(run: dict[str, Any]) -> str:
     if memory:
         lines += ["", "  memory per rank (max over ranks)"]
         shared = run["memory"].get("grads_in_comm_buffers")
-        for key in ("params", "grads", "optimizer_state", "activations", "autocast_weights", "comm_buffers", "peak",
-                    "rss_peak"):
+        for key in MEMORY_KEYS:
             if key == "autocast_weights" and not memory.get(key):
                 continue
             note = "   (the same bytes: gradients are views into the DDP buckets)" if shared and key == "comm_buffers" else ""

@@ -19,7 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scaling import dist as distsetup
-from scaling import faults, hooks
+from scaling import faults, hooks, schema
 from scaling.config import RunConfig
 from scaling.data import Batches, build_dataset, check_dataset_size
 from scaling.dist import Context, Launch
@@ -30,10 +30,6 @@ from scaling.instruments.timing import PHASES, StepMarks, StepTimer
 from scaling.models import build_model, loss_fn_for
 from scaling.records import RunFiles
 from scaling.sinks import Sink
-
-MEMORY_KEYS = ("params", "grads", "optimizer_state", "activations", "autocast_weights", "comm_buffers", "peak",
-               "rss_peak")
-
 
 @dataclass
 class Job:
@@ -55,12 +51,12 @@ class Job:
     @property
     def step_keys(self) -> tuple[str, ...]:
         """What each rank measures per step."""
-        return aggregate.local_keys(self.cfg.instrument.enabled, self.launch.world_size)
+        return schema.local_keys(self.cfg.instrument.enabled, self.launch.world_size)
 
     @property
     def null_keys(self) -> tuple[str, ...]:
         """Keys without a value in this run (communication, for a single process)."""
-        return aggregate.null_keys(self.cfg.instrument.enabled, self.launch.world_size)
+        return schema.null_keys(self.cfg.instrument.enabled, self.launch.world_size)
 
 
 def prepare(cfg: RunConfig) -> Job:
@@ -364,11 +360,11 @@ class Trainer:
             self.memory["comm_buffers"] = sum(self.comm.bucket_buffer_bytes.values()) if communicates else None
         self.memory["peak"] = mem.peak_bytes(self.ctx.device, self.rss_at_start)
         self.memory["rss_peak"] = mem.rss_peak_bytes()
-        local = torch.tensor([float(self.memory.get(k) if self.memory.get(k) is not None else -1) for k in MEMORY_KEYS],
+        local = torch.tensor([float(self.memory.get(k) if self.memory.get(k) is not None else -1) for k in schema.MEMORY_KEYS],
                              dtype=torch.float64)
         table = self.ctx.gather_tensor(local).numpy()
-        per_rank = [{k: (int(v) if v >= 0 else None) for k, v in zip(MEMORY_KEYS, row)} for row in table]
-        maximum = {k: (max(r[k] for r in per_rank) if per_rank[0][k] is not None else None) for k in MEMORY_KEYS}
+        per_rank = [{k: (int(v) if v >= 0 else None) for k, v in zip(schema.MEMORY_KEYS, row)} for row in table]
+        maximum = {k: (max(r[k] for r in per_rank) if per_rank[0][k] is not None else None) for k in schema.MEMORY_KEYS}
         # With bucket views the gradients are stored inside the comm buffers:
         # one allocation, reported under both names; do not add them up.
         return {"max": maximum, "per_rank": per_rank,

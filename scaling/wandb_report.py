@@ -39,9 +39,10 @@ from typing import Any, TextIO
 
 import yaml
 
+from scaling.schema import SHARE_FRACS
+
 STUDY_JOB_TYPE = "study-report"
-SHARES = ("compute_frac", "comm_exposed_frac", "data_frac", "other_frac")
-POINT_KEYS = ("samples_per_s", "step_s", "speedup", "efficiency", *SHARES)
+POINT_KEYS = ("samples_per_s", "step_s", "speedup", "efficiency", *SHARE_FRACS)
 """results.csv columns logged per world size on the study run, as ``study/<key>``."""
 
 
@@ -181,7 +182,7 @@ def build_report(studies: Sequence[Study], *, project: str, entity: str = "", ti
         wr.LinePlot(title="Scaling efficiency vs world size", x="world_size", y=["study/efficiency"],
                     title_x="world size (processes)", title_y="efficiency", range_y=(0, None),
                     layout=wr.Layout(x=16, y=0, w=8, h=6)),
-        wr.BarPlot(title="Where the step goes (share of the median step)", metrics=list(SHARES),
+        wr.BarPlot(title="Where the step goes (share of the median step)", metrics=list(SHARE_FRACS),
                    orientation="h", title_x="share of the median step", layout=wr.Layout(x=0, y=6, w=12, h=8)),
         wr.ScatterPlot(title="Throughput of each run", x=wr.Config("run.world_size"),
                        y=wr.SummaryMetric("samples_per_s"), layout=wr.Layout(x=12, y=6, w=12, h=8)),

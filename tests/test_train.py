@@ -8,17 +8,15 @@ import math
 import pytest
 import yaml
 
-from scaling import cli, config
+from scaling import cli, config, schema
 from scaling.loop import prepare
 from tests.conftest import QUICK, TINY, check_ok, load_run, only_run_dir, single, torchrun
 
-COMM_KEYS = ["comm_s", "comm_exposed_s", "comm_wait_s", "comm_sync_s", "overlap", "comm_bytes", "comm_wire_bytes",
-             "algbw_GBps", "busbw_GBps"]
-STEP_KEYS = ["step_s", "data_s", "forward_s", "backward_s", "optimizer_s", "other_s", "compute_s", *COMM_KEYS]
-SUMMARY_KEYS = STEP_KEYS + ["step_s_p05", "step_s_p95", "samples_per_s", "compute_frac", "comm_exposed_frac",
-                            "comm_wait_frac", "data_frac", "other_frac", "bound", "straggler"]
-MEMORY_KEYS = ["params", "grads", "optimizer_state", "activations", "autocast_weights", "comm_buffers", "peak",
-               "rss_peak"]
+COMM_KEYS = [*schema.COMM_KEYS, *schema.CROSS_RANK_KEYS]
+STEP_KEYS = [*schema.PHASE_KEYS, *COMM_KEYS]
+SUMMARY_KEYS = STEP_KEYS + ["step_s_p05", "step_s_p95", "samples_per_s", *schema.SHARE_FRACS, "comm_wait_frac",
+                            "bound", "straggler"]
+MEMORY_KEYS = list(schema.MEMORY_KEYS)
 RUN_KEYS = ["status", "world_size", "nodes", "backend", "launcher", "device", "provenance", "summary", "memory",
             "flops", "batch_size_per_rank", "global_batch_size", "run_id", "controls"]
 

@@ -297,7 +297,8 @@ def test_report_object_filters_on_the_group_the_runs_recorded(study):
     from wandb_workspaces import expr
     import wandb_workspaces.reports.v2 as wr
 
-    from scaling.wandb_report import SHARES, build_report, load_study
+    from scaling.schema import SHARE_FRACS
+    from scaling.wandb_report import build_report, load_study
 
     groups = {run_record(inspect(p.parent))["run_group"] for p in wandb_files(study)}
     assert groups == {"wbcmp"}
@@ -314,14 +315,14 @@ def test_report_object_filters_on_the_group_the_runs_recorded(study):
     assert {(p.x, tuple(p.y)) for p in lines.values()} >= {("world_size", ("study/samples_per_s",)),
                                                             ("world_size", ("study/efficiency",))}
     (bars,) = [p for p in grid.panels if isinstance(p, wr.BarPlot)]
-    assert list(bars.metrics) == list(SHARES)
+    assert list(bars.metrics) == list(SHARE_FRACS)
     (table,) = [p for p in grid.panels if isinstance(p, wr.WeavePanelSummaryTable)]
     assert table.table_name == "results"
     (media,) = [p for p in grid.panels if isinstance(p, wr.MediaBrowser)]
     assert media.media_keys == [f"plots/{p.stem}" for p in sorted((study / "plots").glob("*.png"))]
     # every panel reads keys the runs really hold
     run_summary = inspect(next(iter(wandb_files(study / "n2-r0"))).parent, summary=True)["summary"]
-    assert set(SHARES) <= set(run_summary)
+    assert set(SHARE_FRACS) <= set(run_summary)
 
 
 def test_online_without_credentials_saves_nothing_and_exits_cleanly(study, tmp_path):

@@ -31,29 +31,11 @@ from typing import Any
 
 import numpy as np
 
-PHASE_KEYS = ("step_s", "data_s", "forward_s", "backward_s", "optimizer_s", "other_s", "compute_s")
-COMM_KEYS = ("comm_s", "comm_exposed_s", "comm_sync_s", "overlap", "comm_bytes", "comm_wire_bytes", "comm_buckets",
-             "algbw_GBps", "busbw_GBps")
-CROSS_RANK_KEYS = ("comm_wait_s",)
-"""Made at the reduction from every rank's values, never measured by one rank alone."""
-BARE_KEYS = ("step_s",)
-SHARES = ("compute", "comm_exposed", "data", "other")
-"""The four parts of a step; they add up to ``step_s``. ``comm_wait`` is a part of ``comm_exposed``."""
+from scaling.schema import CROSS_RANK_KEYS, SHARES, verdict
+
 STRAGGLER_PHASES = ("data", "forward", "backward", "optimizer", "other")
 STRAGGLER_MIN_FRAC = 0.05
 """Waiting for slower ranks below this share of the time is noise: no straggler is named."""
-
-
-def local_keys(instrumented: bool, world_size: int) -> tuple[str, ...]:
-    """The keys one rank measures per step (the columns gathered from every rank)."""
-    if not instrumented:
-        return BARE_KEYS
-    return PHASE_KEYS + COMM_KEYS if world_size > 1 else PHASE_KEYS
-
-
-def null_keys(instrumented: bool, world_size: int) -> tuple[str, ...]:
-    """Keys that have no value in this run: a single process has no peer to communicate with."""
-    return COMM_KEYS + CROSS_RANK_KEYS if instrumented and world_size == 1 else ()
 
 
 def derive(metrics: dict[str, float]) -> dict[str, float]:
@@ -158,18 +140,6 @@ def summarize(records: Sequence[dict[str, Any]], keys: Sequence[str], nulls: Seq
     summary["straggler"] = straggler(records, totals, summary)
     summary["bound"] = verdict(summary)
     return summary
-
-
-def verdict(summary: dict[str, Any]) -> str:
-    """The largest of: exposed transfer, waiting for slower ranks (as the rank that waited most saw it),
-    data loading, compute."""
-    shares = {
-        "communication": (summary.get("comm_exposed_frac") or 0.0) - (summary.get("comm_wait_frac") or 0.0),
-        "straggler": summary.get("comm_wait_max_frac") or 0.0,
-        "data": summary.get("data_frac") or 0.0,
-        "compute": summary.get("compute_frac") or 0.0,
-    }
-    return max(shares, key=shares.get)
 
 
 def straggler(records: Sequence[dict[str, Any]], totals: dict[str, list[float]] | None,

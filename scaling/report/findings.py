@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from scaling.report import waterfall
 from scaling.report.configdiff import KeyDiff
-from scaling.report.metrics import SHARE_LABELS, SHARES, SizeStats, StudyStats, failed_points
+from scaling.report.metrics import SizeStats, StudyStats, failed_points
+from scaling.schema import SHARE_LABELS, SHARES
 
 NOISE_WARN = 0.10
 """Run-to-run spread of the step time above which differences are called noise."""

@@ -18,13 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from scaling.schema import MEMORY_CATEGORIES, SHARES, verdict
 from scaling.report.records import RunRecord, StudyRecords, common_straggler
 from scaling.report.waterfall import StudyWaterfall, study_waterfall
 
-SHARES = ("compute", "comm_exposed", "data", "other")
-SHARE_LABELS = {"compute": "compute", "comm_exposed": "exposed communication", "data": "data loading",
-                "other": "framework overhead"}
-MEMORY_CATEGORIES = ("params", "grads", "optimizer_state", "activations", "comm_buffers")
 
 
 @dataclass(frozen=True)
@@ -127,16 +124,11 @@ def _spread(runs: Sequence[RunRecord], get: Callable[[RunRecord], Any]) -> Sprea
     return Spread.of([v for v in (get(r) for r in runs) if isinstance(v, (int, float))])
 
 
-def verdict(shares: dict[str, float]) -> str:
-    largest = max(shares, key=shares.get)
-    return {"comm_exposed": "communication", "data": "data"}.get(largest, "compute")
-
-
 def size_bound(runs: Sequence[RunRecord], shares: dict[str, float]) -> str | None:
     """The verdict the runs' records give (the most common over repeats; ties go to the median run's)."""
     bounds = [r.summary.get("bound") for r in runs if isinstance(r.summary.get("bound"), str)]
     if not bounds:
-        return verdict(shares) if shares else None
+        return verdict({f"{name}_frac": share for name, share in shares.items()}) if shares else None
     counts = Counter(bounds).most_common()
     tied = [b for b, c in counts if c == counts[0][1]]
     if len(tied) == 1:

@@ -20,13 +20,12 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
 
 from scaling.report import waterfall as wf  # noqa: E402
-from scaling.report.metrics import MEMORY_CATEGORIES, SHARE_LABELS, SHARES, Spread, StudyStats  # noqa: E402
+from scaling.report.metrics import Spread, StudyStats  # noqa: E402
+from scaling.schema import MEMORY_CATEGORIES, MEMORY_LABELS, SHARE_LABELS, SHARES  # noqa: E402
 
 SHARE_COLORS = {"compute": "#4C72B0", "comm_exposed": "#C44E52", "data": "#DD8452", "other": "#8C8C8C"}
 MEMORY_COLORS = {"params": "#4C72B0", "grads": "#55A868", "optimizer_state": "#8172B3", "activations": "#DD8452",
                  "comm_buffers": "#C44E52"}
-MEMORY_LABELS = {"params": "parameters", "grads": "gradients", "optimizer_state": "optimizer state",
-                 "activations": "saved activations", "comm_buffers": "DDP buckets"}
 SPREAD_NOTE = "markers: median over repeats; error bars: min-max over repeats"
 DPI = 110
 

@@ -14,6 +14,7 @@ from scaling.report import commbench, waterfall
 from scaling.report.configdiff import KeyDiff, common_settings
 from scaling.report.metrics import Spread, StudyStats
 from scaling.report.table import COLUMNS
+from scaling.schema import SHARES
 
 HOW_TO_READ = [
     "Each point is one torchrun job per world size and repeat; the step time of a run is the median over its "
@@ -98,7 +99,7 @@ def size_rows(studies: Sequence[StudyStats], bandwidth: Sequence[commbench.SizeC
                 f"{s.completed}/{s.completed + s.not_completed}",
                 _spread(s.step_s, ".4f"), _spread(s.samples_per_s, ".1f"), _spread(s.speedup, ".2f", suffix="x"),
                 _spread(s.efficiency, ".0f", 100, "%"),
-                *(_pct(s.shares.get(k)) for k in ("compute", "comm_exposed", "data", "other")),
+                *(_pct(s.shares.get(k)) for k in SHARES),
                 _pct(s.overlap), waterfall.NULL if s.busbw_GBps is None else f"{s.busbw_GBps:.2f}", s.bound or "-",
             ]
             if bandwidth is not None:

@@ -11,11 +11,12 @@ from scaling.report.commbench import Bench, per_run
 from scaling.report.metrics import StudyStats
 from scaling.report.records import RunRecord
 from scaling.report.waterfall import TERMS, column
+from scaling.schema import SHARE_FRACS
 
 COLUMNS = (
     "study", "kind", "world_size", "nodes", "batch_size_per_rank", "global_batch_size", "repeat",
     "step_s", "samples_per_s", "speedup", "efficiency",
-    "compute_frac", "comm_exposed_frac", "data_frac", "other_frac",
+    *SHARE_FRACS,
     "comm_s", "comm_exposed_s", "overlap", "busbw_GBps", "peak_memory_bytes", "rss_peak_bytes",
     "bound", "run_id", "status", "threads_per_process", "measured_steps", "error",
     "mean_bucket_bytes", "commbench_busbw_GBps", "busbw_vs_commbench", "commbench",
@@ -57,7 +58,7 @@ def rows(studies: list[StudyStats], benches: Sequence[Bench] = ()) -> list[dict[
                 "samples_per_s": s.get("samples_per_s"),
                 "speedup": stats.run_speedup.get(run.run_id),
                 "efficiency": stats.run_efficiency.get(run.run_id),
-                **{f"{name}_frac": s.get(f"{name}_frac") for name in ("compute", "comm_exposed", "data", "other")},
+                **{key: s.get(key) for key in SHARE_FRACS},
                 "comm_s": s.get("comm_s"),
                 "comm_exposed_s": s.get("comm_exposed_s"),
                 "overlap": s.get("overlap"),
