@@ -34,7 +34,7 @@ import numpy as np
 from scaling.schema import CROSS_RANK_KEYS, SHARES, verdict
 
 STRAGGLER_PHASES = ("data", "forward", "backward", "optimizer", "other")
-STRAGGLER_MIN_FRAC = 0.05
+STRAGGLER_MIN_FRAC = 0.10
 """Waiting for slower ranks below this share of the time is noise: no straggler is named."""
 
 
@@ -86,6 +86,13 @@ def reduce_ranks(per_rank: np.ndarray, keys: Sequence[str], steps: Sequence[int]
         record["samples_per_s"] = global_batch / slowest if slowest > 0 else 0.0
         records.append(record)
     return records
+
+
+def reduce_steps(per_rank: np.ndarray, keys: Sequence[str], steps: Sequence[int], global_batch: int,
+                 nulls: Sequence[str] = ()) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
+    """The reduction of gathered steps, as the loop and the failure path both make it: one record per step,
+    and per key each rank's sum over these steps."""
+    return reduce_ranks(per_rank, keys, steps, global_batch, nulls), rank_totals(per_rank, keys)
 
 
 def rank_totals(per_rank: np.ndarray, keys: Sequence[str]) -> dict[str, list[float]]:
