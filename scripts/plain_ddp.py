@@ -1,10 +1,13 @@
 """The resnet experiment written as a plain torchrun DDP loop, without the framework.
 
-The reference for ``bench_overhead.py``: same model, data, sampler, optimizer,
-bucket size, gradient bucket views and batch as ``+exp=resnet``, and nothing else. Rank 0 writes the
-wall time of the measured steps to the JSON file given as its argument.
+The reference for ``bench_overhead.py``: same model, data, sampler, optimizer and
+batch as ``+exp=resnet``, and DDP with PyTorch's default settings (what a user
+who writes their own loop gets). With ``--constant-batch`` every step trains on
+the first batch again: no loader at all, the fastest the training itself can
+go. Rank 0 writes the wall time of the measured steps to the JSON file given as
+its argument.
 
-    torchrun --standalone --nproc_per_node=2 scripts/plain_ddp.py out.json [steps] [warmup]
+    torchrun --standalone --nproc_per_node=2 scripts/plain_ddp.py out.json [steps] [warmup] [--constant-batch]
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 
 def main() -> None:
-    out, steps, warmup = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 30, int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    constant = "--constant-batch" in sys.argv
+    args = [a for a in sys.argv[1:] if a != "--constant-batch"]
+    out, steps, warmup = args[0], int(args[1]) if len(args) > 1 else 30, int(args[2]) if len(args) > 2 else 3
     batch = 32
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -31,20 +36,24 @@ def main() -> None:
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0, drop_last=True)
     loader = DataLoader(data, batch_size=batch, sampler=sampler, drop_last=True)
     torch.manual_seed(0)
-    model = DDP(torchvision.models.resnet18(weights=None, num_classes=10), bucket_cap_mb=25, gradient_as_bucket_view=True)
+    model = DDP(torchvision.models.resnet18(weights=None, num_classes=10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     epoch, it = 0, iter(loader)
+    first = next(iter(loader))
     start = None
     for step in range(warmup + steps):
         if step == warmup:
             start = time.perf_counter()
-        try:
-            x, y = next(it)
-        except StopIteration:
-            epoch += 1
-            sampler.set_epoch(epoch)
-            it = iter(loader)
-            x, y = next(it)
+        if constant:
+            x, y = first
+        else:
+            try:
+                x, y = next(it)
+            except StopIteration:
+                epoch += 1
+                sampler.set_epoch(epoch)
+                it = iter(loader)
+                x, y = next(it)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
