@@ -13,7 +13,10 @@ loop's own clock, start-up excluded). Prints the medians and the ratios with
 their targets: instrumented >= 0.99 x bare, framework >= 0.98 x plain.
 The constant-batch loop shows what the data loader itself costs.
 
-    python scripts/bench_overhead.py [--repeats 3] [--steps 30]
+    python scripts/bench_overhead.py [--repeats 3] [--steps 30] [--variants instrumented,bare] [OVERRIDE ...]
+
+Extra Hydra overrides go to both framework variants (e.g. dist.gradient_as_bucket_view=true,
+to measure a default against its alternative).
 """
 
 from __future__ import annotations
@@ -41,10 +44,10 @@ def torchrun(args: list[str]) -> None:
 OTHER_FRACS: list[float] = []  # the instrumented runs' own measure of the loop's bookkeeping
 
 
-def framework(root: Path, name: str, steps: int, instrumented: bool) -> float:
+def framework(root: Path, name: str, steps: int, instrumented: bool, overrides: list[str]) -> float:
     torchrun(["-m", "scaling.train", "+exp=resnet", f"train.steps={steps}", "train.warmup_steps=3",
               f"instrument.enabled={str(instrumented).lower()}", "logger.wandb.mode=disabled",
-              f"paths.root={root}", f"study.name={name}"])
+              f"paths.root={root}", f"study.name={name}", *overrides])
     run = json.loads(next((root / name).glob("*/run.json")).read_text())
     if instrumented:
         OTHER_FRACS.append(run["summary"]["other_frac"])
@@ -61,17 +64,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--variants", default="instrumented,bare,plain,constant",
+                        help="comma-separated subset of instrumented,bare,plain,constant")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for the framework variants")
     args = parser.parse_args()
-    results: dict[str, list[float]] = {"instrumented": [], "bare": [], "plain": [], "constant": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         variants = {
-            "instrumented": lambda r: framework(root, f"inst{r}", args.steps, True),
-            "bare": lambda r: framework(root, f"bare{r}", args.steps, False),
+            "instrumented": lambda r: framework(root, f"inst{r}", args.steps, True, args.overrides),
+            "bare": lambda r: framework(root, f"bare{r}", args.steps, False, args.overrides),
             "plain": lambda r: plain(root, f"plain{r}", args.steps),
             "constant": lambda r: plain(root, f"const{r}", args.steps, constant=True),
         }
-        names = list(variants)
+        names = [n for n in variants if n in args.variants.split(",")]
+        results: dict[str, list[float]] = {n: [] for n in names}
         for r in range(args.repeats):
             # A different variant goes first in each repeat, so no variant always runs on a cold machine.
             for name in names[r % len(names):] + names[:r % len(names)]:
@@ -84,12 +90,13 @@ def main() -> None:
         print(f"  {k:<13} {med[k]:8.1f}   runs: {', '.join(f'{x:.1f}' for x in v)}")
     spread = max(max(v) / min(v) for v in results.values()) - 1
     print(f"\n  run-to-run spread of one variant: up to {100 * spread:.0f}% (machine noise)")
-    print(f"  framework overhead inside the step (other_s share, instrumented): "
-          f"median {100 * statistics.median(OTHER_FRACS):.3f}%")
+    if OTHER_FRACS:
+        print(f"  framework overhead inside the step (other_s share, instrumented): "
+              f"median {100 * statistics.median(OTHER_FRACS):.3f}%")
     pairs = [("instrumented", "bare", 0.99), ("instrumented", "plain", 0.98), ("bare", "plain", 0.98),
              ("instrumented", "constant", 0.0)]
     print("\n  ratio                  of medians   median of paired runs   target")
-    for a, b, target in pairs:
+    for a, b, target in [p for p in pairs if p[0] in results and p[1] in results]:
         ratio = med[a] / med[b]
         # Runs of one repeat ran back to back: their ratio cancels slow drifts in machine load.
         paired = statistics.median(x / y for x, y in zip(results[a], results[b]))
