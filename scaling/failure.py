@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from scaling.instruments import aggregate
-from scaling.records import RunFiles, atomic_write_text, read_json, read_rank_steps, read_steps, write_json
+from scaling.records import RunFiles, atomic_write_text, read_json, read_rank_steps, read_steps, write_run
 
 WAIT_FOR_ROOT_CAUSE_S = 2.0
 
@@ -153,9 +153,9 @@ def rebuild_steps(files: RunFiles, world_size: int, global_batch: int, keys: tup
     if not common:  # nothing to rebuild from: keep whatever rank 0 gathered
         return read_steps(files.steps_jsonl), None
     values = np.array([[[steps[s].get(k, 0.0) for k in keys] for s in common] for steps in per_rank])
-    records = aggregate.reduce_ranks(values, keys, common, global_batch, nulls)
+    records, totals = aggregate.reduce_steps(values, keys, common, global_batch, nulls)
     atomic_write_text(files.steps_jsonl, "".join(json.dumps(r) + "\n" for r in records))
-    return records, aggregate.rank_totals(values, keys)
+    return records, totals
 
 
 def finalize_failed(files: RunFiles, exc: BaseException, world_size: int, global_batch: int,
@@ -182,7 +182,7 @@ def finalize_failed(files: RunFiles, exc: BaseException, world_size: int, global
         records, totals = rebuild_steps(files, world_size, global_batch, keys, nulls)
         try:
             run = read_json(files.run_json)
-        except (OSError, ValueError):
+        except ValueError:
             run = {"world_size": world_size}
         if cause is not None:
             run.update(status="failed", error=cause, failed_at=time.time())
@@ -191,7 +191,7 @@ def finalize_failed(files: RunFiles, exc: BaseException, world_size: int, global
         run["measured_steps_kept"] = len(records)
         if records:
             run["summary"] = {**aggregate.summarize(records, keys, nulls, totals), "partial": True}
-        write_json(files.run_json, run)
+        write_run(files.run_json, run)
     return cause
 
 

@@ -321,8 +321,8 @@ class Trainer:
         local = torch.tensor([[values[k] for k in keys] for _, values in self._resolved], dtype=torch.float64)
         self._resolved.clear()
         gathered = self.ctx.gather_tensor(local).numpy()
-        records = aggregate.reduce_ranks(gathered, keys, steps, self.job.global_batch, self.job.null_keys)
-        aggregate.add_totals(self.rank_totals, aggregate.rank_totals(gathered, keys))
+        records, totals = aggregate.reduce_steps(gathered, keys, steps, self.job.global_batch, self.job.null_keys)
+        aggregate.add_totals(self.rank_totals, totals)
         self.records.extend(records)
         if self.ctx.is_main:
             self.files.append_steps(records)

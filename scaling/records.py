@@ -46,7 +46,40 @@ def _jsonable(value: Any) -> Any:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+    """A JSON object from a file; ValueError (naming the file) when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return data
+
+
+def write_run(path: Path, run: dict[str, Any]) -> None:
+    """run.json, replaced atomically. Every writer of run.json goes through here."""
+    write_json(path, run)
+
+
+def mark_failed(path: Path, error: str, run: dict[str, Any] | None = None, only_if_running: bool = False,
+                **fields: Any) -> dict[str, Any] | None:
+    """Set run.json's status to failed with its cause (and ``fields``); returns what was written.
+
+    ``run``: the content to start from when run.json cannot be read. With
+    ``only_if_running``, a run.json that says anything but ``running`` (the job
+    recorded its own end) is left as it is, and None is returned.
+    """
+    try:
+        current = read_json(path)
+    except ValueError:
+        if run is None:
+            return None
+        current = dict(run)
+    if only_if_running and current.get("status") != "running":
+        return None
+    current.update(status="failed", error=error, failed_at=time.time(), **fields)
+    write_run(path, current)
+    return current
 
 
 def new_run_id(prefix: str) -> str:

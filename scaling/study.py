@@ -38,6 +38,7 @@ from omegaconf import DictConfig, ListConfig
 
 from scaling import cli, config
 from scaling.config import ConfigError
+from scaling.records import mark_failed, read_json, write_json
 
 KINDS = ("strong", "weak")
 STUDY_JSON = "study.json"
@@ -317,7 +318,7 @@ def check_resumable(spec: StudySpec, settings: dict[str, Any]) -> None:
     if not path.exists():
         return
     try:
-        previous = read_json_object(path)
+        previous = read_json(path)
     except ValueError:
         return  # an unreadable study.json is rewritten; the run folders decide what is done
     before = previous.get("settings") or {}
@@ -331,16 +332,6 @@ def check_resumable(spec: StudySpec, settings: dict[str, Any]) -> None:
             "use another study.name, or the same settings to resume it")
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return data
-
-
 # -- points -----------------------------------------------------------------------------------
 
 
@@ -349,7 +340,7 @@ def point_state(run_dir: Path) -> str:
     if not run_dir.exists():
         return "absent"
     try:
-        status = read_json_object(run_dir / "run.json").get("status")
+        status = read_json(run_dir / "run.json").get("status")
     except ValueError:
         return "incomplete"
     return "completed" if status == "completed" else "incomplete"
@@ -373,7 +364,7 @@ def launch_log(spec: StudySpec, point: Point) -> Path:
 def failure_reason(spec: StudySpec, point: Point, returncode: int) -> str:
     """The cause as the records name it, else the job's last error line."""
     try:
-        error = read_json_object(spec.dir / point.run_id / "run.json").get("error")
+        error = read_json(spec.dir / point.run_id / "run.json").get("error")
         if error:
             return str(error)
     except ValueError:
@@ -452,16 +443,7 @@ def stop_cause(signum: int) -> str:
 
 def mark_stopped(run_dir: Path, signum: int) -> None:
     """run.json still says running after the job is gone: it was stopped before it could say so itself."""
-    from scaling.records import write_json
-
-    path = run_dir / "run.json"
-    try:
-        run = read_json_object(path)
-    except ValueError:
-        return
-    if run.get("status") == "running":
-        run.update(status="failed", error=f"{stop_cause(signum)}, before the job recorded it", failed_at=time.time())
-        write_json(path, run)
+    mark_failed(run_dir / "run.json", f"{stop_cause(signum)}, before the job recorded it", only_if_running=True)
 
 
 def run_point(spec: StudySpec, point: Point) -> Outcome:
@@ -562,8 +544,6 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 def write_study_json(spec: StudySpec, settings: dict[str, Any], outcomes: list[Outcome], status: str,
                      started_at: float) -> None:
-    from scaling.records import write_json
-
     write_json(spec.dir / STUDY_JSON, {
         **spec.definition(),
         "status": status,
@@ -647,7 +627,7 @@ def result_line(spec: StudySpec, point: Point, outcome: Outcome) -> str:
     if outcome.status != "completed":
         return f"FAILED {took}: {outcome.error}  (log: {launch_log(spec, point)})"
     try:
-        summary = read_json_object(spec.dir / point.run_id / "run.json").get("summary") or {}
+        summary = read_json(spec.dir / point.run_id / "run.json").get("summary") or {}
     except ValueError:
         summary = {}
     step_s, rate, bound = summary.get("step_s"), summary.get("samples_per_s"), summary.get("bound")

@@ -18,7 +18,7 @@ from torch.distributed import DistError
 from scaling import cli, config, console, failure, provenance, wandb_sink
 from scaling import dist as distsetup
 from scaling.loop import Job, Trainer, prepare
-from scaling.records import RunFiles, create_run_dir, read_json, write_json
+from scaling.records import RunFiles, create_run_dir, read_json, write_run
 from scaling.sinks import Sink
 
 
@@ -80,7 +80,7 @@ def failed_run(files: RunFiles, run: dict[str, Any], cause: str | None) -> dict[
     """run.json as the failure left it (another rank may have written the cause)."""
     try:
         return read_json(files.run_json)
-    except (OSError, ValueError):
+    except ValueError:
         return {**run, "status": "failed", "error": cause}
 
 
@@ -116,7 +116,7 @@ def run_job(job: Job, ctx: distsetup.Context, log: logging.Logger, guard: failur
     run = describe_run(job, ctx, files)
     if ctx.is_main:
         files.write_config(run_cfg.raw)
-        write_json(files.run_json, run)
+        write_run(files.run_json, run)
     trainer = Trainer(job, ctx, files, log, sinks=(sinks if sinks is not None else build_sinks(job, ctx, log)))
     for sink in trainer.sinks:
         sink.on_start(run)
@@ -140,7 +140,7 @@ def run_job(job: Job, ctx: distsetup.Context, log: logging.Logger, guard: failur
             print(f"scaling.train: run failed: {cause} (records in {files.dir})", file=sys.stderr)
         raise RecordedFailure(files.logs / f"rank{ctx.rank}.error.json") from exc
     if ctx.is_main:
-        write_json(files.run_json, run)
+        write_run(files.run_json, run)
         for sink in trainer.sinks:
             sink.on_end(run)
         log.info("\n" + console.render(run) + f"\n\n  records: {files.dir}")
