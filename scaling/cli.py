@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from scaling.config import ConfigError
+from scaling.launch.layout import launch_rank
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -27,14 +28,6 @@ def compose_config(overrides: Sequence[str], config_name: str = "config") -> Dic
     """The config as ``python -m scaling.<cmd> OVERRIDES`` would see it."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="scaling"):
         return compose(config_name=config_name, overrides=list(overrides))
-
-
-def launch_rank() -> int:
-    """This process's rank as the launcher announced it (0 when there is none)."""
-    for key in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 0
 
 
 def one_line(exc: BaseException) -> str:

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from scaling import cli, commbench
+from scaling import cli
+from scaling.bench import commbench
 from tests.launch import check, only_run_dir, read_json, run_mpi, run_torchrun
 
 # nccl-tests' bus-bandwidth factors, written out here rather than taken from the code under test.
@@ -130,10 +131,12 @@ def test_help_names_the_command(capsys: pytest.CaptureFixture[str]) -> None:
 SIDE_BY_SIDE = '''
 import json, statistics, sys, time
 import torch, torch.distributed as dist
-from scaling import cli, commbench, dist as distsetup
+from scaling import cli
+from scaling.bench import commbench
+from scaling.launch import detect, group as distsetup
 
 settings = commbench.parse(cli.compose_config(["commbench.iters=10", "commbench.warmup_iters=2"], "commbench"))
-ctx = distsetup.init(distsetup.detect(), settings.dist)
+ctx = distsetup.init(detect.detect(), settings.dist)
 size = int(sys.argv[2])
 n = ctx.world_size
 rounds = []

@@ -8,8 +8,8 @@ import pytest
 import torch.distributed as dist
 
 from scaling import cli, config
-from scaling.loop import prepare
-from scaling.train import main as train_main
+from scaling.train.job import main as train_main
+from scaling.train.loop import prepare
 from tests.conftest import REPO, TINY, single, torchrun
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "exp").glob("*.yaml"))

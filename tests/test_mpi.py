@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from scaling import mpi
 from scaling.config import ConfigError
-from scaling.dist import Launch
+from scaling.launch import mpi
+from scaling.launch.layout import Launch
 from tests.launch import check, only_run_dir, read_json, run, run_mpi
 
 # Each rank writes its own file: ranks' lines on a shared stdout can interleave.
 DISCOVER = """
 import dataclasses, json, pathlib, sys
-from scaling import dist
-launch = dist.detect()
+from scaling.launch import detect
+launch = detect.detect()
 pathlib.Path(sys.argv[1], f"rank{launch.rank}.json").write_text(json.dumps(dataclasses.asdict(launch)))
 """
 
@@ -26,10 +26,10 @@ pathlib.Path(sys.argv[1], f"rank{launch.rank}.json").write_text(json.dumps(datac
 HOOK_JOB = """
 import json, pathlib, sys, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from scaling import dist as distsetup, mpi
 from scaling.config import DistConfig
+from scaling.launch import detect, group as distsetup, mpi
 
-launch = distsetup.detect()
+launch = detect.detect()
 mpi.check_hook_launch(launch)
 ctx = distsetup.init(launch, DistConfig(backend="gloo", bucket_cap_mb=0.001, timeout_s=60, threads=1))
 torch.manual_seed(0)
@@ -99,7 +99,7 @@ def test_hook_refuses_a_job_not_launched_by_mpi() -> None:
 def test_missing_mpi4py_is_one_clear_line(tmp_path: Path) -> None:
     # As if mpi4py were not installed (None in sys.modules makes its import fail), under an MPI launcher's variables.
     program = ("import sys; sys.modules['mpi4py'] = None\n"
-               "from scaling import cli, commbench\n"
+               "from scaling import cli\nfrom scaling.bench import commbench\n"
                f"sys.exit(cli.run('scaling.commbench', commbench.main, 'commbench', argv=['paths.root={tmp_path}']))")
     proc = run([sys.executable, "-c", program], PMI_SIZE="2", PMI_RANK="0")
     assert proc.returncode == 2

@@ -248,9 +248,9 @@ def test_report_never_imports_torch(strong, tmp_path):
 def test_wandb_flag_publishes_through_scaling_wandb_report(strong, tmp_path, monkeypatch, capsys):
     study = copy_study(strong.dir, tmp_path / "s")
     calls = []
-    module = types.ModuleType("scaling.wandb_report")
+    module = types.ModuleType("scaling.report.wandb")
     module.publish = lambda **kwargs: calls.append(kwargs)
-    monkeypatch.setitem(sys.modules, "scaling.wandb_report", module)
+    monkeypatch.setitem(sys.modules, "scaling.report.wandb", module)
     assert report_main([str(study), "--wandb"]) == 0
     assert len(calls) == 1
     assert calls[0]["results_csv"] == study / "results.csv"
@@ -259,7 +259,7 @@ def test_wandb_flag_publishes_through_scaling_wandb_report(strong, tmp_path, mon
 
 def test_wandb_flag_without_wandb_support_says_so(strong, tmp_path, monkeypatch, capsys):
     study = copy_study(strong.dir, tmp_path / "s")
-    monkeypatch.setitem(sys.modules, "scaling.wandb_report", None)  # import fails, as when not installed
+    monkeypatch.setitem(sys.modules, "scaling.report.wandb", None)  # import fails, as when not installed
     assert report_main([str(study), "--wandb"]) == 0
     assert "wandb support is not installed" in capsys.readouterr().err
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from scaling import commfit
+from scaling.bench import fit as commfit
 from scaling.report import commbench
 from scaling.report.__main__ import main as report_main
 from scaling.report.records import RunRecord

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from scaling import study
+from scaling.study import run as study
 from tests.study_runs import (FAILING_HOOK, REPO, STRONG, TINY, env, explain, read_run, run_study, strong_study,
                               weak_study, weak_study_failed)
 

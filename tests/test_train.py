@@ -8,8 +8,9 @@ import math
 import pytest
 import yaml
 
-from scaling import cli, config, schema
-from scaling.loop import prepare
+from scaling import cli, config
+from scaling.records import schema
+from scaling.train.loop import prepare
 from tests.conftest import QUICK, TINY, check_ok, load_run, only_run_dir, single, torchrun
 
 COMM_KEYS = [*schema.COMM_KEYS, *schema.CROSS_RANK_KEYS]

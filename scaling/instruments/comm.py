@@ -31,8 +31,40 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from scaling.hooks import WireCount, full_bytes
 from scaling.instruments.clock import Clock
+
+
+WireCount = Callable[[Any, Any, Callable[[], Any]], tuple[Any, int]]
+"""``(state, bucket buffer, call the hook) -> (the hook's future, bytes it sent)``."""
+
+
+def full_bytes(state: Any, buffer: Any, call: Callable[[], Any]) -> tuple[Any, int]:
+    return call(), buffer.numel() * buffer.element_size()
+
+
+def _half_precision(state: Any, buffer: Any, call: Callable[[], Any]) -> tuple[Any, int]:
+    # fp16/bf16 compression all-reduces a 2-byte copy of the bucket.
+    return call(), buffer.numel() * 2
+
+
+def _powersgd(state: Any, buffer: Any, call: Callable[[], Any]) -> tuple[Any, int]:
+    # PowerSGD keeps its own count of the elements it all-reduces (the P and Q
+    # factors, and the tensors too small to compress); before
+    # start_powerSGD_iter it sends the bucket uncompressed and counts nothing.
+    before = state.compression_stats()[2] if state is not None else 0
+    future = call()
+    after = state.compression_stats()[2] if state is not None else 0
+    numel = after - before if after > before else buffer.numel()
+    return future, int(numel) * buffer.element_size()
+
+
+def wire_count(hook: str) -> WireCount:
+    """How to count the bytes a hook puts on the wire (``comm_wire_bytes``).
+
+    ``hook`` is comm.hook. A user's hook is assumed to send its bucket as it is: its compression, if
+    any, is unknown to us.
+    """
+    return {"fp16": _half_precision, "bf16": _half_precision, "powersgd": _powersgd}.get(hook, full_bytes)
 
 Hook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from scaling.provenance import cpu_model
+from scaling.records.provenance import cpu_model
 
 
 def count_step_flops(model: torch.nn.Module, loss_fn, batch, amp_dtype: torch.dtype | None) -> int:

@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def publish_wandb(report) -> int:
     try:
-        wandb_report = importlib.import_module("scaling.wandb_report")
+        wandb_report = importlib.import_module("scaling.report.wandb")
     except ImportError as exc:
         print(f"wandb support is not installed ({exc}); the local report is complete", file=sys.stderr)
         return 0

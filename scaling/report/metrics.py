@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from scaling.schema import MEMORY_CATEGORIES, SHARES, verdict
+from scaling.records.schema import MEMORY_CATEGORIES, SHARES, verdict
 from scaling.report.records import RunRecord, StudyRecords, common_straggler
 from scaling.report.waterfall import StudyWaterfall, study_waterfall
 

@@ -21,7 +21,7 @@ from matplotlib.ticker import NullLocator  # noqa: E402
 
 from scaling.report import waterfall as wf  # noqa: E402
 from scaling.report.metrics import Spread, StudyStats  # noqa: E402
-from scaling.schema import MEMORY_CATEGORIES, MEMORY_LABELS, SHARE_LABELS, SHARES  # noqa: E402
+from scaling.records.schema import MEMORY_CATEGORIES, MEMORY_LABELS, SHARE_LABELS, SHARES  # noqa: E402
 
 SHARE_COLORS = {"compute": "#4C72B0", "comm_exposed": "#C44E52", "data": "#DD8452", "other": "#8C8C8C"}
 MEMORY_COLORS = {"params": "#4C72B0", "grads": "#55A868", "optimizer_state": "#8172B3", "activations": "#DD8452",

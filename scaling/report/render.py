@@ -14,7 +14,7 @@ from scaling.report import commbench, waterfall
 from scaling.report.configdiff import KeyDiff, common_settings
 from scaling.report.metrics import Spread, StudyStats
 from scaling.report.table import COLUMNS
-from scaling.schema import SHARES
+from scaling.records.schema import SHARES
 
 HOW_TO_READ = [
     "Each point is one torchrun job per world size and repeat; the step time of a run is the median over its "

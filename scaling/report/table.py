@@ -11,7 +11,7 @@ from scaling.report.commbench import Bench, per_run
 from scaling.report.metrics import StudyStats
 from scaling.report.records import RunRecord
 from scaling.report.waterfall import TERMS, column
-from scaling.schema import SHARE_FRACS
+from scaling.records.schema import SHARE_FRACS
 
 COLUMNS = (
     "study", "kind", "world_size", "nodes", "batch_size_per_rank", "global_batch_size", "repeat",

@@ -38,7 +38,8 @@ from omegaconf import DictConfig, ListConfig
 
 from scaling import cli, config
 from scaling.config import ConfigError
-from scaling.records import mark_failed, read_json, write_json
+from scaling.launch.threads import available_cores, resolve_threads
+from scaling.records.files import mark_failed, read_json, write_json
 
 KINDS = ("strong", "weak")
 STUDY_JSON = "study.json"
@@ -196,19 +197,6 @@ def _positive(key: str, value: Any) -> int:
     return value
 
 
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def resolve_threads(study_threads: Any, dist_threads: Any, nprocs: Sequence[int]) -> int:
-    """One thread count for every point: explicit, or the cores shared by the largest point."""
-    if study_threads != "auto":
-        return _positive("study.threads", study_threads)
-    if dist_threads != "auto":
-        return _positive("dist.threads", dist_threads)
-    return max(1, available_cores() // max(nprocs))
-
-
 def spec_from_config(cfg: DictConfig, user_overrides: Sequence[str]) -> StudySpec:
     """Check the study input; every mistake is one ConfigError before anything runs."""
     study = cfg.get("study")
@@ -227,7 +215,9 @@ def spec_from_config(cfg: DictConfig, user_overrides: Sequence[str]) -> StudySpe
     repeats = _positive("study.repeats", study.get("repeats", 1))
     fail_fast = _boolean("study.fail_fast", study.get("fail_fast", False))
     controls = _boolean("study.controls", study.get("controls", True))
-    threads = resolve_threads(study.get("threads", "auto"), cfg.dist.threads, nprocs)
+    study_threads = study.get("threads", "auto")
+    threads = (resolve_threads("study.threads", study_threads, max(nprocs)) if study_threads != "auto"
+               else resolve_threads("dist.threads", cfg.dist.threads, max(nprocs)))
     global_batch, per_rank = _batch_sizes(kind, cfg, nprocs)
     return StudySpec(
         name=name, kind=kind, exp=str(cfg.get("exp_name", "default")), nprocs=nprocs, repeats=repeats,
@@ -671,6 +661,3 @@ def entry(argv: Sequence[str] | None = None) -> int:
     overrides = [a for a in args if not a.startswith("-")]
     return cli.run("scaling.study", lambda cfg: main(cfg, overrides), argv=args)
 
-
-if __name__ == "__main__":
-    sys.exit(entry())

@@ -18,17 +18,19 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from scaling import dist as distsetup
-from scaling import faults, hooks, schema
+from scaling.launch import detect, group
+from scaling.records import reduce as aggregate, schema
+from scaling.train import faults, hooks
 from scaling.config import RunConfig
-from scaling.data import Batches, build_dataset, check_dataset_size
-from scaling.dist import Context, Launch
-from scaling.instruments import aggregate, flops as flops_mod, memory as mem
+from scaling.train.data import Batches, build_dataset, check_dataset_size
+from scaling.launch.group import Context
+from scaling.launch.layout import Launch
+from scaling.instruments import flops as flops_mod, memory as mem
 from scaling.instruments.clock import clock_for
-from scaling.instruments.comm import CommTimer
+from scaling.instruments.comm import CommTimer, wire_count
 from scaling.instruments.timing import PHASES, StepMarks, StepTimer
-from scaling.models import build_model, loss_fn_for
-from scaling.records import RunFiles
+from scaling.train.models import build_model, loss_fn_for
+from scaling.records.files import RunFiles
 from scaling.sinks import Sink
 
 @dataclass
@@ -60,9 +62,9 @@ class Job:
 
 
 def prepare(cfg: RunConfig) -> Job:
-    launch = distsetup.detect()
-    backend = distsetup.resolve_backend(cfg.dist.backend)
-    distsetup.resolve_device(cfg.dist.device, backend)  # a CUDA request without CUDA fails here, not in the group
+    launch = detect.detect()
+    backend = group.resolve_backend(cfg.dist.backend)
+    group.resolve_device(cfg.dist.device, backend)  # a CUDA request without CUDA fails here, not in the group
     batch_size = cfg.train.per_rank_batch(launch.world_size)
     hook = hooks.resolve(cfg.comm, backend, launch.launcher)
     dataset, num_classes = build_dataset(cfg.data, cfg.train.seed)
@@ -157,7 +159,7 @@ class Trainer:
                              **forward_buffer_sync(not self.sync_buffers))
             state = hooks.make_state(job.hook, cfg.comm)
             if self.instrumented:
-                self.model.register_comm_hook(state, self.comm.wrap(job.hook.hook, hooks.wire_count(job.hook)))
+                self.model.register_comm_hook(state, self.comm.wrap(job.hook.hook, wire_count(job.hook.name)))
             elif not job.hook.builtin_reducer:
                 self.model.register_comm_hook(state, job.hook.hook)
         self.optimizer = make_optimizer(cfg.optim, self.model.parameters())

@@ -1,7 +1,7 @@
 """``python -m scaling.train +exp=NAME [overrides]``: one instrumented DDP training job.
 
 Works as a single process, under torchrun, srun or mpiexec. The loop lives in
-``scaling.loop``; this module parses, sets up, runs, records and tears down.
+``scaling.train.loop``; this module parses, sets up, runs, records and tears down.
 """
 
 from __future__ import annotations
@@ -15,26 +15,15 @@ from typing import Any
 from omegaconf import DictConfig
 from torch.distributed import DistError
 
-from scaling import cli, config, console, failure, provenance, wandb_sink
-from scaling import dist as distsetup
-from scaling.loop import Job, Trainer, prepare
-from scaling.records import RunFiles, create_run_dir, read_json, write_run
-from scaling.sinks import Sink
-
-
-def agree_on_run_dir(ctx: distsetup.Context, cfg: config.RunConfig, prefix: str) -> Path:
-    """Rank 0 claims the folder and tells everyone; no rank derives it from its own clock."""
-    run_dir: Any = None
-    error: str | None = None
-    if ctx.is_main:
-        try:
-            run_dir = str(create_run_dir(Path(cfg.paths.root) / cfg.study_name, cfg.paths.run_id, prefix))
-        except OSError as exc:
-            error = str(exc)
-    run_dir, error = ctx.broadcast_object((run_dir, error))
-    if error:
-        raise config.ConfigError(error)
-    return Path(run_dir)
+from scaling import config
+from scaling.errors import describe
+from scaling.launch import group as distsetup
+from scaling.records import provenance
+from scaling.records.files import RunFiles, read_json, write_run
+from scaling.sinks import Sink, console
+from scaling.sinks import wandb as wandb_sink
+from scaling.train import failure
+from scaling.train.loop import Job, Trainer, prepare
 
 
 def describe_run(job: Job, ctx: distsetup.Context, files: RunFiles) -> dict[str, Any]:
@@ -111,7 +100,8 @@ def run_job(job: Job, ctx: distsetup.Context, log: logging.Logger, guard: failur
             sinks: list[Sink] | None) -> dict[str, Any]:
     run_cfg = job.cfg
     prefix = f"{run_cfg.exp_name}-n{ctx.world_size}"
-    files = RunFiles(agree_on_run_dir(ctx, run_cfg, prefix), ctx.rank)
+    files = RunFiles(ctx.agree_on_run_dir(Path(run_cfg.paths.root) / run_cfg.study_name, run_cfg.paths.run_id, prefix),
+                     ctx.rank)
     console.add_file(log, files.rank_log_path(ctx.rank))
     run = describe_run(job, ctx, files)
     if ctx.is_main:
@@ -165,10 +155,7 @@ def main(cfg: DictConfig) -> int:
     except failure.Terminated:
         return 143
     except DistError as exc:  # the rendezvous itself failed: no run folder exists yet
-        print(f"scaling.train: error: could not reach the other ranks: {failure.describe(exc)}", file=sys.stderr)
+        print(f"scaling.train: error: could not reach the other ranks: {describe(exc)}", file=sys.stderr)
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(cli.run("scaling.train", main))

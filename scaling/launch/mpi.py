@@ -34,12 +34,9 @@ import torch
 import torch.distributed as dist
 
 from scaling.config import ConfigError
-from scaling.dist import Launch
+from scaling.launch.layout import MPI_SIZE_VARS, Launch
 
 INSTALL_HINT = "pip install 'scaling[mpi]' (MPICH from PyPI), or mpi4py built against your cluster's MPI"
-# Variables by which MPI launchers announce the world size; a job started by one
-# of them whose mpi4py sees a world of 1 is using a different MPI library.
-LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 # Gradient dtypes MPI can sum directly from a numpy view; others are summed in float32.
 MPI_NATIVE_DTYPES = (torch.float32, torch.float64)
 
@@ -59,7 +56,9 @@ def library_version() -> str:
 
 
 def _launcher_world_size() -> int | None:
-    for key in LAUNCHER_SIZE_VARS:
+    """The world size an MPI launcher announced; a job whose mpi4py sees a world of 1 under a larger
+    one is using a different MPI library."""
+    for key in MPI_SIZE_VARS:
         value = os.environ.get(key, "")
         if value.isdigit():
             return int(value)

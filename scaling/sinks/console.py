@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scaling.schema import MEMORY_KEYS, SHARE_LABELS, SHARES
+from scaling.records.schema import MEMORY_KEYS, SHARE_LABELS, SHARES
 
 GIB = 1024**3
 MIB = 1024**2

@@ -15,7 +15,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import signal
 import time
 import traceback
@@ -26,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from scaling.instruments import aggregate
-from scaling.records import RunFiles, atomic_write_text, read_json, read_rank_steps, read_steps, write_run
+from scaling.errors import describe
+from scaling.records import reduce as aggregate
+from scaling.records.files import RunFiles, atomic_write_text, read_json, read_rank_steps, read_steps, write_run
 
 WAIT_FOR_ROOT_CAUSE_S = 2.0
 
@@ -82,22 +82,6 @@ def is_root_cause(exc: BaseException) -> bool:
         return False
     text = str(exc).lower()
     return not (isinstance(exc, RuntimeError) and any(marker in text for marker in COMM_ERROR_MARKERS))
-
-
-WRAPPER = re.compile(r"^(?:\w+Error: )?Got the following error when running the callback: ")
-SOURCE_LOCATION = re.compile(r"\[[^\]]*\.(?:cc|cpp|h):\d+\] ")
-
-
-def describe(exc: BaseException) -> str:
-    """One line: the exception type and the first line of its message, without torch's wrappers."""
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted (Ctrl-C / SIGINT)"
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    while WRAPPER.search(message):
-        message = WRAPPER.sub("", message)
-    message = SOURCE_LOCATION.sub("", message).split(". This is typically")[0]
-    message = message.removeprefix(f"{type(exc).__name__}: ")
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def record_rank_error(files: RunFiles, exc: BaseException) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from types import ModuleType
 from typing import Any
 
 from scaling.config import RunConfig
+from scaling.errors import describe
 
 START_TIMEOUT_CAP_S = 20.0
 """Longest wait for wandb to start; WANDB_INIT_TIMEOUT may lower or raise it."""
@@ -225,7 +226,7 @@ class WandbSink:
             first = not self._warned
             self._warned = True
             self._active = False
-        cause = f" ({type(exc).__name__}: {_first_line(exc)})" if exc is not None else ""
+        cause = f" ({describe(exc, limit=300)})" if exc is not None else ""
         if first:
             where = f" in {self.run_dir}" if self.run_dir else ""
             self.log.warning(f"wandb: {what}{cause}; training goes on without wandb. "
@@ -256,8 +257,3 @@ def _offline_dir(wandb_run: Any) -> Path | None:
         return Path(wandb_run.dir).parent
     except Exception:
         return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -8,9 +8,10 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 import scaling
 
@@ -53,6 +54,8 @@ def git_commit() -> str | None:
 
 
 def collect(device: torch.device, hostnames: list[str]) -> dict[str, Any]:
+    import torch  # the records package itself stays torch-free
+
     info: dict[str, Any] = {
         "hostnames": sorted(set(hostnames)),
         "rank_hosts": hostnames,

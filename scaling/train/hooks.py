@@ -7,7 +7,6 @@ meaning the default process group. It is wrapped and timed like the built-in one
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +40,7 @@ def resolve(comm: CommConfig, backend: str, launcher: str) -> HookChoice:
     if name == "mpi":
         if launcher != "mpi":
             raise ConfigError("comm.hook=mpi needs the job to be launched with mpiexec (no MPI launcher detected)")
-        from scaling import mpi
+        from scaling.launch import mpi
 
         return HookChoice(name, mpi.mpi_allreduce_hook, None, False)
     return HookChoice(name, resolve_user_hook(name), None, False)
@@ -56,36 +55,3 @@ def make_state(choice: HookChoice, comm: CommConfig) -> Any:
                                            matrix_approximation_rank=comm.powersgd_rank,
                                            start_powerSGD_iter=2)
     return choice.state
-
-
-WireCount = Callable[[Any, Any, Callable[[], Any]], tuple[Any, int]]
-"""``(state, bucket buffer, call the hook) -> (the hook's future, bytes it sent)``."""
-
-
-def full_bytes(state: Any, buffer: Any, call: Callable[[], Any]) -> tuple[Any, int]:
-    return call(), buffer.numel() * buffer.element_size()
-
-
-def _half_precision(state: Any, buffer: Any, call: Callable[[], Any]) -> tuple[Any, int]:
-    # fp16/bf16 compression all-reduces a 2-byte copy of the bucket.
-    return call(), buffer.numel() * 2
-
-
-def _powersgd(state: Any, buffer: Any, call: Callable[[], Any]) -> tuple[Any, int]:
-    # PowerSGD keeps its own count of the elements it all-reduces (the P and Q
-    # factors, and the tensors too small to compress); before
-    # start_powerSGD_iter it sends the bucket uncompressed and counts nothing.
-    before = state.compression_stats()[2] if state is not None else 0
-    future = call()
-    after = state.compression_stats()[2] if state is not None else 0
-    numel = after - before if after > before else buffer.numel()
-    return future, int(numel) * buffer.element_size()
-
-
-def wire_count(choice: HookChoice) -> WireCount:
-    """How to count the bytes a hook puts on the wire (``comm_wire_bytes``).
-
-    A user's hook is assumed to send its bucket as it is: its compression, if
-    any, is unknown to us.
-    """
-    return {"fp16": _half_precision, "bf16": _half_precision, "powersgd": _powersgd}.get(choice.name, full_bytes)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from scaling.schema import CROSS_RANK_KEYS, SHARES, verdict
+from scaling.records.schema import CROSS_RANK_KEYS, SHARES, verdict
 
 STRAGGLER_PHASES = ("data", "forward", "backward", "optimizer", "other")
 STRAGGLER_MIN_FRAC = 0.10

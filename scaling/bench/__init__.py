@@ -1,0 +1,1 @@
+"""The collective microbenchmark (``commbench``), its latency/bandwidth fit and its plot."""

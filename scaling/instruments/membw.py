@@ -1,0 +1,133 @@
+"""The memory bandwidth a process of this job can reach: a STREAM-style probe.
+
+Keys (run.json ``hardware``): ``peak_membw_Bps`` (the best of the four kernels
+below, bytes per second, per process) and ``membw_source`` (probe | config);
+``stream`` holds each kernel's best rate.
+
+The four kernels of McCalpin's STREAM, on arrays far larger than the last-level
+cache so that every byte comes from memory (on CUDA: device memory, copies from
+device to device):
+
+    copy   b = a          2 arrays of traffic
+    scale  b = s * a      2
+    add    c = a + b      3
+    triad  a = b + s * c  3
+
+Bytes are counted as STREAM counts them: every array read once and written
+once, no write-allocate traffic. Like the GEMM probe, the probe runs with the
+job's own threads while the job's other processes on the host probe too, so the
+figure is one process's share of a shared memory system. Cached per host,
+device, dtype, thread count and processes per host; ``hardware.peak_membw_GBps``
+replaces it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from scaling.instruments.flops import _device_name
+
+STREAM_KERNELS = ("copy", "scale", "add", "triad")
+ARRAYS_MOVED = {"copy": 2, "scale": 2, "add": 3, "triad": 3}
+"""Arrays read or written once per kernel (STREAM's own accounting)."""
+MIN_ARRAY_BYTES = 64 * 2**20
+CUDA_ARRAY_BYTES = 1 << 30
+
+
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache, from sysfs (None where it is not exposed)."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        try:
+            scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except (ValueError, IndexError):
+            continue
+    return max(sizes) if sizes else None
+
+
+def array_bytes(device: torch.device) -> int:
+    """Each array's size: 4x the last-level cache (on CUDA 1 GiB, some 20x an H100's L2)."""
+    if device.type == "cuda":
+        return CUDA_ARRAY_BYTES
+    return max(MIN_ARRAY_BYTES, 4 * (last_level_cache_bytes() or 0))
+
+
+def stream_probe(device: torch.device, dtype: torch.dtype = torch.float32, nbytes: int | None = None,
+                 repeats: int = 5) -> dict[str, float]:
+    """Best bytes per second of each STREAM kernel over ``repeats`` passes."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    n = (nbytes or array_bytes(device)) // itemsize
+    a = torch.full((n,), 1.0, device=device, dtype=dtype)
+    b = torch.full((n,), 2.0, device=device, dtype=dtype)
+    c = torch.zeros(n, device=device, dtype=dtype)
+    s = 3.0
+    kernels: dict[str, Callable[[], object]] = {
+        "copy": lambda: b.copy_(a),
+        "scale": lambda: torch.mul(a, s, out=b),
+        "add": lambda: torch.add(a, b, out=c),
+        "triad": lambda: torch.add(b, c, alpha=s, out=a),
+    }
+    best = {name: 0.0 for name in STREAM_KERNELS}
+    for _ in range(repeats + 1):  # the first pass touches the pages and is not counted
+        for name, kernel in kernels.items():
+            seconds = _timed(kernel, device)
+            if _ > 0:
+                best[name] = max(best[name], ARRAYS_MOVED[name] * n * itemsize / seconds)
+    return best
+
+
+def _timed(kernel: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        kernel()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    kernel()
+    return time.perf_counter() - t0
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "scaling" / "peak_membw.json"
+
+
+def cache_key(device: torch.device, dtype: torch.dtype, concurrent: int) -> str:
+    return (f"{socket.gethostname()}|{_device_name(device)}|{device.type}|{dtype}"
+            f"|threads={torch.get_num_threads()}|processes={concurrent}")
+
+
+def peak_membw(device: torch.device, dtype: torch.dtype = torch.float32, concurrent: int = 1) -> dict[str, float]:
+    """``{"peak_membw_Bps": best kernel, "<kernel>_Bps": ...}``, from the cache when probed before."""
+    key = cache_key(device, dtype, concurrent)
+    path = _cache_path()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return dict(cache[key])
+    rates = stream_probe(device, dtype)
+    value = {"peak_membw_Bps": max(rates.values()), **{f"{k}_Bps": v for k, v in rates.items()}}
+    cache[key] = value
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs a re-probe next time
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the probe's arrays must not count in the job's reserved memory
+    return value

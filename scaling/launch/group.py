@@ -1,0 +1,141 @@
+"""The process group: ``init()`` creates it, pins the device and sets the threads; ``teardown()`` undoes it.
+
+``Context`` is this process's live distributed state; ``agree_on_run_dir`` is how
+every command's ranks come to write into one run folder.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from scaling.config import ConfigError, DistConfig
+from scaling.launch.layout import Launch
+from scaling.launch.threads import resolve_threads
+from scaling.records.files import create_run_dir
+
+
+def resolve_backend(requested: str) -> str:
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("dist.backend=nccl needs CUDA, and no CUDA device is visible; use dist.backend=gloo or auto")
+    return requested
+
+
+def resolve_device(requested: str, backend: str) -> str:
+    """cuda or cpu: CUDA with NCCL, or when asked for (gloo all-reduces CUDA tensors through the host)."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("dist.device=cuda needs CUDA, and no CUDA device is visible; use dist.device=auto or cpu")
+    if requested == "auto":
+        return "cuda" if backend == "nccl" else "cpu"
+    return requested
+
+
+@dataclass
+class Context:
+    """The live distributed state of this process."""
+
+    launch: Launch
+    backend: str
+    device: torch.device
+    threads: int
+    meta_group: Any
+    """A gloo group for bookkeeping (run id, metrics gathers), kept off the gradient path."""
+    hostnames: list[str]
+    node_ids: list[str]
+    """Per rank, the node it runs on: the launcher's node index where it has one."""
+
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.world_size
+
+    @property
+    def nodes(self) -> int:
+        return len(set(self.node_ids))
+
+    @property
+    def is_main(self) -> bool:
+        return self.launch.rank == 0
+
+    def agree_on_run_dir(self, study_dir: Path, run_id: str | None, prefix: str) -> Path:
+        """Rank 0 claims the run folder and tells everyone; no rank derives it from its own clock."""
+        run_dir: Any = None
+        error: str | None = None
+        if self.is_main:
+            try:
+                run_dir = str(create_run_dir(study_dir, run_id, prefix))
+            except OSError as exc:
+                error = str(exc)
+        run_dir, error = self.broadcast_object((run_dir, error))
+        if error:
+            raise ConfigError(error)
+        return Path(run_dir)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.meta_group)
+        return box[0]
+
+    def gather_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All ranks' ``tensor`` stacked along a new first dimension (CPU, gloo)."""
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(out, tensor.contiguous(), group=self.meta_group)
+        return torch.stack(out)
+
+
+def init(launch: Launch, cfg: DistConfig) -> Context:
+    backend = resolve_backend(cfg.backend)
+    threads = resolve_threads("dist.threads", cfg.threads, launch.local_world_size, os.environ)
+    torch.set_num_threads(threads)
+    if resolve_device(cfg.device, backend) == "cuda":
+        device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    timeout = timedelta(seconds=cfg.timeout_s)
+    if launch.launcher == "single":
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        addr = launch.master_addr or "127.0.0.1"
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{addr}:{launch.master_port}" if launch.launcher != "torchrun" else "env://",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=timeout,
+            **({"device_id": device} if backend == "nccl" else {}),
+        )
+    meta_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.new_group(timeout=timeout)
+    placement: list[Any] = [None] * launch.world_size
+    dist.all_gather_object(placement, (socket.gethostname(), node_id(launch.launcher)), group=meta_group)
+    return Context(launch, backend, device, threads, meta_group, [p[0] for p in placement], [p[1] for p in placement])
+
+
+def node_id(launcher: str) -> str:
+    """Which node this process is on.
+
+    The launcher's node index when it gives one (torchrun's GROUP_RANK, Slurm's
+    SLURM_NODEID): several nodes can share a host name, as virtual Slurm nodes
+    or network-namespace hosts on one machine do. Else the host name.
+    """
+    key = {"torchrun": "GROUP_RANK", "slurm": "SLURM_NODEID"}.get(launcher, "")
+    if os.environ.get(key, "").isdigit():
+        return f"node{os.environ[key]}"
+    return socket.gethostname()
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
