@@ -1,0 +1,66 @@
+"""The memory-bandwidth probe against a copy timed here, its array sizes and its cache."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from scaling.instruments import membw
+
+CPU = torch.device("cpu")
+
+
+def numpy_copy_Bps(nbytes: int, repeats: int = 5) -> float:
+    """Best rate of ``dst[:] = src`` over arrays of ``nbytes``: read once, written once."""
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.zeros_like(src)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = max(best, 2 * nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def test_arrays_are_far_larger_than_the_last_level_cache():
+    llc = membw.last_level_cache_bytes()
+    assert membw.array_bytes(CPU) >= max(4 * (llc or 0), 64 * 2**20)
+
+
+def test_the_probe_copies_at_the_rate_of_a_plain_numpy_copy():
+    torch.set_num_threads(1)  # numpy's copy is single-threaded too
+    nbytes = membw.array_bytes(CPU)
+    rates = membw.stream_probe(CPU, nbytes=nbytes, repeats=4)
+    reference = numpy_copy_Bps(nbytes)
+    assert set(rates) == set(membw.STREAM_KERNELS)
+    # Two ways of streaming the same bytes through one core: same order, whatever the load
+    # of the machine (both best-of-N), and a rate a memory system delivers (1 to 500 GB/s).
+    assert 0.6 < rates["copy"] / reference < 1.67, (rates, reference)
+    assert all(1e9 < rate < 500e9 for rate in rates.values())
+    # add and triad move 3 arrays in the time copy and scale move 2: their rates agree
+    # when memory, not arithmetic, limits them.
+    assert 0.6 < rates["triad"] / rates["copy"] < 1.67
+
+
+def test_the_result_is_cached_per_threads_and_processes(own_cache):
+    first = membw.peak_membw(CPU, concurrent=1)
+    assert first["peak_membw_Bps"] == max(first[f"{k}_Bps"] for k in membw.STREAM_KERNELS)
+    cache = json.loads((own_cache / "scaling" / "peak_membw.json").read_text())
+    key = membw.cache_key(CPU, torch.float32, 1)
+    assert cache[key] == first and f"threads={torch.get_num_threads()}" in key
+    # A cached figure is returned as it is: a planted value shows it was not probed again.
+    cache[key] = {**first, "peak_membw_Bps": 1.0}
+    (own_cache / "scaling" / "peak_membw.json").write_text(json.dumps(cache))
+    assert membw.peak_membw(CPU, concurrent=1)["peak_membw_Bps"] == 1.0
+    assert membw.cache_key(CPU, torch.float32, 2) != key
+
+
+@pytest.mark.gpu
+def test_device_to_device_copies_on_cuda():
+    rates = membw.stream_probe(torch.device("cuda"))
+    # HBM or GDDR: hundreds of GB/s at least, and no more than any GPU's memory offers.
+    assert 100e9 < rates["copy"] < 10e12
