@@ -22,12 +22,12 @@
 #SBATCH --open-mode=append        # a requeued job appends to the same output file
 #SBATCH --output=%x-%j.out
 #
-# Environment variables, each with a default (see slurm/common.sh for the full list):
+# Environment variables, each with a default (SPEC "Slurm scripts"):
 #   NODES="1 2 4"       node counts            (default: 1 2 4 ... up to the allocation)
 #   PROCS_PER_NODE=4    ranks per node         (default: GPUs per node, or 1)
 #   EXP=resnet          experiment             (default: resnet)
 #   OVERRIDES="train.steps=50 dist.bucket_cap_mb=50"   more Hydra overrides
-#   GLOBAL_BATCH=256    fixed global batch     (default: 32 per rank at the smallest point)
+#   GLOBAL_BATCH=256    fixed global batch     (default: train.batch_size x the smallest world size)
 #   REPEATS=1           runs per node count
 #   STUDY=name          study name; reuse one to continue it (default: strong-j<jobid>-<time>)
 #   RUNS_ROOT=runs      where the records go   (default: $SLURM_SUBMIT_DIR/runs)
@@ -40,5 +40,10 @@ SCALING_SLURM_DIR=${SCALING_SLURM_DIR:-$(dirname "$(scontrol show job "${SLURM_J
 [[ -r $SCALING_SLURM_DIR/common.sh ]] || SCALING_SLURM_DIR=${SLURM_SUBMIT_DIR:-.}/slurm
 # shellcheck source=common.sh
 source "$SCALING_SLURM_DIR/common.sh" || { echo "cannot read $SCALING_SLURM_DIR/common.sh; set SCALING_SLURM_DIR" >&2; exit 2; }
+scaling_setup
 
-scaling_study strong "$SCALING_SLURM_DIR/strong_scaling.sh"
+# The study itself (points under srun, resume, the early stop, requeue, the report): scaling.study.
+read -ra NODE_COUNTS <<<"${NODES:-}"
+scaling_run child "$PYTHON" -m scaling.study "+exp=$EXP" study=strong "${OVERRIDE_ARGS[@]}" "paths.root=$RUNS_ROOT" \
+    ${NODES:+"study.nodes=[$(IFS=,; echo "${NODE_COUNTS[*]}")]"} ${PROCS_PER_NODE:+"study.procs_per_node=$PROCS_PER_NODE"} \
+    ${REPEATS:+"study.repeats=$REPEATS"} ${GLOBAL_BATCH:+"train.global_batch_size=$GLOBAL_BATCH"} ${STUDY:+"study.name=$STUDY"}

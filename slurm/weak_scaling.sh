@@ -22,7 +22,7 @@
 #SBATCH --open-mode=append        # a requeued job appends to the same output file
 #SBATCH --output=%x-%j.out
 #
-# Environment variables, each with a default (see slurm/common.sh for the full list):
+# Environment variables, each with a default (SPEC "Slurm scripts"):
 #   NODES="1 2 4"       node counts            (default: 1 2 4 ... up to the allocation)
 #   PROCS_PER_NODE=4    ranks per node         (default: GPUs per node, or 1)
 #   EXP=resnet          experiment             (default: resnet)
@@ -40,5 +40,10 @@ SCALING_SLURM_DIR=${SCALING_SLURM_DIR:-$(dirname "$(scontrol show job "${SLURM_J
 [[ -r $SCALING_SLURM_DIR/common.sh ]] || SCALING_SLURM_DIR=${SLURM_SUBMIT_DIR:-.}/slurm
 # shellcheck source=common.sh
 source "$SCALING_SLURM_DIR/common.sh" || { echo "cannot read $SCALING_SLURM_DIR/common.sh; set SCALING_SLURM_DIR" >&2; exit 2; }
+scaling_setup
 
-scaling_study weak "$SCALING_SLURM_DIR/weak_scaling.sh"
+# The study itself (points under srun, resume, the early stop, requeue, the report): scaling.study.
+read -ra NODE_COUNTS <<<"${NODES:-}"
+scaling_run child "$PYTHON" -m scaling.study "+exp=$EXP" study=weak "${OVERRIDE_ARGS[@]}" "paths.root=$RUNS_ROOT" \
+    ${NODES:+"study.nodes=[$(IFS=,; echo "${NODE_COUNTS[*]}")]"} ${PROCS_PER_NODE:+"study.procs_per_node=$PROCS_PER_NODE"} \
+    ${REPEATS:+"study.repeats=$REPEATS"} ${BATCH_PER_RANK:+"train.batch_size=$BATCH_PER_RANK"} ${STUDY:+"study.name=$STUDY"}

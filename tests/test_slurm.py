@@ -128,10 +128,15 @@ def weak_study(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFac
                      STUDY="weak-test", BATCH_PER_RANK="8")
 
 
-def check_points(study: Path, kind: str, batches: dict[int, tuple[int, int]]) -> None:
-    """Each world size's run: completed under srun, its batch (per rank, global), its nodes."""
+def check_points(study: Path, kind: str, batches: dict[int, tuple[int, int]], controls: tuple[int, ...] = ()) -> None:
+    """Each world size's run: completed under srun, its batch (per rank, global), its nodes; and the solo
+    controls (one task, no peer) at the per-rank batches no 1-process point runs."""
+    for batch in controls:
+        run = read_run(study / f"solo-b{batch}-r0")
+        assert run["status"] == "completed", run.get("error")
+        assert run["launcher"] == "slurm" and run["world_size"] == 1 and run["batch_size_per_rank"] == batch
     for world, (per_rank, global_batch) in batches.items():
-        run_dir = study / f"n{world}-r1"
+        run_dir = study / f"n{world}-r0"
         run = read_run(run_dir)
         assert run["status"] == "completed", run.get("error")
         assert run["launcher"] == "slurm" and run["study"] == study.name and run["study_kind"] == kind
@@ -140,16 +145,17 @@ def check_points(study: Path, kind: str, batches: dict[int, tuple[int, int]]) ->
         assert steps_in(run_dir) == STEPS
     definition = json.loads((study / "study.json").read_text())
     assert definition["kind"] == kind and definition["nprocs"] == sorted(batches)
-    assert [p["status"] for p in definition["points"]] == ["completed"] * len(batches)
+    assert [p["status"] for p in definition["points"]] == ["completed"] * (len(batches) + len(controls))
+    assert [p["solo_batch"] for p in definition["points"] if p["solo_batch"] is not None] == list(controls)
     # Two slurmd on one host share its hostname; the ranks still ran on two Slurm nodes.
-    assert read_run(study / "n2-r1")["nodes"] == 2
+    assert read_run(study / "n2-r0")["nodes"] == 2
 
 
 def test_strong_scaling_runs_every_node_count(strong_study: tuple[Job, Path]) -> None:
     job, study = strong_study
     assert_ok(job)
-    check_points(study, "strong", {1: (32, 32), 2: (16, 32)})
-    assert "point n1-r1: completed" in job.output and "point n2-r1: completed" in job.output
+    check_points(study, "strong", {1: (32, 32), 2: (16, 32)}, controls=(16,))
+    assert "n1-r0 completed in" in job.output and "n2-r0 completed in" in job.output
 
 
 def test_weak_scaling_runs_every_node_count(weak_study: tuple[Job, Path]) -> None:
@@ -163,9 +169,9 @@ def test_weak_scaling_runs_every_node_count(weak_study: tuple[Job, Path]) -> Non
 def test_study_ends_with_its_report(which: str, request: pytest.FixtureRequest) -> None:
     job, study = request.getfixturevalue(f"{which}_study")
     assert_ok(job)
-    assert "report: python -m scaling.report" in job.output
+    assert f"report: {study / 'report.html'}" in job.output
     rows = (study / "results.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + 2, rows  # a header and one row per point
+    assert len(rows) == 1 + 2 + (which == "strong"), rows  # a header, one row per point and per solo control
     assert (study / "report.md").is_file()
 
 
@@ -174,11 +180,11 @@ def test_invalid_override_fails_the_job_visibly(slurm_cluster: SlurmCluster, tmp
     job, study = run_study(slurm_cluster, tmp_path, "strong_scaling.sh", STUDY="bad",
                            OVERRIDES=f"{TINY} dist.backend=carrier-pigeon")
     assert job.state == "FAILED" and job.exit_code == 2, job.describe()
-    assert "scaling.train: error: dist.backend must be one of auto|gloo|nccl (got 'carrier-pigeon')" in job.output
+    assert "scaling.study: error: dist.backend must be one of auto|gloo|nccl (got 'carrier-pigeon')" in job.output
     assert "Traceback" not in job.output
     # Every point would fail the same way: the study stops at the first.
-    assert "point n2-r1" not in job.output
-    assert not (study / "n2-r1").exists()
+    assert "[point" not in job.output
+    assert not (study / "n1-r0").exists()
 
 
 def wait_until_measuring(run_dir: Path, timeout_s: float = 120) -> None:
@@ -202,7 +208,7 @@ def interrupt_second_point(cluster: SlurmCluster, tmp: Path, *sbatch_args: str, 
                             output=tmp / "job.out", cwd=REPO,
                             env=job_env(runs, NODES="1 2", OVERRIDES=SLOW, **env))
     deadline = time.monotonic() + 180
-    while not (candidates := list(runs.glob("*/n2-r1"))):
+    while not (candidates := list(runs.glob("*/n2-r0"))):
         assert time.monotonic() < deadline and cluster.in_queue(job_id), (tmp / "job.out").read_text()
         time.sleep(0.5)
     (run_dir,) = candidates
@@ -224,15 +230,16 @@ def test_early_stop_then_resubmission_skips_completed_points(slurm_cluster: Slur
     first = slurm_cluster.wait(job_id, tmp_path / "job.out")
     assert first.state == "FAILED" and first.exit_code == 3, first.describe()
     assert "received SIGUSR1" in first.output
-    check_stopped_point(study / "n2-r1")
-    done_before = (study / "n1-r1" / "run.json").read_bytes()
+    check_stopped_point(study / "n2-r0")
+    done_before = (study / "n1-r0" / "run.json").read_bytes()
 
     # Other settings under the same name would mix two experiments in one study: refused.
     mixed = slurm_cluster.run_job(REPO / "slurm" / "strong_scaling.sh", "--nodes=2", output=tmp_path / "mixed.out",
                                   cwd=REPO, env=job_env(study.parent, NODES="1 2", STUDY="stopped"))
     assert mixed.state == "FAILED" and mixed.exit_code == 2, mixed.describe()
-    assert "study stopped exists with other settings (overrides was" in mixed.output
-    assert "point n" not in mixed.output
+    assert "scaling.study: error: study 'stopped' in " in mixed.output
+    assert "was run with other settings (train.log_every: 50 then, 1 now; train.steps: 800 then, 3 now)" in mixed.output
+    assert "[point" not in mixed.output
 
     # Resubmit with the command the job printed, pasted into a shell as a user would.
     advice = first.output.split("to continue it, submit again with the same settings:\n", 1)[1].splitlines()[0]
@@ -244,11 +251,11 @@ def test_early_stop_then_resubmission_skips_completed_points(slurm_cluster: Slur
     job_id = int(proc.stdout.split()[-1])  # "Submitted batch job N"
     second = slurm_cluster.wait(job_id, tmp_path / f"strong-scaling-{job_id}.out")
     assert_ok(second)
-    assert "point n1-r1: completed earlier, skipped" in second.output
-    assert (study / "n1-r1" / "run.json").read_bytes() == done_before
-    assert read_run(study / "n2-r1")["status"] == "completed"
-    assert steps_in(study / "n2-r1") == SLOW_STEPS
-    (attempt,) = study.glob("n2-r1.failed-*")
+    assert "n1-r0: completed earlier, skipped" in second.output
+    assert (study / "n1-r0" / "run.json").read_bytes() == done_before
+    assert read_run(study / "n2-r0")["status"] == "completed"
+    assert steps_in(study / "n2-r0") == SLOW_STEPS
+    (attempt,) = study.glob("n2-r0.failed-*")
     check_stopped_point(attempt)
 
 
@@ -263,8 +270,8 @@ def test_early_stop_requeues_and_continues_the_same_study(slurm_cluster: SlurmCl
     assert job.info.get("Restarts") == "1", job.info
     assert f"requeueing job {job_id}" in job.output
     assert f"continuing study {study.name}" in job.output
-    assert "point n1-r1: completed earlier, skipped" in job.output
+    assert "n1-r0: completed earlier, skipped" in job.output
     assert [p.name for p in study.parent.iterdir()] == [study.name]
-    assert read_run(study / "n2-r1")["status"] == "completed"
-    (attempt,) = study.glob("n2-r1.failed-*")
+    assert read_run(study / "n2-r0")["status"] == "completed"
+    (attempt,) = study.glob("n2-r0.failed-*")
     check_stopped_point(attempt)

@@ -31,7 +31,7 @@ def _scontrol(*args: str) -> str:
         return ""
 
 
-def _slurm_master_addr() -> str:
+def slurm_master_addr() -> str:
     """The first node of the step, at the address Slurm itself reaches it by.
 
     A node's NodeName need not resolve (virtual nodes, clusters with separate
@@ -43,6 +43,12 @@ def _slurm_master_addr() -> str:
         return "127.0.0.1"
     match = re.search(r"\bNodeAddr=(\S+)", _scontrol("show", "node", "-o", hosts[0]))
     return match.group(1) if match else hosts[0]
+
+
+def slurm_port(job_id: int, step: int = 0) -> int:
+    """The rendezvous port of a job's ``step``-th training step: derived from the job id, so that two jobs on
+    one node do not collide, and from the step, so that a step never waits for the previous one's socket."""
+    return 20000 + (job_id % 1000) * 20 + step % 20
 
 
 def detect() -> Launch:
@@ -65,9 +71,8 @@ def detect() -> Launch:
             local_rank=_env_int("SLURM_LOCALID", default=0),
             world_size=_env_int("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"),
             local_world_size=_slurm_tasks_on_this_node(),
-            master_addr=env.get("MASTER_ADDR") or _slurm_master_addr(),
-            # A port derived from the job id, so two jobs on one node do not collide.
-            master_port=_env_int("MASTER_PORT", default=20000 + job_id % 20000),
+            master_addr=env.get("MASTER_ADDR") or slurm_master_addr(),
+            master_port=_env_int("MASTER_PORT", default=slurm_port(job_id)),
         )
     if any(key in env for key in MPI_SIZE_VARS):
         from scaling.launch import mpi  # mpi4py is needed only under mpiexec

@@ -1,8 +1,10 @@
 """``python -m scaling.study +exp=NAME study=strong|weak study.nprocs=[1,2,4] [overrides]``.
 
-A local scaling study: every point (world size N, repeat r) is a real
-``torchrun --standalone --nproc_per_node=N -m scaling.train`` job whose records
-land in ``<paths.root>/<study.name>/n<N>-r<r>/``. Every point runs with the same
+A scaling study: every point (world size N, repeat r) is a real training job,
+``torchrun --standalone --nproc_per_node=N -m scaling.train`` on this machine or,
+inside a Slurm allocation (``study.launcher``), ``srun --nodes=n ... python -m
+scaling.train`` (scaling.study.slurm), whose records land in
+``<paths.root>/<study.name>/n<N>-r<r>/``. Every point runs with the same
 intra-op threads per process, so the points differ only in the number of
 processes. The study resumes: a point whose run.json says ``completed`` is not
 run again, and a failed or interrupted one is moved aside and rerun. It ends with
@@ -14,6 +16,10 @@ per-rank batch B of a multi-process point, one single-process control point
 per-rank batch B. A world-size-1 point of the study at batch B already is that
 control, so none is run for B then. The report splits the lost efficiency with
 it (scaling.report.waterfall).
+
+A signal stops the study cleanly: Ctrl-C (SIGINT), SIGTERM, or Slurm's early-stop
+SIGUSR1 is passed once to the running job, which records it, and the study exits
+(130, or ``EXIT_STOPPED`` for SIGUSR1 and for any stop under srun).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +46,19 @@ from scaling import cli, config
 from scaling.config import ConfigError
 from scaling.launch.threads import available_cores, resolve_threads
 from scaling.records.files import mark_failed, read_json, write_json
+from scaling.study import slurm
 
 KINDS = ("strong", "weak")
+LAUNCHERS = ("auto", "torchrun", "srun")
+EXIT_STOPPED = 3
+"""Stopped early by the scheduler (time limit, preemption): run again, or let the job requeue, to continue."""
 STUDY_JSON = "study.json"
 # Keys the study sets for every point; the user's values for them are replaced.
 POINT_KEYS = ("study.name", "paths.root", "paths.run_id", "dist.threads", "train.global_batch_size")
 # A control point sets the per-rank batch itself as well.
 CONTROL_KEYS = (*POINT_KEYS, "train.batch_size")
 # Keys that may change when a study is resumed (extending it is fine); any other difference is refused.
-RESUMABLE_KEYS = ("study.nprocs", "study.repeats", "study.fail_fast", "study.controls", "paths.", "logger.")
+RESUMABLE_KEYS = ("study.nprocs", "study.nodes", "study.repeats", "study.fail_fast", "study.controls", "paths.", "logger.")
 STOP_GRACE_S = 30.0
 
 
@@ -103,6 +113,10 @@ class StudySpec:
     """The user's Hydra overrides, forwarded to every point (but for the keys the study sets per point)."""
     controls: bool = True
     """Run a single-process control point for every per-rank batch no world-size-1 point covers."""
+    launcher: str = "torchrun"
+    """torchrun (this machine) | srun (every point a step of the Slurm allocation)."""
+    procs_per_node: int = 1
+    """srun: processes per node; a point of world size N runs on N / procs_per_node nodes."""
 
     @property
     def dir(self) -> Path:
@@ -140,7 +154,10 @@ class StudySpec:
             "threads_per_process": self.threads_per_process,
             "global_batch_size": self.global_batch_size,
             "batch_size_per_rank": {str(n): self.batch_per_rank(n) for n in self.nprocs},
-            "launcher": "torchrun --standalone",
+            "launcher": ("torchrun --standalone" if self.launcher == "torchrun" else
+                         f"srun (Slurm job {slurm.job_id()} on {os.environ.get('SLURM_JOB_NODELIST')})"),
+            **({"nodes": [n // self.procs_per_node for n in self.nprocs], "procs_per_node": self.procs_per_node}
+               if self.launcher == "srun" else {}),
             "controls": self.controls,
             "control_batches": list(self.control_batches()),
             "overrides": list(self.user_overrides),
@@ -164,7 +181,11 @@ class Outcome:
 
 
 class StudyInterrupted(Exception):
-    """Ctrl-C or a termination signal (scheduler time limit, preemption) reached the study."""
+    """A termination signal (scheduler time limit, preemption) reached the study."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 # -- input ------------------------------------------------------------------------------------
@@ -211,19 +232,41 @@ def spec_from_config(cfg: DictConfig, user_overrides: Sequence[str]) -> StudySpe
     name = str(study.get("name"))
     if not name or "/" in name or name in (".", ".."):
         raise ConfigError(f"study.name must be a plain directory name (got {name!r})")
-    nprocs = _int_list("study.nprocs", study.get("nprocs"))
+    launcher = study.get("launcher", "auto")
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"study.launcher must be one of {'|'.join(LAUNCHERS)} (got {launcher!r})")
+    if launcher == "auto":
+        launcher = "srun" if slurm.in_allocation() else "torchrun"
+    procs_per_node = 1
+    if launcher == "srun":
+        if not slurm.in_allocation():
+            raise ConfigError("study.launcher=srun needs a Slurm allocation (sbatch slurm/strong_scaling.sh); "
+                              "use study.launcher=torchrun here")
+        requested = study.get("procs_per_node", "auto")
+        procs_per_node = slurm.gpus_per_node() if requested == "auto" else _positive("study.procs_per_node", requested)
+        nodes = study.get("nodes")
+        nodes = slurm.node_counts(None if nodes is None else _int_list("study.nodes", nodes))
+        nprocs = tuple(sorted({n * procs_per_node for n in nodes}))
+        # A study started without a name under Slurm is named after its job (scaling.study.slurm).
+        if not any(override_key(o) == "study.name" for o in user_overrides):
+            name = ""
+    else:
+        nprocs = _int_list("study.nprocs", study.get("nprocs"))
     repeats = _positive("study.repeats", study.get("repeats", 1))
     fail_fast = _boolean("study.fail_fast", study.get("fail_fast", False))
     controls = _boolean("study.controls", study.get("controls", True))
+    # The same threads at every point: explicit, else the cores of a task under srun
+    # (--cpus-per-task), else the cores here shared by the largest point.
     study_threads = study.get("threads", "auto")
-    threads = (resolve_threads("study.threads", study_threads, max(nprocs)) if study_threads != "auto"
-               else resolve_threads("dist.threads", cfg.dist.threads, max(nprocs)))
+    key, requested = ("study.threads", study_threads) if study_threads != "auto" else ("dist.threads", cfg.dist.threads)
+    threads = (resolve_threads(key, requested, max(nprocs)) if launcher == "torchrun"
+               else resolve_threads(key, requested, procs_per_node, {"SLURM_CPUS_PER_TASK": str(slurm.cpus_per_task())}))
     global_batch, per_rank = _batch_sizes(kind, cfg, nprocs)
     return StudySpec(
         name=name, kind=kind, exp=str(cfg.get("exp_name", "default")), nprocs=nprocs, repeats=repeats,
         fail_fast=fail_fast, threads_per_process=threads, global_batch_size=global_batch,
         batch_size_per_rank=per_rank, root=Path(str(cfg.paths.root)).absolute(),
-        user_overrides=tuple(user_overrides), controls=controls,
+        user_overrides=tuple(user_overrides), controls=controls, launcher=launcher, procs_per_node=procs_per_node,
     )
 
 
@@ -235,10 +278,13 @@ def _batch_sizes(kind: str, cfg: DictConfig, nprocs: Sequence[int]) -> tuple[int
                 f"train.global_batch_size={train.global_batch_size} fixes the global batch, which is strong "
                 "scaling; weak scaling keeps train.batch_size per rank (use study=strong, or leave it unset)")
         return None, _positive("train.batch_size", train.batch_size)
-    # Strong scaling without an explicit global batch: the smallest point runs the experiment's per-rank batch.
+    # Strong scaling without an explicit global batch: the smallest point runs the experiment's per-rank
+    # batch, rounded up so that every world size divides the global batch.
     global_batch = train.global_batch_size
     if global_batch is None:
-        global_batch = _positive("train.batch_size", train.batch_size) * min(nprocs)
+        smallest = _positive("train.batch_size", train.batch_size) * min(nprocs)
+        multiple = math.lcm(*nprocs)
+        global_batch = -(-smallest // multiple) * multiple
     global_batch = _positive("train.global_batch_size", global_batch)
     bad = [n for n in nprocs if global_batch % n]
     if bad:
@@ -263,15 +309,22 @@ def job_overrides(spec: StudySpec, point: Point) -> list[str]:
 
 def job_command(spec: StudySpec, point: Point) -> list[str]:
     """torchrun, as ``python -m torch.distributed.run`` so that it is the Python running the study;
-    a control point is what a single-process user runs: ``python -m scaling.train``, no launcher."""
+    a control point is what a single-process user runs: ``python -m scaling.train``, no launcher.
+    Under srun, a step over the point's nodes (a control point: one task on one node)."""
+    if spec.launcher == "srun":
+        nodes, per_node = (1, 1) if point.is_control else (point.world_size // spec.procs_per_node, spec.procs_per_node)
+        return slurm.point_command(sys.executable, nodes, per_node, job_overrides(spec, point))
     if point.is_control:
         return [sys.executable, "-m", "scaling.train", *job_overrides(spec, point)]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={point.world_size}",
             "-m", "scaling.train", *job_overrides(spec, point)]
 
 
-def job_env(spec: StudySpec) -> dict[str, str]:
+def job_env(spec: StudySpec, index: int) -> dict[str, str]:
+    """``index``: the point's place in the study (under srun, its rendezvous port)."""
     env = dict(os.environ)
+    if spec.launcher == "srun":
+        env.update(slurm.point_env(index))
     env["OMP_NUM_THREADS"] = str(spec.threads_per_process)
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -369,7 +422,7 @@ def failure_reason(spec: StudySpec, point: Point, returncode: int) -> str:
     return f"{'the job' if point.is_control else 'torchrun'} exited with status {returncode}"
 
 
-def stop_job(proc: subprocess.Popen, signum: int, run_dir: Path) -> None:
+def stop_job(proc: subprocess.Popen, signum: int, run_dir: Path, srun: bool = False) -> None:
     """End the job the way its user would have, so that it records why it stopped.
 
     ``signum`` (SIGINT for Ctrl-C, SIGTERM for a scheduler's stop) goes once to the
@@ -378,15 +431,18 @@ def stop_job(proc: subprocess.Popen, signum: int, run_dir: Path) -> None:
     It is sent once only: a second signal on a rank that is already writing its
     failure would cut the record short. What is left after STOP_GRACE_S (torchrun,
     ranks, their children) is killed. A job stopped before it could write its
-    record (during set-up) is marked failed here, with the cause.
+    record (during set-up) is marked failed here, with the cause. Under srun the
+    early-stop SIGUSR1 goes to the job's steps through Slurm (``scancel --signal``),
+    since the ranks may run on other nodes.
     """
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
         family = _descendants(proc.pid)
-        try:
-            os.kill(proc.pid, signum)
-        except ProcessLookupError:
-            pass
+        if not (srun and signum == signal.SIGUSR1 and slurm.signal_steps(signum)):
+            try:
+                os.kill(proc.pid, signum)
+            except ProcessLookupError:
+                pass
         deadline = time.monotonic() + STOP_GRACE_S
         try:
             proc.wait(timeout=STOP_GRACE_S)
@@ -428,6 +484,8 @@ def _kill(proc: subprocess.Popen, processes: Sequence[psutil.Process]) -> None:
 def stop_cause(signum: int) -> str:
     if signum == signal.SIGINT:
         return "interrupted (Ctrl-C / SIGINT to the study)"
+    if signum == signal.SIGUSR1:
+        return "stopped by SIGUSR1 from Slurm (time limit or preemption ahead)"
     return f"interrupted ({signal.Signals(signum).name} to the study)"
 
 
@@ -436,7 +494,7 @@ def mark_stopped(run_dir: Path, signum: int) -> None:
     mark_failed(run_dir / "run.json", f"{stop_cause(signum)}, before the job recorded it", only_if_running=True)
 
 
-def run_point(spec: StudySpec, point: Point) -> Outcome:
+def run_point(spec: StudySpec, point: Point, index: int = 0) -> Outcome:
     log_path = launch_log(spec, point)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = job_command(spec, point)
@@ -446,11 +504,14 @@ def run_point(spec: StudySpec, point: Point) -> Outcome:
         log.flush()
         # A session of its own: Ctrl-C reaches the study alone, which then ends the whole job.
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=job_env(spec), start_new_session=True)
+                                env=job_env(spec, index), start_new_session=True)
         try:
             returncode = proc.wait()
         except KeyboardInterrupt:
             stop_job(proc, signal.SIGINT, spec.dir / point.run_id)
+            raise
+        except StudyInterrupted as exc:
+            stop_job(proc, exc.signum, spec.dir / point.run_id, srun=spec.launcher == "srun")
             raise
         except BaseException:
             stop_job(proc, signal.SIGTERM, spec.dir / point.run_id)
@@ -518,18 +579,28 @@ def study_lock(spec: StudySpec) -> Iterator[None]:
         yield
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 @contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (scheduler time limit, kill) stops the study like Ctrl-C does."""
+    """SIGTERM (scheduler time limit, kill) and Slurm's early-stop SIGUSR1 stop the study like Ctrl-C does."""
 
     def interrupt(signum: int, frame: Any) -> None:
-        raise StudyInterrupted(signal.Signals(signum).name)
+        say(f"received {signal.Signals(signum).name}: stopping the running point cleanly")
+        raise StudyInterrupted(signum)
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def say(text: str) -> None:
+    """A line of the study's own, with the time: in a batch job's output it stands apart from the points'."""
+    print(f"[scaling {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
 def write_study_json(spec: StudySpec, settings: dict[str, Any], outcomes: list[Outcome], status: str,
@@ -551,10 +622,15 @@ def announce(spec: StudySpec) -> None:
              else f"per-rank batch {spec.batch_size_per_rank} fixed")
     print(f"study {spec.name}: {spec.kind} scaling of {spec.exp}, world sizes {list(spec.nprocs)}, "
           f"{spec.repeats} repeat(s), {fixed} (per-rank batch by world size: {batches})", flush=True)
-    print(f"  every point: torchrun --standalone, {spec.threads_per_process} thread(s) per process "
-          f"(OMP_NUM_THREADS and dist.threads); {available_cores()} core(s) here", flush=True)
+    if spec.launcher == "srun":
+        print(f"  every point: srun, {spec.procs_per_node} process(es) per node on world size / "
+              f"{spec.procs_per_node} node(s) of Slurm job {slurm.job_id()}, {spec.threads_per_process} thread(s) "
+              "per process (--cpus-per-task, OMP_NUM_THREADS and dist.threads)", flush=True)
+    else:
+        print(f"  every point: torchrun --standalone, {spec.threads_per_process} thread(s) per process "
+              f"(OMP_NUM_THREADS and dist.threads); {available_cores()} core(s) here", flush=True)
     crowded = [n for n in spec.nprocs if n * spec.threads_per_process > available_cores()]
-    if crowded:
+    if crowded and spec.launcher == "torchrun":
         print(f"  note: from {crowded[0]} processes on, processes x threads exceed the {available_cores()} cores here; "
               "those points measure contention for cores as well as scaling", flush=True)
     print(f"  {controls_line(spec)}", flush=True)
@@ -575,8 +651,9 @@ def controls_line(spec: StudySpec) -> str:
             f"of the multi-process points){covered}")
 
 
-def execute(spec: StudySpec, settings: dict[str, Any]) -> list[Outcome]:
-    """Run every point not completed before; raises StudyInterrupted after stopping a running job."""
+def execute(spec: StudySpec, settings: dict[str, Any], completed: list[str] | None = None) -> list[Outcome]:
+    """Run every point not completed before (``completed`` gets the run ids of those that complete now);
+    raises StudyInterrupted after stopping a running job."""
     points = spec.points()
     outcomes = [Outcome(p.run_id, p.world_size, p.repeat, "pending", solo_batch=p.solo_batch) for p in points]
     started_at = time.time()
@@ -598,9 +675,11 @@ def execute(spec: StudySpec, settings: dict[str, Any]) -> list[Outcome]:
             remaining = [p for p, o in zip(points[index:], outcomes[index:])
                          if point_state(spec.dir / p.run_id) != "completed"]
             print(progress.line(index, point, spec.repeats, [point, *remaining]), flush=True)
-            result = run_point(spec, point)
+            result = run_point(spec, point, index - 1)
             outcome.status, outcome.elapsed_s, outcome.error = result.status, result.elapsed_s, result.error
             progress.record(point, result.elapsed_s)
+            if result.status == "completed" and completed is not None:
+                completed.append(point.run_id)
             print(f"    {point.run_id} {result_line(spec, point, result)}", flush=True)
             write_study_json(spec, settings, outcomes, "running", started_at)
             if result.status == "failed" and spec.fail_fast:
@@ -633,16 +712,41 @@ def report(spec: StudySpec) -> None:
     print("\n" + console_text(result), flush=True)
 
 
+def stopped(spec: StudySpec, signum: int, completed: Sequence[str]) -> int:
+    """After a scheduler's stop: requeue the job (Slurm, --requeue, progress made), or say how to continue."""
+    name = signal.Signals(signum).name
+    if spec.launcher == "srun":
+        # A stop before any point completed means the point does not fit in the time
+        # limit: running it again would only repeat that.
+        if signum == signal.SIGUSR1 and completed and slurm.requeue(spec.name, say):
+            return EXIT_STOPPED
+        say(f"study {spec.name} is incomplete (stopped by {name}); to continue it, submit again with the same settings:")
+        say(slurm.resubmit_command(spec.name, spec.root))
+    else:
+        print(f"\nstudy {spec.name} stopped ({name}): the running job was stopped. "
+              "Run the same command again to continue; completed points are kept.", file=sys.stderr, flush=True)
+    return EXIT_STOPPED
+
+
 def main(cfg: DictConfig, argv: Sequence[str]) -> int:
     spec = spec_from_config(cfg, argv)
+    if not spec.name:
+        spec = replace(spec, name=slurm.claim_study_name(spec.kind, spec.root, say))
     settings = comparable(check_points(spec))
+    completed: list[str] = []
     with study_lock(spec):
         check_resumable(spec, settings)
         announce(spec)
         try:
             with terminate_as_interrupt():
-                outcomes = execute(spec, settings)
-        except (KeyboardInterrupt, StudyInterrupted) as exc:
+                outcomes = execute(spec, settings, completed)
+        except StudyInterrupted as exc:
+            if spec.launcher == "srun" or exc.signum == signal.SIGUSR1:
+                return stopped(spec, exc.signum, completed)
+            print(f"\nstudy {spec.name} interrupted ({exc}): the running job was stopped. "
+                  "Run the same command again to continue; completed points are kept.", file=sys.stderr, flush=True)
+            return 130
+        except KeyboardInterrupt as exc:
             reason = f" ({exc})" if str(exc) else ""
             print(f"\nstudy {spec.name} interrupted{reason}: the running job was stopped. "
                   "Run the same command again to continue; completed points are kept.", file=sys.stderr, flush=True)
