@@ -199,6 +199,101 @@ class WandbConfig:
         _require(self.mode in WANDB_MODES, f"logger.wandb.mode must be one of {'|'.join(WANDB_MODES)} (got {self.mode!r})")
 
 
+MODEL_KINDS = {"resnet18": "resnet", "resnet50": "resnet", "transformer": "transformer", "mlp": "mlp"}
+DATA_OF_MODEL = {"resnet": ("images", "imagefolder"), "transformer": ("tokens",), "mlp": ("vectors",)}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    """resnet18 | resnet50 (torchvision) | transformer (decoder-only LM) | mlp (wide, parameter-heavy)."""
+    kind: str
+    """resnet | transformer | mlp: what the model is built from and which data it takes."""
+    d_model: int | None = None
+    """transformer: width."""
+    n_layers: int | None = None
+    """transformer: decoder blocks."""
+    n_heads: int | None = None
+    """transformer: attention heads (divide d_model)."""
+    d_ff: int | None = None
+    """transformer: feed-forward width."""
+    vocab_size: int | None = None
+    """transformer: tokens (the head is tied to the embedding)."""
+    dropout: float = 0.0
+    """transformer: attention dropout."""
+    in_features: int | None = None
+    """mlp: input width."""
+    hidden: int | None = None
+    """mlp: hidden width."""
+    layers: int | None = None
+    """mlp: hidden layers."""
+
+    def __post_init__(self) -> None:
+        _require(self.name in MODELS, f"model must be one of {'|'.join(MODELS)} (got {self.name!r})")
+        _require(self.kind == MODEL_KINDS[self.name],
+                 f"model.kind must be {MODEL_KINDS[self.name]} for model={self.name} (got {self.kind!r})")
+        needed = {"transformer": ("d_model", "n_layers", "n_heads", "d_ff", "vocab_size"),
+                  "mlp": ("in_features", "hidden", "layers")}.get(self.kind, ())
+        for key in needed:
+            _positive_int(f"model.{key}", getattr(self, key))
+        if self.kind == "transformer":
+            _require(self.d_model % self.n_heads == 0,
+                     f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str
+    """synthetic_images | imagefolder | synthetic_tokens | synthetic_vectors (the conf/data file)."""
+    kind: str
+    """images | imagefolder | tokens | vectors."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    num_samples: int | None = None
+    """Synthetic data: samples in the dataset (the sampler splits it across ranks)."""
+    image_size: int | None = None
+    channels: int | None = None
+    num_classes: int | None = None
+    """Images and vectors: classes (imagefolder: null = the number of class folders)."""
+    seq_len: int | None = None
+    """Tokens: sequence length."""
+    vocab_size: int | None = None
+    in_features: int | None = None
+    root: str | None = None
+    """imagefolder: a folder of <class>/<image> files."""
+
+    def __post_init__(self) -> None:
+        _require(self.kind in DATA_KINDS, f"data.kind must be one of {'|'.join(DATA_KINDS)} (got {self.kind!r})")
+        _positive_int("data.num_workers", self.num_workers, allow_zero=True)
+        needed = {"images": ("num_samples", "image_size", "channels", "num_classes"),
+                  "imagefolder": ("image_size",), "tokens": ("num_samples", "seq_len", "vocab_size"),
+                  "vectors": ("num_samples", "in_features", "num_classes")}[self.kind]
+        for key in needed:
+            _positive_int(f"data.{key}", getattr(self, key))
+        if self.kind == "imagefolder":
+            _require(self.root not in (None, "", "???"),
+                     "data.root must be set for data=imagefolder (a folder of <class>/<image> files)")
+            _require(Path(self.root).is_dir(),
+                     f"data.root={self.root!r} is not a directory (data=imagefolder needs root/<class>/<image>)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str
+    """sgd | adamw."""
+    lr: float
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    """sgd only."""
+
+    def __post_init__(self) -> None:
+        _require(self.name in OPTIMIZERS, f"optim must be one of {'|'.join(OPTIMIZERS)} (got {self.name!r})")
+        for key in ("lr", "weight_decay", "momentum"):
+            value = getattr(self, key)
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+                     f"optim.{key} must be a number >= 0 (got {value!r})")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything the training job reads, validated."""
@@ -214,39 +309,28 @@ class RunConfig:
     study_name: str
     study_kind: str
     peak_tflops: float | None
-    model: dict[str, Any]
-    data: dict[str, Any]
-    optim: dict[str, Any]
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
     raw: dict[str, Any]
     """The resolved config, as written to config.yaml."""
 
     def __post_init__(self) -> None:
-        _require(self.model.get("name") in MODELS, f"model must be one of {'|'.join(MODELS)} (got {self.model.get('name')!r})")
-        _require(self.data.get("kind") in DATA_KINDS, f"data.kind must be one of {'|'.join(DATA_KINDS)} (got {self.data.get('kind')!r})")
-        _require(self.optim.get("name") in OPTIMIZERS, f"optim must be one of {'|'.join(OPTIMIZERS)} (got {self.optim.get('name')!r})")
         _require(bool(self.study_name) and "/" not in self.study_name, f"study.name must be a plain directory name (got {self.study_name!r})")
         if self.peak_tflops is not None:
             _require(
                 isinstance(self.peak_tflops, (int, float)) and self.peak_tflops > 0,
                 f"hardware.peak_tflops must be a number > 0 or null (got {self.peak_tflops!r})",
             )
-        if self.data["kind"] == "imagefolder":
-            root = self.data.get("root")
-            _require(root not in (None, "", "???"), "data.root must be set for data=imagefolder (a folder of <class>/<image> files)")
-            _require(Path(root).is_dir(), f"data.root={root!r} is not a directory (data=imagefolder needs root/<class>/<image>)")
         # DDP's first iteration is unlike the others (it rebuilds its buckets
         # from the order gradients arrived in), so it is never measured.
         _require(
             self.train.warmup_steps >= 1 or not self.instrument.enabled,
             "train.warmup_steps must be >= 1 when instrument.enabled=true: DDP's first step rebuilds its buckets",
         )
-        model_is_images = self.model["kind"] == "resnet"
-        data_is_images = self.data["kind"] in ("images", "imagefolder")
         _require(
-            model_is_images == data_is_images
-            and (self.model["kind"] != "transformer" or self.data["kind"] == "tokens")
-            and (self.model["kind"] != "mlp" or self.data["kind"] == "vectors"),
-            f"model={self.model['name']} cannot train on data={self.data.get('name')}: "
+            self.data.kind in DATA_OF_MODEL[self.model.kind],
+            f"model={self.model.name} cannot train on data={self.data.name}: "
             "resnet takes synthetic_images|imagefolder, transformer synthetic_tokens, mlp synthetic_vectors",
         )
 
@@ -294,8 +378,8 @@ def parse(cfg: DictConfig | dict[str, Any]) -> RunConfig:
         study_name=str(study.get("name", "adhoc")),
         study_kind=str(study.get("kind", "adhoc")),
         peak_tflops=hardware.get("peak_tflops"),
-        model=_section(raw, "model"),
-        data=_section(raw, "data"),
-        optim=_section(raw, "optim"),
+        model=_typed(ModelConfig, "model", _section(raw, "model")),
+        data=_typed(DataConfig, "data", _section(raw, "data")),
+        optim=_typed(OptimConfig, "optim", _section(raw, "optim")),
         raw=raw,
     )

@@ -22,17 +22,17 @@ def test_the_three_spec_experiments_exist():
 def expected_parameters(cfg: config.RunConfig, classes: int) -> int | None:
     """Parameter count from the layer shapes the config asks for (or a published count), not from the model."""
     m = cfg.model
-    if m["kind"] == "mlp":
-        widths = [m["in_features"]] + [m["hidden"]] * m["layers"] + [classes]
+    if m.kind == "mlp":
+        widths = [m.in_features] + [m.hidden] * m.layers + [classes]
         return sum(i * o + o for i, o in zip(widths[:-1], widths[1:]))  # weight and bias per Linear
-    if m["kind"] == "transformer":
-        d, ff = m["d_model"], m["d_ff"]
+    if m.kind == "transformer":
+        d, ff = m.d_model, m.d_ff
         block = (2 * 2 * d  # two LayerNorms, weight and bias
                  + d * 3 * d + 3 * d + d * d + d  # qkv and output projections
                  + d * ff + ff + ff * d + d)  # feed-forward
         # token and position embeddings, the blocks, a final LayerNorm; the head shares the token embedding
-        return m["vocab_size"] * d + cfg.data["seq_len"] * d + m["n_layers"] * block + 2 * d
-    if m["name"] == "resnet18":
+        return m.vocab_size * d + cfg.data.seq_len * d + m.n_layers * block + 2 * d
+    if m.name == "resnet18":
         # torchvision's published 11,689,512 with 1000 classes; the FC layer is 512 x classes + bias.
         return 11_689_512 - 513 * 1000 + 513 * classes
     return None
@@ -45,16 +45,16 @@ def test_every_experiment_composes_and_validates(exp):
     job = prepare(cfg)
     params = sum(p.numel() for p in job.model.parameters())
     expected = expected_parameters(cfg, job.num_classes)
-    assert expected is not None, f"no independent parameter count for model {cfg.model['name']}: add one here"
+    assert expected is not None, f"no independent parameter count for model {cfg.model.name}: add one here"
     assert params == expected
     assert job.batch_size == cfg.train.batch_size
 
 
 def test_resnet_defaults_on_cpu():
     cfg = config.parse(cli.compose_config(["+exp=resnet"]))
-    assert cfg.model["name"] == "resnet18"
-    assert (cfg.data["image_size"], cfg.data["num_classes"], cfg.train.batch_size) == (32, 10, 32)
-    assert config.parse(cli.compose_config(["+exp=resnet", "model=resnet50"])).model["name"] == "resnet50"
+    assert cfg.model.name == "resnet18"
+    assert (cfg.data.image_size, cfg.data.num_classes, cfg.train.batch_size) == (32, 10, 32)
+    assert config.parse(cli.compose_config(["+exp=resnet", "model=resnet50"])).model.name == "resnet50"
 
 
 def test_mlp_has_far_more_gradient_bytes_per_flop_than_resnet():

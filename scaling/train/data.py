@@ -7,48 +7,47 @@ fetch and collate a batch is real while no files are needed.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from scaling.config import ConfigError
+from scaling.config import ConfigError, DataConfig
 
 
-def synthetic_dataset(data: dict[str, Any], seed: int) -> tuple[Dataset, int]:
+def synthetic_dataset(data: DataConfig, seed: int) -> tuple[Dataset, int]:
     """A dataset and its number of classes (the vocabulary for tokens)."""
     gen = torch.Generator().manual_seed(seed)
-    n = data["num_samples"]
-    kind = data["kind"]
+    n = data.num_samples
+    kind = data.kind
     if kind == "images":
-        x = torch.randn(n, data["channels"], data["image_size"], data["image_size"], generator=gen)
-        y = torch.randint(0, data["num_classes"], (n,), generator=gen)
-        return TensorDataset(x, y), data["num_classes"]
+        x = torch.randn(n, data.channels, data.image_size, data.image_size, generator=gen)
+        y = torch.randint(0, data.num_classes, (n,), generator=gen)
+        return TensorDataset(x, y), data.num_classes
     if kind == "vectors":
-        x = torch.randn(n, data["in_features"], generator=gen)
-        y = torch.randint(0, data["num_classes"], (n,), generator=gen)
-        return TensorDataset(x, y), data["num_classes"]
+        x = torch.randn(n, data.in_features, generator=gen)
+        y = torch.randint(0, data.num_classes, (n,), generator=gen)
+        return TensorDataset(x, y), data.num_classes
     if kind == "tokens":
-        tokens = torch.randint(0, data["vocab_size"], (n, data["seq_len"] + 1), generator=gen)
-        return TensorDataset(tokens[:, :-1], tokens[:, 1:]), data["vocab_size"]
+        tokens = torch.randint(0, data.vocab_size, (n, data.seq_len + 1), generator=gen)
+        return TensorDataset(tokens[:, :-1], tokens[:, 1:]), data.vocab_size
     raise ValueError(f"no synthetic data of kind {kind!r}")
 
 
-def image_folder(data: dict[str, Any]) -> tuple[Dataset, int]:
+def image_folder(data: DataConfig) -> tuple[Dataset, int]:
     from torchvision import datasets, transforms
 
-    size = data["image_size"]
+    size = data.image_size
     transform = transforms.Compose([
         transforms.Resize((size, size)),
         transforms.ToTensor(),
         transforms.Normalize([0.5] * 3, [0.5] * 3),
     ])
-    dataset = datasets.ImageFolder(data["root"], transform=transform)
-    return dataset, data.get("num_classes") or len(dataset.classes)
+    dataset = datasets.ImageFolder(data.root, transform=transform)
+    return dataset, data.num_classes or len(dataset.classes)
 
 
-def build_dataset(data: dict[str, Any], seed: int) -> tuple[Dataset, int]:
-    return image_folder(data) if data["kind"] == "imagefolder" else synthetic_dataset(data, seed)
+def build_dataset(data: DataConfig, seed: int) -> tuple[Dataset, int]:
+    return image_folder(data) if data.kind == "imagefolder" else synthetic_dataset(data, seed)
 
 
 def check_dataset_size(samples: int, batch_size: int, world_size: int) -> None:

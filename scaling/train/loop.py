@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from scaling.launch import detect, group
 from scaling.records import reduce as aggregate, schema
 from scaling.train import faults, hooks
-from scaling.config import RunConfig
+from scaling.config import OptimConfig, RunConfig
 from scaling.train.data import Batches, build_dataset, check_dataset_size
 from scaling.launch.group import Context
 from scaling.launch.layout import Launch
@@ -74,10 +74,10 @@ def prepare(cfg: RunConfig) -> Job:
     return Job(cfg, launch, backend, batch_size, dataset, num_classes, model, hook)
 
 
-def make_optimizer(optim: dict[str, Any], params) -> torch.optim.Optimizer:
-    if optim["name"] == "adamw":
-        return torch.optim.AdamW(params, lr=optim["lr"], weight_decay=optim["weight_decay"])
-    return torch.optim.SGD(params, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"])
+def make_optimizer(optim: OptimConfig, params) -> torch.optim.Optimizer:
+    if optim.name == "adamw":
+        return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
 CUDA_RESOLVE_LAG_STEPS = 2
@@ -135,7 +135,7 @@ class Trainer:
     def build(self) -> None:
         cfg, job, device = self.job.cfg, self.job, self.ctx.device
         self.batches = Batches(job.dataset, job.batch_size, self.ctx.rank, self.ctx.world_size, device,
-                               cfg.data.get("num_workers", 0), cfg.train.seed)
+                               cfg.data.num_workers, cfg.train.seed)
         if self.instrumented and cfg.instrument.flops:
             flops = flops_mod.count_step_flops_on_meta(job.model, self.loss_fn, job.dataset[0], job.batch_size)
             if flops is None:  # an operator without a meta kernel: count on a real batch instead
@@ -381,7 +381,7 @@ class Trainer:
             peak, source = cfg.peak_tflops * 1e12, "config"
         else:
             dtype = self.amp_dtype or torch.float32
-            tf32 = flops_mod.runs_in_tf32(self.ctx.device, dtype, convolutions=cfg.model["kind"] == "resnet")
+            tf32 = flops_mod.runs_in_tf32(self.ctx.device, dtype, convolutions=cfg.model.kind == "resnet")
             peak = flops_mod.peak_flops(self.ctx.device, dtype, concurrent=self.job.launch.local_world_size, tf32=tf32)
             source = "probe"
         achieved = self.flops["per_sample"] * self.job.batch_size / summary["step_s"]

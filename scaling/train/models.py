@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from scaling.config import DataConfig, ModelConfig
 
 
 class DecoderBlock(nn.Module):
@@ -61,25 +61,18 @@ def wide_mlp(in_features: int, hidden: int, layers: int, num_classes: int) -> nn
     return nn.Sequential(*modules)
 
 
-def build_model(model: dict[str, Any], data: dict[str, Any], num_classes: int) -> nn.Module:
-    kind = model["kind"]
-    if kind == "resnet":
+def build_model(model: ModelConfig, data: DataConfig, num_classes: int) -> nn.Module:
+    if model.kind == "resnet":
         import torchvision
 
-        return getattr(torchvision.models, model["name"])(weights=None, num_classes=num_classes)
-    if kind == "transformer":
-        if model["d_model"] % model["n_heads"]:
-            from scaling.config import ConfigError
-
-            raise ConfigError(f"model.d_model={model['d_model']} must be divisible by model.n_heads={model['n_heads']}")
-        return DecoderLM(model["vocab_size"], data["seq_len"], model["d_model"], model["n_layers"],
-                         model["n_heads"], model["d_ff"], model.get("dropout", 0.0))
-    if kind == "mlp":
-        return wide_mlp(model["in_features"], model["hidden"], model["layers"], num_classes)
-    raise ValueError(f"unknown model kind {kind!r}")
+        return getattr(torchvision.models, model.name)(weights=None, num_classes=num_classes)
+    if model.kind == "transformer":
+        return DecoderLM(model.vocab_size, data.seq_len, model.d_model, model.n_layers, model.n_heads, model.d_ff,
+                         model.dropout)
+    return wide_mlp(model.in_features, model.hidden, model.layers, num_classes)
 
 
-def loss_fn_for(model: dict[str, Any]):
-    if model["kind"] == "transformer":
+def loss_fn_for(model: ModelConfig):
+    if model.kind == "transformer":
         return lambda logits, targets: F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     return F.cross_entropy
