@@ -82,6 +82,16 @@ def mark_failed(path: Path, error: str, run: dict[str, Any] | None = None, only_
     return current
 
 
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config (config.yaml) as dotted keys; an empty section stays a key of its own."""
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
 def new_run_id(prefix: str) -> str:
     """Unique per job: time to the second, plus randomness for jobs started together."""
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from scaling.records.files import flatten
+
 RUN_ID = re.compile(r"^n(?P<world_size>\d+)-r(?P<repeat>\d+)$")
 CONTROL_ID = re.compile(r"^solo-b(?P<batch>\d+)-r(?P<repeat>\d+)(?:$|\.)")
 """A study's single-process control point (a failed attempt moved aside keeps the prefix)."""
@@ -125,15 +127,6 @@ class StudyRecords:
 WIRE_FACTOR = {"allreduce": 1.0, "mpi": 1.0, "fp16": 0.5, "bf16": 0.5}
 """Wire bytes per gradient byte of the built-in hooks, for records older than comm_wire_bytes (powersgd's
 depends on its rank and the shapes: unknown)."""
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict) and tree:
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): tree}
 
 
 def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:

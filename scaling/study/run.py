@@ -45,7 +45,7 @@ from omegaconf import DictConfig, ListConfig
 from scaling import cli, config
 from scaling.config import ConfigError
 from scaling.launch.threads import available_cores, resolve_threads
-from scaling.records.files import mark_failed, read_json, write_json
+from scaling.records.files import flatten, mark_failed, read_json, write_json
 from scaling.study import slurm
 
 KINDS = ("strong", "weak")
@@ -339,15 +339,6 @@ def check_points(spec: StudySpec) -> dict[str, Any]:
     for control in (p for p in spec.points() if p.is_control and p.repeat == 0):
         config.parse(cli.compose_config(job_overrides(spec, control)))
     return run_cfg.raw
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): tree}
 
 
 def comparable(raw: dict[str, Any]) -> dict[str, Any]:
