@@ -152,11 +152,16 @@ class InstrumentConfig:
     memory: bool
     control_steps: int = 5
     """No-communication steps run after the measured ones: the counterfactual of the efficiency waterfall."""
+    ops: bool = True
+    """Profile operators on a few more steps (after the control steps): ops.json and the roofline."""
+    ops_steps: int = 3
+    """Steps run under the profiler when instrument.ops is true."""
 
     def __post_init__(self) -> None:
-        for name in ("enabled", "flops", "memory"):
+        for name in ("enabled", "flops", "memory", "ops"):
             _boolean(f"instrument.{name}", getattr(self, name))
         _positive_int("instrument.control_steps", self.control_steps, allow_zero=True)
+        _positive_int("instrument.ops_steps", self.ops_steps)
 
 
 @dataclass(frozen=True)
@@ -309,6 +314,7 @@ class RunConfig:
     study_name: str
     study_kind: str
     peak_tflops: float | None
+    peak_membw_GBps: float | None
     model: ModelConfig
     data: DataConfig
     optim: OptimConfig
@@ -321,6 +327,12 @@ class RunConfig:
             _require(
                 isinstance(self.peak_tflops, (int, float)) and self.peak_tflops > 0,
                 f"hardware.peak_tflops must be a number > 0 or null (got {self.peak_tflops!r})",
+            )
+        if self.peak_membw_GBps is not None:
+            _require(
+                isinstance(self.peak_membw_GBps, (int, float)) and not isinstance(self.peak_membw_GBps, bool)
+                and self.peak_membw_GBps > 0,
+                f"hardware.peak_membw_GBps must be a number > 0 or null (got {self.peak_membw_GBps!r})",
             )
         # DDP's first iteration is unlike the others (it rebuilds its buckets
         # from the order gradients arrived in), so it is never measured.
@@ -378,6 +390,7 @@ def parse(cfg: DictConfig | dict[str, Any]) -> RunConfig:
         study_name=str(study.get("name", "adhoc")),
         study_kind=str(study.get("kind", "adhoc")),
         peak_tflops=hardware.get("peak_tflops"),
+        peak_membw_GBps=hardware.get("peak_membw_GBps"),
         model=_typed(ModelConfig, "model", _section(raw, "model")),
         data=_typed(DataConfig, "data", _section(raw, "data")),
         optim=_typed(OptimConfig, "optim", _section(raw, "optim")),

@@ -135,9 +135,15 @@ def _is_composite(name: str, cache: dict[str, bool]) -> bool:
         except (AttributeError, RuntimeError):
             overloads = []
         qualified = [name if o == "default" else f"{name}.{o}" for o in overloads]
-        cache[name] = any(torch._C._dispatch_has_kernel_for_dispatch_key(q, "CompositeImplicitAutograd")
-                          for q in qualified)
+        cache[name] = any(_has_composite_kernel(q) for q in qualified)
     return cache[name]
+
+
+def _has_composite_kernel(qualified: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CompositeImplicitAutograd")
+    except RuntimeError:  # an overload of TorchScript's own (aten::select.t), unknown to the dispatcher
+        return False
 
 
 def _calls_any(event, names: set[str]) -> bool:

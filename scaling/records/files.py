@@ -24,6 +24,7 @@ import yaml
 
 RUN_JSON = "run.json"
 STEPS_JSONL = "steps.jsonl"
+OPS_JSON = "ops.json"
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from scaling.instruments import roofline
 from scaling.records.schema import MEMORY_KEYS, SHARE_LABELS, SHARES
 
 GIB = 1024**3
@@ -85,7 +86,27 @@ def straggler_clause(summary: dict[str, Any]) -> str:
     return f"rank {info['rank']}, {1e3 * info['lost_s']:.0f} ms per step more in {info['phase']} than the others"
 
 
-def render(run: dict[str, Any]) -> str:
+def ops_lines(ops: dict[str, Any], top: int = 5) -> list[str]:
+    """Time by kind of operator, and the operators that took most of it."""
+    rows, hardware = ops["rows"], ops["hardware"]
+    total = sum(r["time_s"] for r in rows) or 1.0
+    by_kind = roofline.time_by_kind(rows)
+    ridges = ", ".join(f"{p} {v:.1f}" for p, v in hardware["ridge"].items())
+    peaks = ", ".join(f"{p} {fmt_flops(v)}/s" for p, v in hardware["peak_flops_per_s"].items())
+    lines = ["", f"  operators ({ops['steps']} profiled steps, rank {ops['rank']}): "
+                 + ", ".join(f"{kind} {100 * t / total:.0f}%" for kind, t in by_kind.items() if t > 0),
+             f"    measured ceilings: {peaks}; memory {hardware['peak_membw_Bps'] / 1e9:.1f} GB/s; "
+             f"ridge (FLOP/byte) {ridges}"]
+    for r in sorted(rows, key=lambda r: -r["time_s"])[:top]:
+        rate = (f"{(r['achieved_flops_per_s'] or 0) / 1e9:8.1f} GFLOP/s" if r["kind"] == "arithmetic"
+                else f"{(r['achieved_Bps'] or 0) / 1e9:8.1f} GB/s    ")
+        intensity = f"{r['intensity']:7.2f}" if r["intensity"] is not None else "      -"
+        lines.append(f"    {r['pass']:<9} {r['op']:<34} {100 * r['time_s'] / total:5.1f}%  {rate}  "
+                     f"FLOP/byte {intensity}  {r['kind']}")
+    return lines
+
+
+def render(run: dict[str, Any], ops: dict[str, Any] | None = None) -> str:
     s = run.get("summary", {})
     lines = [
         f"run {run['run_id']}: {run['exp']} ({run['model']}) on {run['world_size']} process(es), "
@@ -141,5 +162,11 @@ def render(run: dict[str, Any]) -> str:
             f"per rank, peak {fmt_flops(flops.get('peak_per_s'))}/s ({flops.get('peak_source')}), "
             f"MFU {100 * mfu:.1f}%" if mfu is not None else "",
         ]
-    lines += ["", "  " + verdict_sentence(s, run["world_size"])]
+    verdict = verdict_sentence(s, run["world_size"])
+    if ops:
+        lines += ops_lines(ops)
+        clause = roofline.compute_clause(ops["rows"], ops["hardware"]["peak_membw_Bps"])
+        if clause:
+            verdict = f"{verdict.rstrip('.')}; and {clause}."
+    lines += ["", "  " + verdict]
     return "\n".join(lines)

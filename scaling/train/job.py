@@ -19,7 +19,7 @@ from scaling import config
 from scaling.errors import describe
 from scaling.launch import group as distsetup
 from scaling.records import provenance
-from scaling.records.files import RunFiles, read_json, write_run
+from scaling.records.files import OPS_JSON, RunFiles, read_json, write_json, write_run
 from scaling.sinks import Sink, console
 from scaling.sinks import wandb as wandb_sink
 from scaling.train import failure
@@ -111,11 +111,17 @@ def run_job(job: Job, ctx: distsetup.Context, log: logging.Logger, guard: failur
     for sink in trainer.sinks:
         sink.on_start(run)
     log.info(f"run folder {files.dir}")
+    ops: dict[str, Any] | None = None
     try:
         trainer.run()
         summary = trainer.summary()
+        memory = trainer.memory_report()
+        hardware = trainer.ceilings()  # probes after the memory report: their arrays are no part of the run
+        ops = trainer.ops_report(hardware)
+        if ops is not None:
+            summary.update(ops["summary"])
         run.update(status="completed", finished_at=time.time(), summary=summary, controls=trainer.controls,
-                   memory=trainer.memory_report(), flops=trainer.flops_report(summary))
+                   memory=memory, hardware=hardware, flops=trainer.flops_report(summary, ops))
     except BaseException as exc:
         guard.handling = True
         try:
@@ -130,10 +136,12 @@ def run_job(job: Job, ctx: distsetup.Context, log: logging.Logger, guard: failur
             print(f"scaling.train: run failed: {cause} (records in {files.dir})", file=sys.stderr)
         raise RecordedFailure(files.logs / f"rank{ctx.rank}.error.json") from exc
     if ctx.is_main:
+        if ops is not None:
+            write_json(files.dir / OPS_JSON, ops)
         write_run(files.run_json, run)
         for sink in trainer.sinks:
             sink.on_end(run)
-        log.info("\n" + console.render(run) + f"\n\n  records: {files.dir}")
+        log.info("\n" + console.render(run, ops) + f"\n\n  records: {files.dir}")
     files.close()
     return run
 

@@ -25,7 +25,8 @@ from scaling.config import OptimConfig, RunConfig
 from scaling.train.data import Batches, build_dataset, check_dataset_size
 from scaling.launch.group import Context
 from scaling.launch.layout import Launch
-from scaling.instruments import flops as flops_mod, memory as mem
+from scaling.instruments import flops as flops_mod, membw, memory as mem, ops as ops_mod
+from scaling.instruments import roofline
 from scaling.instruments.clock import clock_for
 from scaling.instruments.comm import CommTimer, wire_count
 from scaling.instruments.timing import PHASES, StepMarks, StepTimer
@@ -127,6 +128,7 @@ class Trainer:
         self._resolved: list[tuple[int, dict[str, float]]] = []  # resolved, not yet gathered
         self.rank_totals: dict[str, list[float]] = {}  # per key, each rank's sum over the measured steps
         self.controls: dict[str, Any] | None = None
+        self.op_measurement: ops_mod.OpMeasurement | None = None
         self.faults = faults.Injector.from_env(self.ctx.rank)
         self.rss_at_start = mem.rss_bytes()
 
@@ -206,6 +208,10 @@ class Trainer:
             self._previous = PendingStep(step, self.timer.finish(), self.comm.take_step())
         self._end_measuring()
         self._run_controls(total)
+        # The profiler's buffers must not count in the run's memory peaks.
+        self.memory["peak"] = mem.peak_bytes(self.ctx.device, self.rss_at_start)
+        self.memory["rss_peak"] = mem.rss_peak_bytes()
+        self._profile_ops()
 
     def _broadcast_buffers(self) -> None:
         """What DDP's broadcast_buffers does: rank 0's buffers to every rank, one flat tensor per dtype."""
@@ -253,6 +259,66 @@ class Trainer:
             "nocomm_step_s": float(statistics.median(per_rank.mean(axis=0))),
             "per_rank_step_s": [float(statistics.median(row)) for row in per_rank],
         }
+
+    def _profile_ops(self) -> None:
+        """``instrument.ops_steps`` more steps under the profiler (one more counts FLOPs and bytes).
+
+        Steps as the measured ones run them, communication included; left out
+        of every other statistic. Fault injection is not repeated here.
+        """
+        cfg = self.job.cfg
+        if not self.instrumented or not cfg.instrument.ops:
+            return
+
+        def step(phase) -> None:
+            inputs, targets = self.batches.next()
+            if self.sync_buffers:
+                self._broadcast_buffers()
+            with phase("forward"), torch.autocast(self.ctx.device.type, dtype=self.amp_dtype,
+                                                  enabled=self.amp_dtype is not None):
+                loss = self.loss_fn(self.model(inputs), targets)
+            with phase("backward"):
+                loss.backward()
+            with phase("optimizer"):
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+
+        self.op_measurement = ops_mod.profile_ops(step, cfg.instrument.ops_steps, self.ctx.device,
+                                                  runs_in_tf32=flops_mod.runs_in_tf32)
+
+    def ceilings(self) -> dict[str, Any] | None:
+        """``hardware``: peak FLOP/s of each precision the operators use, peak bytes/s, the ridges.
+
+        Probed (cached) or taken from ``hardware.peak_tflops`` / ``hardware.peak_membw_GBps``; every
+        process of a host probes at once, as they train at once.
+        """
+        if self.op_measurement is None:
+            return None
+        cfg, device, concurrent = self.job.cfg, self.ctx.device, self.job.launch.local_world_size
+        dtypes = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                  "fp64": torch.float64}
+        main = "bf16" if self.amp_dtype is not None else "fp32"
+        precisions = sorted(({main} | self.op_measurement.precisions_with_flops()) & set(dtypes))
+        if cfg.peak_tflops is not None:
+            peaks, flops_source = {p: cfg.peak_tflops * 1e12 for p in precisions}, "config"
+        else:
+            peaks = {p: flops_mod.peak_flops(device, dtypes[p], concurrent=concurrent, tf32=p == "tf32")
+                     for p in precisions}
+            flops_source = "probe"
+        if cfg.peak_membw_GBps is not None:
+            peak_Bps, membw_source = cfg.peak_membw_GBps * 1e9, "config"
+        else:
+            peak_Bps, membw_source = membw.peak_membw(device, concurrent=concurrent)["peak_membw_Bps"], "probe"
+        return {"peak_flops_per_s": peaks, "peak_membw_Bps": peak_Bps,
+                "ridge": {p: v / peak_Bps for p, v in peaks.items()},
+                "peak_flops_source": flops_source, "peak_membw_source": membw_source}
+
+    def ops_report(self, hardware: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The content of ops.json (this rank's operators), or None when they were not profiled."""
+        if self.op_measurement is None or hardware is None:
+            return None
+        record = ops_mod.ops_record(self.op_measurement, hardware["peak_flops_per_s"], hardware["peak_membw_Bps"])
+        return {"rank": self.ctx.rank, **record, "hardware": hardware}
 
     def _begin_measuring(self) -> None:
         if self.ctx.device.type == "cuda":
@@ -360,8 +426,8 @@ class Trainer:
             self.memory["autocast_weights"] = self.activations.autocast_weight_bytes if measured else None
             communicates = self.ctx.world_size > 1
             self.memory["comm_buffers"] = sum(self.comm.bucket_buffer_bytes.values()) if communicates else None
-        self.memory["peak"] = mem.peak_bytes(self.ctx.device, self.rss_at_start)
-        self.memory["rss_peak"] = mem.rss_peak_bytes()
+        self.memory.setdefault("peak", mem.peak_bytes(self.ctx.device, self.rss_at_start))
+        self.memory.setdefault("rss_peak", mem.rss_peak_bytes())
         local = torch.tensor([float(self.memory.get(k) if self.memory.get(k) is not None else -1) for k in schema.MEMORY_KEYS],
                              dtype=torch.float64)
         table = self.ctx.gather_tensor(local).numpy()
@@ -373,11 +439,16 @@ class Trainer:
                 "grads_in_comm_buffers": (self.instrumented and self.ctx.world_size > 1
                                           and self.job.cfg.dist.gradient_as_bucket_view)}
 
-    def flops_report(self, summary: dict[str, Any]) -> dict[str, Any]:
+    def flops_report(self, summary: dict[str, Any], ops: dict[str, Any] | None = None) -> dict[str, Any]:
+        """MFU; with an op profile the peak is that of each operator's own precision (TF32 convolutions
+        beside fp32 matrix products), weighted by their FLOPs."""
         if "per_sample" not in self.flops:
             return {}
         cfg = self.job.cfg
-        if cfg.peak_tflops is not None:
+        mixed = roofline.effective_peak(ops["rows"]) if ops else None
+        if mixed is not None:
+            peak, source = mixed, "probe" if cfg.peak_tflops is None else "config"
+        elif cfg.peak_tflops is not None:
             peak, source = cfg.peak_tflops * 1e12, "config"
         else:
             dtype = self.amp_dtype or torch.float32
