@@ -206,6 +206,16 @@ class WandbConfig:
 
 MODEL_KINDS = {"resnet18": "resnet", "resnet50": "resnet", "transformer": "transformer", "mlp": "mlp"}
 DATA_OF_MODEL = {"resnet": ("images", "imagefolder"), "transformer": ("tokens",), "mlp": ("vectors",)}
+MODEL_SIZES = {"transformer": ("d_model", "n_layers", "n_heads", "d_ff", "vocab_size"), "mlp": ("in_features", "hidden", "layers")}
+"""The sizes each model kind needs (integers >= 1)."""
+DATA_SIZES = {"images": ("num_samples", "image_size", "channels", "num_classes"), "imagefolder": ("image_size",),
+              "tokens": ("num_samples", "seq_len", "vocab_size"), "vectors": ("num_samples", "in_features", "num_classes")}
+"""The sizes each kind of data needs (integers >= 1)."""
+
+
+def _positive_ints(section: str, config: Any, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        _positive_int(f"{section}.{key}", getattr(config, key))
 
 
 @dataclass(frozen=True)
@@ -237,10 +247,7 @@ class ModelConfig:
         _require(self.name in MODELS, f"model must be one of {'|'.join(MODELS)} (got {self.name!r})")
         _require(self.kind == MODEL_KINDS[self.name],
                  f"model.kind must be {MODEL_KINDS[self.name]} for model={self.name} (got {self.kind!r})")
-        needed = {"transformer": ("d_model", "n_layers", "n_heads", "d_ff", "vocab_size"),
-                  "mlp": ("in_features", "hidden", "layers")}.get(self.kind, ())
-        for key in needed:
-            _positive_int(f"model.{key}", getattr(self, key))
+        _positive_ints("model", self, MODEL_SIZES.get(self.kind, ()))
         if self.kind == "transformer":
             _require(self.d_model % self.n_heads == 0,
                      f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
@@ -270,11 +277,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.kind in DATA_KINDS, f"data.kind must be one of {'|'.join(DATA_KINDS)} (got {self.kind!r})")
         _positive_int("data.num_workers", self.num_workers, allow_zero=True)
-        needed = {"images": ("num_samples", "image_size", "channels", "num_classes"),
-                  "imagefolder": ("image_size",), "tokens": ("num_samples", "seq_len", "vocab_size"),
-                  "vectors": ("num_samples", "in_features", "num_classes")}[self.kind]
-        for key in needed:
-            _positive_int(f"data.{key}", getattr(self, key))
+        _positive_ints("data", self, DATA_SIZES[self.kind])
         if self.kind == "imagefolder":
             _require(self.root not in (None, "", "???"),
                      "data.root must be set for data=imagefolder (a folder of <class>/<image> files)")
