@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from contextlib import nullcontext
 
 import pytest
 import torch
 
 from scaling.instruments import flops as flops_mod, membw, ops, roofline
+from tests.conftest import NO_WANDB, REPO, TINY, check_ok, job_env, load_run, only_run_dir, single
 
 CPU = torch.device("cpu")
 FP32 = 4
@@ -142,3 +148,111 @@ def test_the_clause_names_the_families_and_their_rates():
     assert text == ("within compute memory-bound: batch norm, ReLU and add are 58% of compute at 11.0 GB/s "
                     "(55% of the measured 20.0 GB/s); convolutions 42% at 48.0 GFLOP/s (48% of the measured "
                     "peak 100.0 GFLOP/s)")
+
+
+# -- real jobs --------------------------------------------------------------------------------------
+
+RUN = [NO_WANDB, "train.steps=3", "train.warmup_steps=1", "train.log_every=3", "instrument.flops=false",
+       "instrument.control_steps=0"]
+# Batch 1 through 67 MB of weights: matrix-vector products and an SGD update of 3 x 67 MB per step,
+# far beyond the 32 MB of a last-level cache.
+MATRIX_VECTOR = ["+exp=mlp", "model.in_features=8192", "model.hidden=2048", "model.layers=1", "train.batch_size=1",
+                 "data.num_samples=64"]
+# Batch 256 through 1024-wide layers: each weight is reused 256 times.
+MATRIX_MATRIX = ["+exp=mlp", "model.in_features=1024", "model.hidden=1024", "model.layers=2",
+                 "train.batch_size=256", "data.num_samples=1024"]
+
+
+def job(root, overrides: list[str], prefix: list[str] | None = None) -> tuple[dict, list[dict], dict | None]:
+    """A real one-process job; run.json, steps.jsonl and ops.json (None when absent)."""
+    if prefix:
+        proc = subprocess.run([*prefix, sys.executable, "-m", "scaling.train", *overrides, f"paths.root={root}"],
+                              cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
+    else:
+        proc = single([*overrides, f"paths.root={root}"])
+    check_ok(proc)
+    run_dir = only_run_dir(root)
+    run, steps = load_run(run_dir)
+    ops_json = run_dir / "ops.json"
+    return run, steps, json.loads(ops_json.read_text()) if ops_json.exists() else None
+
+
+@pytest.fixture(scope="module")
+def matrix_vector(tmp_path_factory):
+    return job(tmp_path_factory.mktemp("mv") / "runs", [*MATRIX_VECTOR, *RUN])
+
+
+@pytest.fixture(scope="module")
+def matrix_matrix(tmp_path_factory):
+    return job(tmp_path_factory.mktemp("mm") / "runs", [*MATRIX_MATRIX, *RUN])
+
+
+def time_of(ops: dict, kind: str) -> float:
+    return sum(r["time_s"] for r in ops["rows"] if r["kind"] == kind)
+
+
+def test_mlp_at_batch_1_is_memory_bound_and_at_batch_256_arithmetic(matrix_vector, matrix_matrix):
+    small, _, small_ops = matrix_vector
+    large, _, large_ops = matrix_matrix
+    assert small["summary"]["compute_bound"] == "memory" and small["summary"]["memory_frac"] > 0.8
+    assert large["summary"]["compute_bound"] == "arithmetic" and large["summary"]["arithmetic_frac"] > 0.7
+    assert small["summary"]["memory_frac"] == pytest.approx(time_of(small_ops, "memory") / sum(
+        r["time_s"] for r in small_ops["rows"]))
+    for ops in (small_ops, large_ops):
+        assert ops["hardware"]["peak_membw_source"] == ops["hardware"]["peak_flops_source"] == "probe"
+        assert ops["steps"] == 3 and {r["pass"] for r in ops["rows"]} == {"forward", "backward", "optimizer"}
+
+
+def test_matrix_products_reach_half_the_probe_peak(matrix_matrix):
+    _, _, ops = matrix_matrix
+    for key in (("forward", "aten::addmm"), ("backward", "aten::mm")):
+        row = by_key(ops["rows"])[key]
+        assert row["kind"] == "arithmetic"
+        assert row["achieved_flops_per_s"] >= 0.5 * row["peak_flops_per_s"], row
+
+
+def test_elementwise_operators_of_a_bandwidth_heavy_job_reach_half_the_bandwidth(matrix_vector):
+    _, _, ops = matrix_vector
+    update = by_key(ops["rows"])[("optimizer", "aten::add_")]  # p += -lr * g over 67 MB: STREAM's add
+    assert update["kind"] == "memory" and update["flops_from"] == "elementwise"
+    assert update["achieved_Bps"] >= 0.5 * ops["hardware"]["peak_membw_Bps"], update
+
+
+def test_operator_times_add_up_to_the_compute_time(matrix_matrix):
+    run, _, ops = matrix_matrix
+    per_step = sum(r["time_s"] for r in ops["rows"]) / ops["steps"]
+    assert per_step == pytest.approx(run["summary"]["compute_s"], rel=0.15)
+
+
+def test_profiled_steps_stay_out_of_the_step_records(matrix_matrix, tmp_path):
+    run, steps, ops = matrix_matrix
+    assert len(steps) == 3 and run["summary"]["steps"] == 3
+    assert sum(r["calls"] for r in ops["rows"] if r["op"] == "aten::addmm") == 3 * 3  # 3 profiled steps, 3 layers
+    off, _, none = job(tmp_path / "runs", [*TINY["mlp"], *RUN, "instrument.ops=false"])
+    assert none is None and "compute_bound" not in off["summary"] and off.get("hardware") is None
+
+
+def test_a_bandwidth_hog_slows_memory_bound_operators_more(tmp_path):
+    """The job on one core, a STREAM-like copy loop on the other: they share the memory system, not the core."""
+    if len(os.sched_getaffinity(0)) < 2 or shutil.which("taskset") is None:
+        pytest.skip("needs two cores and taskset")
+    overrides = ["+exp=mlp", "model.in_features=4096", "model.hidden=4096", "model.layers=1", "train.batch_size=64",
+                 "data.num_samples=256", *RUN, "instrument.ops_steps=4"]
+    quiet = job(tmp_path / "quiet", overrides, prefix=["taskset", "-c", "0"])[2]
+    hog = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", HOG])
+    try:
+        loud = job(tmp_path / "loud", overrides, prefix=["taskset", "-c", "0"])[2]
+    finally:
+        hog.kill()
+        hog.wait()
+    slowdown = {kind: time_of(loud, kind) / time_of(quiet, kind) for kind in ("memory", "arithmetic")}
+    assert time_of(quiet, "memory") > 0.05 * time_of(quiet, "arithmetic")  # both kinds present
+    assert slowdown["memory"] > slowdown["arithmetic"] + 0.1, slowdown
+
+
+HOG = """
+import numpy as np
+a = np.ones(64 * 2**20, dtype=np.float32); b = np.zeros_like(a)
+while True:
+    np.copyto(b, a)
+"""
