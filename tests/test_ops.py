@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from scaling.instruments import flops as flops_mod, membw, ops, roofline
-from tests.conftest import NO_WANDB, REPO, TINY, check_ok, job_env, load_run, only_run_dir, single
+from tests.conftest import NO_WANDB, REPO, TINY, check_ok, job_env, load_run, only_run_dir, single, torchrun
 
 CPU = torch.device("cpu")
 FP32 = 4
@@ -256,3 +256,25 @@ a = np.ones(64 * 2**20, dtype=np.float32); b = np.zeros_like(a)
 while True:
     np.copyto(b, a)
 """
+
+
+def test_the_report_draws_rooflines_and_carries_the_shares(tmp_path):
+    """A 1- and a 2-process run in one study: a roofline per run, the study's share plot, the csv columns."""
+    from scaling.report import build_report
+    from scaling.report import roofline as roofline_plot
+
+    common = [*TINY["mlp"], *RUN, f"paths.root={tmp_path}", "study.name=mix"]
+    check_ok(single(common))
+    check_ok(torchrun(2, common))
+    report = build_report([tmp_path / "mix"])
+    runs = [p for p in (tmp_path / "mix").iterdir() if (p / "run.json").exists()]
+    assert len(runs) == 2 and all((p / "roofline.png").stat().st_size > 10_000 for p in runs)
+    assert (tmp_path / "mix" / "plots" / "roofline.png") in report.files
+    for row in report.rows:
+        ops_json = json.loads((tmp_path / "mix" / row["run_id"] / "ops.json").read_text())
+        assert row["memory_frac"] == ops_json["summary"]["memory_frac"]
+        assert row["compute_bound"] == ops_json["summary"]["compute_bound"]
+    two = next(r for r in report.rows if r["world_size"] == 2)
+    kinds = {r["kind"] for r in json.loads((tmp_path / "mix" / two["run_id"] / "ops.json").read_text())["rows"]}
+    assert "communication" in kinds  # DDP's all-reduce launches, by name
+    assert roofline_plot.main([str(runs[0])]) == 0

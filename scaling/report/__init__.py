@@ -79,9 +79,9 @@ def build_report(study_dirs: list[Path], out_dir: Path | None = None,
     out = Path(out_dir) if out_dir is not None else default_out_dir(study_dirs)
     out.mkdir(parents=True, exist_ok=True)
     doc = analyse(study_dirs, benches)
-    from scaling.report import plots  # matplotlib only when figures are drawn
+    from scaling.report import plots, roofline  # matplotlib only when figures are drawn
 
-    doc.plots = plots.draw_all(doc.studies, out / "plots")
+    doc.plots = plots.draw_all(doc.studies, out / "plots") + roofline.draw_all(doc.studies, out / "plots")
     table.write_csv(out / "results.csv", doc.runs)
     (out / "report.md").write_text(render.markdown(doc, out))
     (out / "report.html").write_text(render.html_page(doc, out))

@@ -18,7 +18,7 @@ COLUMNS = (
     "step_s", "samples_per_s", "speedup", "efficiency",
     *SHARE_FRACS,
     "comm_s", "comm_exposed_s", "overlap", "busbw_GBps", "peak_memory_bytes", "rss_peak_bytes",
-    "bound", "run_id", "status", "threads_per_process", "measured_steps", "error",
+    "bound", "arithmetic_frac", "memory_frac", "compute_bound", "run_id", "status", "threads_per_process", "measured_steps", "error",
     "mean_bucket_bytes", "commbench_busbw_GBps", "busbw_vs_commbench", "commbench",
     "role", "world_step_s", "ideal_step_s", *(column(t) for t in TERMS), "loss_unsplit_s",
 )
@@ -28,6 +28,7 @@ The last four are filled with ``--commbench`` where a result of the run's world 
 backend was given: ``mean_bucket_bytes`` = comm_wire_bytes / comm_buckets (bytes sent per all-reduce call), ``commbench_busbw_GBps``
 commbench's all-reduce bus bandwidth at that size (fitted model), ``busbw_vs_commbench`` =
 busbw_GBps / commbench_busbw_GBps, ``commbench`` the commbench.json used.
+``arithmetic_frac``, ``memory_frac`` and ``compute_bound`` come from the op profile (instrument.ops).
 ``busbw_GBps`` is that of the bytes really sent (comm_wire_bytes; for records older than it, corrected
 for the fp16/bf16 hooks); empty at world size 1, which has no peer.
 ``role``: ``point`` (a world size of the study) or ``control`` (solo-b<B>: one process at per-rank batch B,
@@ -66,6 +67,7 @@ def rows(studies: list[StudyStats], benches: Sequence[Bench] = ()) -> list[dict[
                 "peak_memory_bytes": run.memory_max.get("peak") if run.completed else None,
                 "rss_peak_bytes": run.memory_max.get("rss_peak") if run.completed else None,
                 "bound": s.get("bound"),
+                **{key: s.get(key) for key in ("arithmetic_frac", "memory_frac", "compute_bound")},
                 "run_id": run.run_id,
                 "status": run.status,
                 "threads_per_process": run.threads_per_process,
