@@ -35,8 +35,11 @@ DPI = 110
 LABELLED = 6
 
 
+PASS_ABBREVIATIONS = {"forward": "fwd", "backward": "bwd", "optimizer": "opt"}
+
+
 def _label(row: dict[str, Any]) -> str:
-    return f"{row['pass'][:3]} {rl.short_name(row['op'])}"
+    return f"{PASS_ABBREVIATIONS.get(row['pass'], row['pass'])} {rl.short_name(row['op'])}"
 
 
 def draw_run(ops: dict[str, Any], path: Path, title: str = "") -> Path:
