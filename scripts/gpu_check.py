@@ -15,6 +15,9 @@ taken by that loop, a delay injected on purpose. Rows:
   comm       2 ranks on one GPU (gloo on CUDA tensors): a 30 ms delay per bucket recovered in comm_s
   straggler  one of the 2 ranks stalled 60 ms per step: bound=straggler, that rank named, comm_wait_s recovered
   nccl       NCCL initialises and all-reduces (commbench, 1 rank)
+  ops        the op profile on CUDA: kernel times from the profiler against compute_s, backward operators
+             counted on the autograd thread, bf16/TF32/fp32 peaks per operator precision, device bandwidth,
+             an mlp memory-bound at batch 1 and arithmetic-bound at batch 512
 
 Exit status 0 when every row passes. Needs one CUDA device; it takes about
 4 minutes on an H100.
@@ -202,6 +205,55 @@ def check_two_ranks(check: Check, root: Path) -> None:
               and within(waits, 0.06, 0.20))
 
 
+def read_ops(root: Path, name: str) -> dict:
+    return json.loads(next((root / name).glob("*/ops.json")).read_text())
+
+
+def check_ops(check: Check, root: Path) -> None:
+    bf16 = train(root, "ops-bf16", [*RESNET, "train.steps=5", "train.warmup_steps=3", "instrument.ops_steps=3"])
+    ops = read_ops(root, "ops-bf16")
+    per_step = sum(r["time_s"] for r in ops["rows"]) / ops["steps"]
+    compute = bf16["summary"]["compute_s"]
+    check.row("ops", "resnet50 bf16: kernel time per profiled step vs compute_s of the measured steps",
+              f"{per_step * 1e3:.1f} ms vs {compute * 1e3:.1f} ms ({ops['time_source']})",
+              "cuda_kernel, 0.6..1.05 x compute_s",
+              ops["time_source"] == "cuda_kernel" and 0.6 * compute <= per_step <= 1.05 * compute)
+    backward = [r for r in ops["rows"] if r["pass"] == "backward"]
+    conv_back = sum(r["flops"] for r in backward if r["op"] == "aten::convolution_backward")
+    check.row("ops", "backward operators counted (FLOPs and bytes on the autograd thread)",
+              f"convolution_backward {conv_back / 1e9:.0f} GFLOP, backward bytes "
+              f"{sum(r['bytes'] for r in backward) / 2**30:.1f} GiB", "both > 0",
+              conv_back > 0 and sum(r["bytes"] for r in backward) > 0)
+    hardware = ops["hardware"]
+    peak_bf16, membw = hardware["peak_flops_per_s"].get("bf16", 0.0), hardware["peak_membw_Bps"]
+    check.row("ops", "bf16 roof and device-to-device bandwidth (STREAM copy/scale/add/triad)",
+              f"{peak_bf16 / 1e12:.0f} TFLOP/s, {membw / 1e12:.2f} TB/s, ridge {peak_bf16 / membw:.0f} FLOP/B",
+              "400..1000 TFLOP/s, 1..5.5 TB/s", 400e12 <= peak_bf16 <= 1000e12 and 1e12 <= membw <= 5.5e12)
+    train(root, "ops-fp32", ["+exp=resnet", "data.image_size=112", "train.batch_size=32", "data.num_samples=256",
+                             "logger.wandb.mode=disabled", "train.steps=3", "train.warmup_steps=2",
+                             "instrument.flops=false", "instrument.control_steps=0"])
+    fp32 = read_ops(root, "ops-fp32")
+    conv = {r["precision"] for r in fp32["rows"] if r["op"].startswith("aten::convolution")}
+    matmul = {r["precision"] for r in fp32["rows"] if r["op"] in ("aten::addmm", "aten::mm")}
+    peaks = fp32["hardware"]["peak_flops_per_s"]
+    check.row("ops", "fp32 resnet18: convolutions in TF32 (cuDNN default), its matrix products in fp32",
+              f"convolutions {sorted(conv)}, matrix products {sorted(matmul)}, tf32 "
+              f"{peaks.get('tf32', 0) / 1e12:.0f} vs fp32 {peaks.get('fp32', 0) / 1e12:.0f} TFLOP/s",
+              "['tf32'], ['fp32'], tf32 > 2 x fp32",
+              conv == {"tf32"} and matmul == {"fp32"} and peaks.get("tf32", 0) > 2 * peaks.get("fp32", 1))
+    bounds = {}
+    for batch in (1, 512):
+        name = f"ops-mlp-b{batch}"
+        done = train(root, name, ["+exp=mlp", "model.in_features=2048", "model.hidden=2048", "model.layers=2",
+                                  f"train.batch_size={batch}", "data.num_samples=2048", "logger.wandb.mode=disabled",
+                                  "train.steps=3", "train.warmup_steps=2", "instrument.flops=false",
+                                  "instrument.control_steps=0"])
+        bounds[batch] = (done["summary"]["compute_bound"], done["summary"]["memory_frac"])
+    check.row("ops", "mlp compute_bound at batch 1 and at batch 512 (memory_frac)",
+              f"{bounds[1][0]} ({100 * bounds[1][1]:.0f}%), {bounds[512][0]} ({100 * bounds[512][1]:.0f}%)",
+              "memory, arithmetic", bounds[1][0] == "memory" and bounds[512][0] == "arithmetic")
+
+
 def check_nccl(check: Check, root: Path) -> None:
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
          "scaling.commbench", "commbench.ops=[all_reduce]", "commbench.min_bytes=1048576",
@@ -231,7 +283,8 @@ def main() -> int:
         root = Path(tmp)
         for name, step in (("single-gpu", lambda: check_single_gpu(check, root, args.steps)),
                            ("two-ranks", lambda: check_two_ranks(check, root)),
-                           ("nccl", lambda: check_nccl(check, root))):
+                           ("nccl", lambda: check_nccl(check, root)),
+                           ("ops", lambda: check_ops(check, root))):
             try:
                 step()
             except Exception as exc:  # one failing group must not hide the others
