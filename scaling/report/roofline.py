@@ -76,7 +76,7 @@ def draw_run(ops: dict[str, Any], path: Path, title: str = "") -> Path:
     summary = ops.get("summary") or {}
     heading = title or "roofline"
     if summary.get("compute_bound"):
-        heading += (f": {summary['compute_bound']}-bound (arithmetic {100 * summary['arithmetic_frac']:.0f}%, "
+        heading += (f"\n{summary['compute_bound']}-bound (arithmetic {100 * summary['arithmetic_frac']:.0f}%, "
                     f"memory {100 * summary['memory_frac']:.0f}% of operator time)")
     ax.set_title(heading, fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
