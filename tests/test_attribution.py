@@ -51,7 +51,7 @@ def test_a_rank_stalled_every_step_is_named_the_straggler(straggler_run):
 
 def test_the_straggler_is_said_in_words(straggler_run):
     run, _ = straggler_run
-    from scaling import console
+    from scaling.sinks import console
 
     line = console.verdict_sentence(run["summary"], 2)
     assert line.startswith("Straggler-bound on 2 processes") and "rank 1" in line and "in data" in line, line
