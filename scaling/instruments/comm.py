@@ -15,6 +15,12 @@ sent: half for fp16/bf16, the low-rank factors for PowerSGD),
 time of the buckets) and ``busbw_GBps`` (algbw * 2(n-1)/n, the ring
 all-reduce factor used by nccl-tests).
 
+Per bucket (``bucket_timeline``, the rows of ``buckets.json``): ``ready_s``
+(launch after the start of backward: DDP calls the hook when the bucket is
+ready) and ``allreduce_s`` (completion less the later of launch and the
+previous bucket's completion: the backend runs one bucket after another, so
+queueing behind the previous bucket is not the bucket's own cost).
+
 The wrapper is the documented ``register_comm_hook`` API: DDP calls the hook
 when a bucket is ready and waits for the returned future before ``backward()``
 returns, so a timestamp at the call is the bucket's launch and one in the
@@ -28,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -78,6 +85,8 @@ class BucketEvent:
     returned: Any = None
     """When the hook handed back its future: a blocking hook stalls backward until then."""
     done: Any = None
+    backward_start: Any = None
+    """The start of the backward pass this bucket belongs to (``CommTimer.begin_backward``)."""
 
 
 @dataclass
@@ -92,6 +101,11 @@ class CommTimer:
     bucket_buffer_bytes: dict[int, int] = field(default_factory=dict)
     """Per bucket index, the bytes of its buffer in the last step taken."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _backward_start: Any = None
+
+    def begin_backward(self, mark: Any) -> None:
+        """The mark taken as backward starts: bucket ready times are counted from it."""
+        self._backward_start = mark
 
     def wrap(self, hook: Hook, count: WireCount | None = None) -> Hook:
         count = count or full_bytes
@@ -103,7 +117,7 @@ class CommTimer:
             launch = self.clock.mark()
             future, wire = count(state, buffer, lambda: hook(state, bucket))
             event = BucketEvent(bucket.index(), buffer.numel() * buffer.element_size(), wire, launch,
-                                returned=self.clock.mark())
+                                returned=self.clock.mark(), backward_start=self._backward_start)
             with self._lock:
                 self.events.append(event)
 
@@ -167,6 +181,66 @@ class CommTimer:
             "algbw_GBps": algbw,
             "busbw_GBps": algbw * 2 * (n - 1) / n,
         }
+
+
+def bucket_timeline(clock: Clock, events: list[BucketEvent]) -> list[tuple[int, float, float, int, int]]:
+    """One step's buckets in launch order: (index, ready_s, allreduce_s, bytes, wire bytes).
+
+    Empty when backward's start was not marked.
+    """
+    if not events or any(e.backward_start is None or e.done is None for e in events):
+        return []
+    rows = []
+    previous_done = None
+    for event in events:  # the hook is called in launch order
+        start = event.launch
+        if previous_done is not None and clock.seconds_between(start, previous_done) > 0:
+            start = previous_done
+        rows.append((event.index, clock.seconds_between(event.backward_start, event.launch),
+                     clock.seconds_between(start, event.done), event.nbytes, event.wire_bytes))
+        previous_done = event.done
+    return rows
+
+
+BUCKET_COLUMNS = ("index", "ready_s", "allreduce_s", "bytes", "wire_bytes")
+
+
+def timeline_array(steps: list[list[tuple[int, float, float, int, int]]]) -> np.ndarray:
+    """Measured steps' timelines as one [step, bucket, column] array, the same shape on every rank.
+
+    The bucket count is that of the last step (DDP rebuilds its buckets once, before the measured
+    steps); a step with another count is left NaN.
+    """
+    buckets = len(steps[-1]) if steps else 0
+    out = np.full((len(steps), buckets, len(BUCKET_COLUMNS)), np.nan)
+    for i, rows in enumerate(steps):
+        if len(rows) == buckets and buckets:
+            out[i] = np.asarray(rows, dtype=float)
+    return out
+
+
+def bucket_records(per_rank: np.ndarray) -> list[dict[str, float | int]]:
+    """The rows of buckets.json from every rank's ``timeline_array`` ([rank, step, bucket, column]).
+
+    ``ready_s``: median over steps of the mean over ranks. ``allreduce_s``: median over steps of the
+    shortest duration over ranks, the one seen by the rank that launched the bucket last (no waiting
+    for late peers: the cost of the transfer itself); ``allreduce_max_s``: the longest, waiting included.
+    """
+    if per_rank.size == 0 or per_rank.shape[2] == 0:
+        return []
+    complete = ~np.isnan(per_rank).any(axis=(0, 2, 3))
+    if not complete.any():
+        return []
+    steps = per_rank[:, complete]
+    col = {name: i for i, name in enumerate(BUCKET_COLUMNS)}
+    first = steps[0, 0]
+    ready = np.median(steps[..., col["ready_s"]].mean(axis=0), axis=0)
+    last_arrival = np.median(steps[..., col["allreduce_s"]].min(axis=0), axis=0)
+    slowest = np.median(steps[..., col["allreduce_s"]].max(axis=0), axis=0)
+    return [{"index": int(first[b, col["index"]]), "bytes": int(first[b, col["bytes"]]),
+             "wire_bytes": int(first[b, col["wire_bytes"]]), "ready_s": float(ready[b]),
+             "allreduce_s": float(last_arrival[b]), "allreduce_max_s": float(slowest[b])}
+            for b in range(steps.shape[2])]
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:

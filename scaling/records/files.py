@@ -4,6 +4,7 @@
       config.yaml          the resolved config
       run.json             provenance + summary, replaced atomically
       steps.jsonl          one object per measured step, aggregated over ranks
+      buckets.json         per gradient bucket: bytes, ready time after backward start, all-reduce time
       logs/rank<R>.log     each rank's log
       logs/rank<R>.steps.jsonl   each rank's own step values, flushed every step
 
@@ -25,6 +26,7 @@ import yaml
 RUN_JSON = "run.json"
 STEPS_JSONL = "steps.jsonl"
 OPS_JSON = "ops.json"
+BUCKETS_JSON = "buckets.json"
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -19,7 +19,7 @@ from scaling import config
 from scaling.errors import describe
 from scaling.launch import group as distsetup
 from scaling.records import provenance
-from scaling.records.files import OPS_JSON, RunFiles, read_json, write_json, write_run
+from scaling.records.files import BUCKETS_JSON, OPS_JSON, RunFiles, read_json, write_json, write_run
 from scaling.sinks import Sink, console
 from scaling.sinks import wandb as wandb_sink
 from scaling.train import failure
@@ -138,6 +138,10 @@ def run_job(job: Job, ctx: distsetup.Context, log: logging.Logger, guard: failur
     if ctx.is_main:
         if ops is not None:
             write_json(files.dir / OPS_JSON, ops)
+        if trainer.buckets:
+            write_json(files.dir / BUCKETS_JSON, {
+                "world_size": ctx.world_size, "comm_hook": run_cfg.comm.hook, "bucket_cap_mb": run_cfg.dist.bucket_cap_mb,
+                "steps": run_cfg.train.steps, "buckets": trainer.buckets})
         write_run(files.run_json, run)
         for sink in trainer.sinks:
             sink.on_end(run)

@@ -28,7 +28,7 @@ from scaling.launch.layout import Launch
 from scaling.instruments import flops as flops_mod, membw, memory as mem, ops as ops_mod
 from scaling.instruments import roofline
 from scaling.instruments.clock import clock_for
-from scaling.instruments.comm import CommTimer, wire_count
+from scaling.instruments.comm import CommTimer, bucket_records, bucket_timeline, timeline_array, wire_count
 from scaling.instruments.timing import PHASES, StepMarks, StepTimer
 from scaling.train.models import build_model, loss_fn_for
 from scaling.records.files import RunFiles
@@ -129,6 +129,8 @@ class Trainer:
         self.rank_totals: dict[str, list[float]] = {}  # per key, each rank's sum over the measured steps
         self.controls: dict[str, Any] | None = None
         self.op_measurement: ops_mod.OpMeasurement | None = None
+        self._timelines: list[list[tuple[int, float, float, int, int]]] = []  # per measured step, this rank's buckets
+        self.buckets: list[dict[str, Any]] | None = None  # buckets.json, every rank's timeline reduced
         self.faults = faults.Injector.from_env(self.ctx.rank)
         self.rss_at_start = mem.rss_bytes()
 
@@ -194,6 +196,7 @@ class Trainer:
                 else:
                     loss = self.loss_fn(self.model(inputs), targets)
             self.timer.mark("forward")
+            self.comm.begin_backward(self.clock.mark())
             loss.backward()
             self.timer.mark("backward")
             if self.faults:
@@ -336,6 +339,14 @@ class Trainer:
         self._take_previous()
         self._resolve_pending()
         self._gather_and_record()
+        self._gather_buckets()
+
+    def _gather_buckets(self) -> None:
+        """One gather of every rank's per-bucket timeline at the end: ``self.buckets``."""
+        if not self.instrumented or self.ctx.world_size == 1:
+            return
+        local = torch.from_numpy(timeline_array(self._timelines))
+        self.buckets = bucket_records(self.ctx.gather_tensor(local).numpy())
 
     def _take_previous(self) -> None:
         """Queue the last finished step for resolution (once), if it was a measured one."""
@@ -375,6 +386,7 @@ class Trainer:
             if self.instrumented:
                 if self.ctx.world_size > 1:
                     values.update(self.comm.resolve(pending.comm))
+                    self._timelines.append(bucket_timeline(self.clock, pending.comm[0]))
                 aggregate.derive(values)
             else:
                 values = {"step_s": values["step_s"]}
