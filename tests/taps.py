@@ -63,7 +63,8 @@ def tap_dtypes(out: Path) -> None:
     seen: dict[str, Counter] = {}
 
     def forward_hook(module, inputs, output):
-        if isinstance(module, TAPPED_MODULES) and isinstance(output, torch.Tensor):
+        # Tensors on the meta device belong to the FLOP count (shapes only), not to training.
+        if isinstance(module, TAPPED_MODULES) and isinstance(output, torch.Tensor) and output.device.type != "meta":
             seen.setdefault(type(module).__name__, Counter())[str(output.dtype)] += 1
 
     torch.nn.modules.module.register_module_forward_hook(forward_hook)

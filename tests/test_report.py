@@ -21,7 +21,8 @@ from scaling.report.waterfall import TERMS
 from tests.study_runs import (HTML_TAG, PNG_SIGNATURE, REPO, copy_study, env, explain, png_size, read_run,
                               run_report, strong_study, weak_study, weak_study_failed)
 
-PLOTS = ("throughput.png", "efficiency.png", "breakdown.png", "memory.png", "communication.png", "waterfall.png")
+PLOTS = ("throughput.png", "efficiency.png", "breakdown.png", "memory.png", "communication.png", "waterfall.png",
+         "roofline.png")
 SUMMARY_COLUMNS = ("step_s", "samples_per_s", "compute_frac", "comm_exposed_frac", "data_frac", "other_frac",
                    "comm_s", "comm_exposed_s", "overlap", "busbw_GBps")
 
