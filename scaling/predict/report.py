@@ -1,0 +1,216 @@
+"""One prediction run: the link, the predictions over world sizes, the table, prediction.json and .png."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scaling.predict.events import Link
+from scaling.predict.model import (ASSUMPTIONS, Prediction, Target, crossover, extrapolation_warning,
+                                   fit_from_points, predict, with_efficiency)
+from scaling.predict.runs import Point, find_points
+from scaling.records.files import read_json, write_json
+
+PREDICTION_JSON = "prediction.json"
+PREDICTION_PNG = "prediction.png"
+RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$")
+RATE_SCALE = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+LATENCY = re.compile(r"^(\d+(?:\.\d+)?(?:e-?\d+)?)(s|ms|us|ns)?$")
+LATENCY_SCALE = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+
+
+def parse_rate_bit_s(text: str) -> float | None:
+    """``100mbit`` -> 1e8 bit/s; ``unlimited`` -> None (no bandwidth term)."""
+    if text.lower() in ("unlimited", "inf"):
+        return None
+    match = RATE.match(text.lower())
+    if not match:
+        raise ValueError(f"rate {text!r}: give NUMBER with bit|kbit|mbit|gbit (e.g. 100mbit), or unlimited")
+    return float(match[1]) * RATE_SCALE[match[2]]
+
+
+def parse_latency_s(text: str) -> float:
+    match = LATENCY.match(text.lower())
+    if not match:
+        raise ValueError(f"latency {text!r}: give NUMBER with s|ms|us|ns (e.g. 50us)")
+    return float(match[1]) * LATENCY_SCALE[match[2] or "s"]
+
+
+@dataclass
+class PredictOptions:
+    runs: list[Path]
+    nprocs: list[int] | None = None
+    commbench: Path | None = None
+    link_bit_s: float | None = None
+    link_latency_s: float | None = None
+    link_given: bool = False
+    measured_link_bit_s: float | None = None
+    bucket_cap_mb: float | None = None
+    hook: str | None = None
+    global_batch: int | None = None
+    out: Path | None = None
+    write: bool = True
+
+
+@dataclass
+class Result:
+    predictions: list[Prediction]
+    points: list[Point]
+    link: Link
+    record: dict[str, Any]
+    text: str
+    out_dir: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def commbench_link(path: Path) -> Link:
+    """α and B of commbench's all-reduce fit (torch transport)."""
+    path = path / "commbench.json" if path.is_dir() else path
+    record = read_json(path)
+    for entry in record.get("fit") or []:
+        if entry.get("op") == "all_reduce" and entry.get("transport", "torch") == "torch":
+            bandwidth = entry.get("bandwidth_GBps")
+            return Link(float(entry["alpha_s"]), math.inf if bandwidth is None else float(bandwidth) * 1e9,
+                        f"commbench fit ({path}, {record.get('world_size')} ranks)")
+    raise ValueError(f"{path}: no all_reduce fit in commbench.json")
+
+
+def resolve_link(options: PredictOptions, points: list[Point]) -> tuple[Link, list[str]]:
+    notes: list[str] = []
+    if options.commbench is not None:
+        return commbench_link(options.commbench), notes
+    fitted = fit_from_points(points)
+    if fitted is None and not options.link_given:
+        raise ValueError("no bucket timeline (buckets.json) in the runs to fit the link on; give --link or --commbench")
+    if fitted is not None and fitted[0] == 0.0:
+        notes.append("the runs cannot tell latency from bandwidth (one world size, one busy period each): "
+                     "latency 0, all of the measured time on the bandwidth term")
+    if not options.link_given:
+        alpha, bandwidth = fitted
+        return Link(alpha, bandwidth, f"fitted on the runs' last-arrival bucket times (alpha {alpha * 1e6:.0f} us, "
+                                      f"B {bandwidth / 1e6:.1f} MB/s)"), notes
+    alpha = options.link_latency_s if options.link_latency_s is not None else (fitted[0] if fitted else 0.0)
+    if options.link_bit_s is None:
+        return Link(alpha, math.inf, "unlimited link: latency terms only"), notes
+    share = 1.0
+    if options.measured_link_bit_s is not None and fitted is not None:
+        share = fitted[1] * 8 / options.measured_link_bit_s
+        notes.append(f"the runs achieved {100 * share:.0f}% of their {options.measured_link_bit_s / 1e6:g} Mbit/s "
+                     "link; the same share is assumed on the target link")
+    bandwidth = share * options.link_bit_s / 8
+    return Link(alpha, bandwidth, f"link {options.link_bit_s / 1e6:g} Mbit/s (B {bandwidth / 1e6:.1f} MB/s), "
+                                  f"alpha {alpha * 1e6:.0f} us"), notes
+
+
+def strong_global_batch(options: PredictOptions, points: list[Point]) -> int | None:
+    if options.global_batch is not None:
+        return options.global_batch
+    strong = [p for p in points if p.kind == "strong" and not p.is_control]
+    return strong[0].batch_per_rank * strong[0].world_size if strong else None
+
+
+def default_nprocs(points: list[Point]) -> list[int]:
+    high = max([p.world_size for p in points if not p.is_control] or [1])
+    out, n = [], 1
+    while n <= 8 * high:
+        out.append(n)
+        n *= 2
+    return sorted(set(out) | {p.world_size for p in points if not p.is_control})
+
+
+def run_prediction(options: PredictOptions) -> Result:
+    points = find_points(options.runs)
+    if not points:
+        raise ValueError(f"no completed run in {', '.join(map(str, options.runs))}")
+    link, notes = resolve_link(options, points)
+    global_batch = strong_global_batch(options, points)
+    template = Target(2, link, options.bucket_cap_mb, options.hook, global_batch)
+    nprocs = options.nprocs or default_nprocs(points)
+    predictions = [predict(points, Target(n, link, options.bucket_cap_mb, options.hook, global_batch)) for n in nprocs]
+    measured_sizes = sorted({p.world_size for p in points if not p.is_control})
+    baseline = predict(points, Target(measured_sizes[0], link, options.bucket_cap_mb, options.hook, global_batch))
+    with_efficiency(predictions, baseline, strong=global_batch is not None)
+    turns = crossover(points, template)
+    warnings = [w for w in (extrapolation_warning(points, n) for n in nprocs) if w]
+    record = {
+        "inputs": [str(p.folder) for p in points],
+        "kind": "strong" if global_batch is not None else "weak",
+        "global_batch": global_batch,
+        "link": {"alpha_s": link.alpha_s, "bandwidth_Bps": None if math.isinf(link.bandwidth_Bps) else link.bandwidth_Bps,
+                 "source": link.source},
+        "bucket_cap_mb": options.bucket_cap_mb, "hook": options.hook,
+        "baseline_world_size": measured_sizes[0],
+        "communication_bound_from_world_size": turns,
+        "predictions": [p.record() for p in predictions],
+        "measured": [measured_record(p) for p in points if not p.is_control],
+        "assumptions": list(ASSUMPTIONS), "notes": notes, "warnings": warnings,
+    }
+    text = render_text(predictions, record)
+    out_dir = None
+    if options.write:
+        out_dir = options.out or output_dir(options.runs)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / PREDICTION_JSON, record)
+        plot(out_dir / PREDICTION_PNG, record)
+        text += f"\n\n  written: {out_dir / PREDICTION_JSON}, {out_dir / PREDICTION_PNG}"
+    return Result(predictions, points, link, record, text, out_dir, warnings)
+
+
+def measured_record(p: Point) -> dict[str, Any]:
+    return {"world_size": p.world_size, "batch_per_rank": p.batch_per_rank, "step_s": p.step_s,
+            "comm_exposed_s": p.get("comm_exposed_s"), "hook": p.hook, "bucket_cap_mb": p.bucket_cap_mb,
+            "run": p.folder.name}
+
+
+def output_dir(runs: list[Path]) -> Path:
+    first = runs[0]
+    return first.parent if (first / "run.json").exists() else first
+
+
+def render_text(predictions: list[Prediction], record: dict[str, Any]) -> str:
+    lines = [f"prediction ({record['kind']} scaling; {record['link']['source']})", "",
+             f"  {'procs':>5} {'batch':>6} {'step_s':>9} {'compute_s':>9} {'exposed_s':>9} {'comm_s':>9} "
+             f"{'effic.':>6}  bound"]
+    for p in predictions:
+        eff = f"{100 * p.efficiency:5.0f}%" if p.efficiency is not None else "     -"
+        lines.append(f"  {p.world_size:>5} {p.batch_per_rank:>6} {p.step_s:9.4f} {p.compute_s:9.4f} "
+                     f"{p.comm_exposed_s:9.4f} {p.comm_s:9.4f} {eff}  {p.bound}")
+    turns = record["communication_bound_from_world_size"]
+    lines += ["", f"  communication-bound from {turns} processes" if turns else
+              "  not communication-bound at any world size up to 65536"]
+    sources = sorted({p.compute_source for p in predictions})
+    lines += ["", "  compute: " + "; ".join(sources)]
+    lines += ["", "  the model assumes:"] + [f"    - {a}" for a in record["assumptions"]]
+    lines += [f"  note: {n}" for n in record["notes"]]
+    lines += [f"  WARNING: {w}" for w in record["warnings"]]
+    return "\n".join(lines)
+
+
+def plot(path: Path, record: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    predicted = record["predictions"]
+    sizes = [p["world_size"] for p in predicted]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(sizes, [p["step_s"] for p in predicted], "-", color="C0", label="predicted step_s")
+    ax.plot(sizes, [p["comm_exposed_s"] for p in predicted], "--", color="C3", label="predicted exposed comm")
+    measured = record["measured"]
+    ax.plot([m["world_size"] for m in measured], [m["step_s"] for m in measured], "o", color="C0",
+            label="measured step_s")
+    ax.plot([m["world_size"] for m in measured], [m["comm_exposed_s"] for m in measured], "x", color="C3",
+            label="measured exposed comm")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("processes (world size)")
+    ax.set_ylabel("seconds per step")
+    ax.set_title(f"Predicted {record['kind']} scaling\n{record['link']['source']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

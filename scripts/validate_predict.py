@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Held-out validation of ``scaling.predict`` on the emulated cluster (root: network namespaces).
+
+Runs the ``mlp`` experiment (shrunk: 5 MiB of gradients in two buckets, one sample per rank)
+on K emulated hosts joined by tc-shaped links at several rates, fits the predictor on the runs
+at one rate and host count only, predicts every other cell (other rates, other host counts),
+and prints predicted against measured ``step_s`` and exposed communication with their errors.
+The unshaped cells take the link from a commbench fit on two unshaped hosts (the predictor
+cannot know the speed of an unshaped link from shaped runs).
+
+    sudo python scripts/validate_predict.py --root /tmp/validate      # about 10 minutes on 2 cores
+    sudo python scripts/validate_predict.py --root /tmp/validate --reuse   # predict again from the same runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from scaling.predict.events import Link  # noqa: E402
+from scaling.predict.model import Target, fit_from_points, predict  # noqa: E402
+from scaling.predict.report import commbench_link  # noqa: E402
+from scaling.predict.runs import Point, find_points  # noqa: E402
+
+JOB = ["-m", "scaling.train", "+exp=mlp", "model.in_features=2048", "model.hidden=512", "model.layers=2",
+       "dist.bucket_cap_mb=1", "train.batch_size=1", "train.steps=8", "train.warmup_steps=2", "train.log_every=4",
+       "instrument.flops=false", "instrument.ops=false", "instrument.control_steps=3", "logger.wandb.mode=disabled"]
+COMMBENCH = ["-m", "scaling.commbench", "commbench.ops=[all_reduce]", "commbench.min_bytes=262144",
+             "commbench.max_bytes=4194304", "commbench.iters=5", "commbench.warmup_iters=2"]
+TOOL = REPO / "scripts" / "netns_cluster.py"
+
+
+def rate_bit_s(rate: str) -> float | None:
+    return None if rate == "unlimited" else float(rate) * 1e6
+
+
+def cell_name(rate: str, hosts: int) -> str:
+    return f"mlp-{rate}-h{hosts}"
+
+
+def on_cluster(hosts: int, rate: str, args: list[str], log: Path) -> None:
+    link = "unlimited" if rate == "unlimited" else f"{rate}mbit"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    with log.open("w") as out:
+        code = subprocess.run([sys.executable, str(TOOL), "--hosts", str(hosts), "--rate", link, "--mtu", "9000",
+                               "--torchrun", "--", *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                              timeout=600).returncode
+    if code != 0:
+        raise SystemExit(f"{log}: exit {code}\n{log.read_text()[-3000:]}")
+
+
+def measure(root: Path, rates: list[str], hosts: list[int], reuse: bool) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for rate in rates:
+        for k in hosts:
+            study = root / cell_name(rate, k)
+            if reuse and study.exists() and find_points([study]):
+                continue
+            print(f"measuring {cell_name(rate, k)} ...", flush=True)
+            on_cluster(k, rate, [*JOB, f"paths.root={root}", f"study.name={cell_name(rate, k)}"],
+                       root / f"{cell_name(rate, k)}.log")
+    if not (reuse and list((root / "commbench-unlimited").glob("*/commbench.json"))):
+        print("measuring commbench on 2 unshaped hosts ...", flush=True)
+        on_cluster(2, "unlimited", [*COMMBENCH, f"paths.root={root}", "study.name=commbench-unlimited"],
+                   root / "commbench-unlimited.log")
+
+
+def pct(predicted: float, measured: float) -> float:
+    return 100 * (predicted - measured) / measured
+
+
+def validate(root: Path, rates: list[str], hosts: list[int], fit_rate: str, fit_hosts: list[int]) -> int:
+    fit_points: list[Point] = []
+    for k in fit_hosts:
+        fit_points += find_points([root / cell_name(fit_rate, k)])
+    fitted = fit_from_points(fit_points)
+    assert fitted is not None, "no bucket timeline in the fit runs"
+    alpha_s, fit_bandwidth = fitted
+    share = fit_bandwidth * 8 / rate_bit_s(fit_rate)
+    unshaped = commbench_link(next((root / "commbench-unlimited").glob("*/commbench.json")))
+    print(f"fit on {', '.join(cell_name(fit_rate, k) for k in fit_hosts)}: alpha {alpha_s * 1e6:.0f} us, "
+          f"B {fit_bandwidth / 1e6:.2f} MB/s = {100 * share:.1f}% of the {fit_rate} Mbit/s link; unshaped link from "
+          f"commbench: alpha {unshaped.alpha_s * 1e6:.0f} us, B {unshaped.bandwidth_Bps / 1e6:.0f} MB/s\n")
+    header = (f"{'link':>10} {'hosts':>5} | {'step_s pred':>11} {'meas':>8} {'err':>7} | "
+              f"{'exposed pred':>12} {'meas':>8} {'err':>7} | held out")
+    print(header)
+    print("-" * len(header))
+    step_errors, exposed_errors, pairs = [], [], []
+    for rate in rates:
+        bit_s = rate_bit_s(rate)
+        link = unshaped if bit_s is None else Link(alpha_s, share * bit_s / 8, f"{rate} Mbit/s")
+        for k in hosts:
+            measured = find_points([root / cell_name(rate, k)])
+            if not measured:
+                print(f"{rate:>10} {k:>5} | no completed run")
+                continue
+            m = measured[0]
+            p = predict(fit_points, Target(k, link, batch_per_rank=m.batch_per_rank))
+            held_out = not (rate == fit_rate and k in fit_hosts)
+            step_err = pct(p.step_s, m.step_s)
+            exposed_err = pct(p.comm_exposed_s, m.get("comm_exposed_s"))
+            if held_out:
+                step_errors.append(abs(step_err))
+                exposed_errors.append(abs(exposed_err))
+                pairs.append((p.step_s, m.step_s))
+            label = f"{rate} Mbit/s" if bit_s else "unlimited"
+            print(f"{label:>10} {k:>5} | {p.step_s:11.4f} {m.step_s:8.4f} {step_err:+6.1f}% | "
+                  f"{p.comm_exposed_s:12.4f} {m.get('comm_exposed_s'):8.4f} {exposed_err:+6.1f}% | "
+                  f"{'yes' if held_out else 'no (fit)'}")
+    order_ok = sum(1 for i, a in enumerate(pairs) for b in pairs[i + 1:]
+                   if (a[0] - b[0]) * (a[1] - b[1]) > 0)
+    order_total = len(pairs) * (len(pairs) - 1) // 2
+    print(f"\nheld-out cells: {len(step_errors)}")
+    print(f"step_s: mean absolute error {statistics.mean(step_errors):.1f}% (target <= 10%), "
+          f"worst {max(step_errors):.1f}% (target <= 20%)")
+    print(f"exposed communication: mean absolute error {statistics.mean(exposed_errors):.1f}%, "
+          f"worst {max(exposed_errors):.1f}% (target within 15%)")
+    print(f"order of the configurations by step_s: {order_ok} of {order_total} pairs as measured")
+    ok = statistics.mean(step_errors) <= 10 and max(step_errors) <= 20
+    return 0 if ok else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path("runs/validate-predict"))
+    parser.add_argument("--rates", default="50,100,200,500,unlimited", help="Mbit/s per direction, or unlimited")
+    parser.add_argument("--hosts", default="2,3,4")
+    parser.add_argument("--fit-rate", default="200")
+    parser.add_argument("--fit-hosts", default="2")
+    parser.add_argument("--reuse", action="store_true", help="keep cells already measured under --root")
+    args = parser.parse_args()
+    rates = args.rates.split(",")
+    hosts = [int(h) for h in args.hosts.split(",")]
+    measure(args.root, rates, hosts, args.reuse)
+    return validate(args.root, rates, hosts, args.fit_rate, [int(h) for h in args.fit_hosts.split(",")])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
