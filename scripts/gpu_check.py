@@ -193,6 +193,14 @@ def check_two_ranks(check: Check, root: Path) -> None:
     check.row("comm", "the same delay: comm_exposed_s gain vs step_s gain", f"+{exposed * 1e3:.1f} ms of "
               f"+{slower * 1e3:.1f} ms, bound {slow['summary']['bound']}", "within 15 %, bound communication",
               within(exposed, slower, 0.15) and slow["summary"]["bound"] == "communication")
+    timeline = {name: json.loads(next((root / name).glob("*/buckets.json")).read_text())["buckets"]
+                for name in ("comm0", "comm1")}
+    gains = [s["allreduce_s"] - b["allreduce_s"] for b, s in zip(timeline["comm0"], timeline["comm1"])]
+    check.row("buckets", "the same delay in buckets.json: each bucket's last-arrival all-reduce time (CUDA events)",
+              f"+{min(gains) * 1e3:.1f} .. +{max(gains) * 1e3:.1f} ms over {len(gains)} buckets",
+              "each +20 ms within 25 %, ready times in launch order",
+              bool(gains) and all(within(g, 0.02, 0.25) for g in gains)
+              and all(a["ready_s"] <= b["ready_s"] for a, b in zip(timeline["comm1"], timeline["comm1"][1:])))
     strag = train(root, "straggler", [*MLP, "dist.backend=gloo", "dist.device=cuda", "train.steps=6",
                                       "train.warmup_steps=2"], nproc=2, SCALING_INJECT_STALL="data:0.06@rank=1")
     s = strag["summary"]

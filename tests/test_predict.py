@@ -205,6 +205,16 @@ def test_a_real_job_records_its_bucket_timeline(tmp_path: Path) -> None:
         assert b["wire_bytes"] == b["bytes"]
     assert timeline[-1]["ready_s"] >= timeline[0]["ready_s"]  # the first layer's gradient is ready last
 
+    # The study report with a prediction section: the measured point is reproduced by the model fitted on it.
+    proc = subprocess.run([sys.executable, "-m", "scaling.report", str(tmp_path / "adhoc"), "--predict", "2,4"],
+                          cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "## Prediction" in (tmp_path / "adhoc" / "report.md").read_text()
+    assert "Prediction</h2>" in (tmp_path / "adhoc" / "report.html").read_text()
+    record = json.loads((tmp_path / "adhoc" / "prediction.json").read_text())
+    at_2 = next(p for p in record["predictions"] if p["world_size"] == 2)
+    assert at_2["step_s"] == pytest.approx(run["summary"]["step_s"], rel=0.25)
+
 
 # -- held out, on the emulated cluster ---------------------------------------------------------------
 

@@ -23,6 +23,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a commbench.json or its run folder (repeatable): each world size's all-reduce bus "
                              "bandwidth is set beside the commbench result of the same world size and backend")
     parser.add_argument("--wandb", action="store_true", help="also publish the report to Weights & Biases")
+    parser.add_argument("--predict", default=None, metavar="NPROCS",
+                        help="also predict these world sizes (e.g. 8,16,64) with scaling.predict; a Prediction section")
+    parser.add_argument("--predict-link", default=None, metavar="RATE[,LATENCY]",
+                        help="with --predict: the link to predict on (default: fitted on the runs' buckets)")
     return parser.parse_args(argv)
 
 
@@ -56,6 +60,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     print(console_text(report))
+    if args.predict:
+        from scaling.report.prediction import add_prediction
+
+        try:
+            nprocs = sorted({int(v) for v in args.predict.split(",") if v.strip()})
+            print("\n" + add_prediction(args.studies, report.out_dir, nprocs, args.predict_link).text)
+        except ValueError as exc:
+            print(f"scaling.report: error: --predict: {exc}", file=sys.stderr)
+            return 2
     if args.wandb:
         return publish_wandb(report)
     return 0
