@@ -107,12 +107,15 @@ def run_job(job: Job, ctx: distsetup.Context, log: logging.Logger, guard: failur
     if ctx.is_main:
         files.write_config(run_cfg.raw)
         write_run(files.run_json, run)
-    trainer = Trainer(job, ctx, files, log, sinks=(sinks if sinks is not None else build_sinks(job, ctx, log)))
-    for sink in trainer.sinks:
-        sink.on_start(run)
-    log.info(f"run folder {files.dir}")
+    trainer: Trainer | None = None
     ops: dict[str, Any] | None = None
+    # From here on run.json says "running": whatever stops the job (Ctrl-C while a sink
+    # starts, a failing set-up) must leave it "failed" with the cause, never "running".
     try:
+        trainer = Trainer(job, ctx, files, log, sinks=(sinks if sinks is not None else build_sinks(job, ctx, log)))
+        for sink in trainer.sinks:
+            sink.on_start(run)
+        log.info(f"run folder {files.dir}")
         trainer.run()
         summary = trainer.summary()
         memory = trainer.memory_report()
@@ -125,11 +128,12 @@ def run_job(job: Job, ctx: distsetup.Context, log: logging.Logger, guard: failur
     except BaseException as exc:
         guard.handling = True
         try:
-            trainer.record_finished_steps()
+            if trainer is not None:
+                trainer.record_finished_steps()
         except Exception:  # the records stay as they are; the failure itself matters more
             pass
         cause = failure.finalize_failed(files, exc, ctx.world_size, job.global_batch, job.step_keys, job.null_keys)
-        for sink in trainer.sinks:  # rank 0 alone has sinks
+        for sink in trainer.sinks if trainer is not None else []:  # rank 0 alone has sinks
             sink.on_end(failed_run(files, run, cause))
         if cause:
             log.error(f"run failed: {cause}")
