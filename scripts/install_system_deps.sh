@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # System packages the project needs beyond Python: Slurm (controller, node daemon,
 # client commands) and munge for the Slurm tests, iproute2 for the emulated-network
-# tool (tc/netem). Debian/Ubuntu, run as root. Safe to run again: packages already
+# tool (tc/netem), python3-venv for the project's virtual environment (Debian's and
+# Ubuntu's python3 refuse `pip install` outside one, PEP 668). Debian/Ubuntu, run as root. Safe to run again: packages already
 # installed are left alone, and nothing is fetched when all are present.
 set -euo pipefail
 
-PACKAGES=(slurmctld slurmd slurm-client munge iproute2)
+PACKAGES=(slurmctld slurmd slurm-client munge iproute2 python3-venv)
 
 if [[ $(id -u) -ne 0 ]]; then
     echo "install_system_deps.sh: must run as root (apt-get install)" >&2
