@@ -17,7 +17,7 @@ from scaling.predict.events import Link, Period, busy_periods, fit_link, rebucke
 from scaling.predict.model import Target, extrapolation_warning, predict
 from scaling.predict.runs import find_points
 from tests.conftest import NO_WANDB, REPO, check_ok, job_env, only_run_dir, torchrun
-from tests.test_netns import TOOL, needs_netns
+from tests.test_netns import TOOL, needs_netns, netns  # noqa: F401  (the fixture needs_netns uses)
 
 MiB = 1024 * 1024
 
