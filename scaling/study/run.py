@@ -752,7 +752,13 @@ def main(cfg: DictConfig, argv: Sequence[str]) -> int:
 
 
 def entry(argv: Sequence[str] | None = None) -> int:
-    args = [a for a in (sys.argv[1:] if argv is None else argv)]
-    overrides = [a for a in args if not a.startswith("-")]
-    return cli.run("scaling.study", lambda cfg: main(cfg, overrides), argv=args)
+    from scaling import sweep
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        overrides, _ = cli.split_flags(args)
+    except ConfigError:
+        overrides = []  # cli.run reports the flag
+    return cli.run("scaling.study", lambda cfg: main(cfg, overrides), argv=args,
+                   multirun=lambda swept: sweep.run("study", swept))
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from scaling import cli
+from scaling import cli, sweep
 from scaling.train.job import main
 
-sys.exit(cli.run("scaling.train", main))
+sys.exit(cli.run("scaling.train", main, multirun=lambda args: sweep.run("train", args)))
