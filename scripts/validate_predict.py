@@ -15,7 +15,6 @@ cannot know the speed of an unshaped link from shaped runs).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import subprocess
