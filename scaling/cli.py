@@ -131,7 +131,9 @@ def run(prog: str, main: Callable[[DictConfig], int | None], config_name: str = 
         if "info" in flags:
             print(info(args, config_name))
             return 0
-        if "multirun" in flags and "cfg" not in flags:
+        if "multirun" in flags and "cfg" in flags:
+            raise FlagError("--cfg job prints one composed config: leave out -m and give one value per key")
+        if "multirun" in flags:
             if multirun is None:
                 raise FlagError(f"{prog} has no -m (multirun); sweeps are for scaling.train and scaling.study")
             return int(multirun(args) or 0)

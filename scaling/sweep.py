@@ -352,9 +352,9 @@ def report(sweep: Sweep) -> None:
     if sweep.command == "study":
         from scaling.report import build_report, console_text
 
-        names = [c.get("name") for c in read_json(sweep.dir / SWEEP_JSON).get("combinations") or []]
-        folders = [sweep.dir / str(n) for n in names if (sweep.dir / str(n)).is_dir()]
-        result = build_report(folders, sweep.dir / "compare")
+        from scaling.report import sweep as sweep_report
+
+        result = build_report(sweep_report.study_folders(sweep.dir), sweep.dir / "compare")
         print("\n" + console_text(result), flush=True)
     else:
         from scaling.report import sweep as sweep_report

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from scaling import cli, sweep
+from scaling.report.__main__ import main as report_main
 from tests.conftest import QUICK, TINY, check_ok, load_run, single
 
 SHORT = [*TINY["mlp"], *QUICK, "instrument.ops=false", "instrument.control_steps=0"]
@@ -39,6 +40,9 @@ def test_train_sweep_runs_every_combination_once_and_reports_along_the_axis(root
     assert {p.name for p in (folder / "plots").iterdir()} >= {"sweep-breakdown.png", "sweep-step.png",
                                                                "sweep-bound.png"}
     assert json.loads((folder / "sweep.json").read_text())["status"] == "completed"
+    (folder / "sweep.csv").unlink()
+    assert report_main([str(folder)]) == 0  # the sweep's report again, from the records
+    assert len(list(csv.DictReader((folder / "sweep.csv").open()))) == 4
 
     before = started_at(folder)
     again = single(["-m", *TRAIN_SWEEP, f"paths.root={root}"])
@@ -73,6 +77,9 @@ def test_study_sweep_makes_a_study_per_combination_and_one_comparison(root: Path
     assert len(rows) == 4
     report_md = (compare / "report.md").read_text()
     assert "dist.bucket_cap_mb" in report_md and "train.batch_size" in report_md
+    (compare / "results.csv").unlink()
+    assert report_main([str(folder)]) == 0
+    assert len(list(csv.DictReader((compare / "results.csv").open()))) == 4
 
     before = started_at(folder)
     again = single(["-m", *overrides], module="scaling.study", timeout=600)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from scaling.report import build_report, console_text
+from scaling.report import sweep as sweep_report
 from scaling.report.commbench import CommbenchError
 
 
@@ -16,7 +17,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m scaling.report",
         description="Tables, plots and a comparison report from the records of one or more studies.")
     parser.add_argument("studies", nargs="+", type=Path, metavar="STUDY_DIR",
-                        help="a study folder, <paths.root>/<study.name>; several are compared")
+                        help="a study folder, <paths.root>/<study.name>; several are compared; or a sweep folder (-m)")
     parser.add_argument("--out", type=Path, default=None,
                         help="where to write (default: the study folder; for several, compare-<a>-vs-<b> beside the first)")
     parser.add_argument("--commbench", type=Path, action="append", default=[], metavar="PATH",
@@ -49,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"scaling.report: error: {folder} is not a directory (expected <paths.root>/<study.name>)",
                   file=sys.stderr)
             return 2
+    if len(args.studies) == 1 and sweep_report.is_sweep(args.studies[0]):  # a folder of python -m ... -m
+        folder = args.studies[0]
+        if sweep_report.command(folder) == "train":
+            print(sweep_report.console_text(sweep_report.build(folder)))
+            return 0
+        args.studies, args.out = sweep_report.study_folders(folder), args.out or folder / "compare"
     try:
         report = build_report(args.studies, args.out, args.commbench)
     except CommbenchError as exc:

@@ -14,7 +14,6 @@ not a thing in a sweep: each point is the run's own median step.
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,7 +100,7 @@ def rows(report: SweepReport) -> list[dict[str, Any]]:
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return "" if value is None else str(value)
 
 
@@ -256,5 +255,12 @@ def is_sweep(folder: Path) -> bool:
     return (Path(folder) / SWEEP_JSON).exists()
 
 
-def reports(folders: Sequence[Path]) -> list[SweepReport]:
-    return [build(f) for f in folders if is_sweep(f)]
+def command(folder: Path) -> str:
+    """train | study: which command made the sweep."""
+    return str(read_json(Path(folder) / SWEEP_JSON).get("command") or "train")
+
+
+def study_folders(folder: Path) -> list[Path]:
+    """A study sweep's study folders, in the order the sweep lists them."""
+    names = [str(c.get("name")) for c in read_json(Path(folder) / SWEEP_JSON).get("combinations") or []]
+    return [Path(folder) / n for n in names if (Path(folder) / n / "study.json").exists()]
