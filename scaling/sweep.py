@@ -223,9 +223,11 @@ def check_combination(sweep: Sweep, combo: Combination, cfg: DictConfig) -> None
         study.check_resumable(spec, study.comparable(study.check_points(spec)))
         return
     now = comparable(config.parse(cfg).raw)
+    from scaling.study.run import point_state
+
     config_yaml = sweep.dir / combo.name / "config.yaml"
-    if not config_yaml.exists():
-        return
+    if point_state(sweep.dir / combo.name) != "completed" or not config_yaml.exists():
+        return  # a failed or cut-short job is moved aside and run again
     before = comparable(yaml.safe_load(config_yaml.read_text()) or {})
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if changed:
@@ -263,7 +265,7 @@ def study_done(folder: Path) -> bool:
 
 def run_job(sweep: Sweep, combo: Combination, stamp: str) -> tuple[str, str]:
     """One combination of a train sweep: ``python -m scaling.train``; its status and a result line."""
-    from scaling.study.run import fmt_duration, point_state
+    from scaling.study.run import StudyInterrupted, fmt_duration, point_state, stop_job
 
     run_dir = sweep.dir / combo.name
     log_path = sweep.dir / "logs" / f"{combo.name}.log"
@@ -284,6 +286,9 @@ def run_job(sweep: Sweep, combo: Combination, stamp: str) -> tuple[str, str]:
             returncode = proc.wait()
         except KeyboardInterrupt:
             proc.wait()  # Ctrl-C reached the job as well: it records why it stopped
+            raise
+        except StudyInterrupted as exc:  # a scheduler's stop reached the sweep alone: pass it on once
+            stop_job(proc, exc.signum, run_dir)
             raise
     took = f"in {fmt_duration(time.monotonic() - started)}"
     if returncode == 0 and point_state(run_dir) == "completed":
@@ -306,46 +311,61 @@ def execute(sweep: Sweep, cfgs: Sequence[DictConfig]) -> int:
     say(f"{sweep.name}: {total} combination(s) of {', '.join(sweep.swept_keys)} with scaling.{sweep.command}, "
         f"one after another; records: {sweep.dir}")
     write_sweep_json(sweep, status, "running", earlier)
-    code = 0
     try:
-        for index, (combo, cfg) in enumerate(zip(sweep.combinations, cfgs), start=1):
-            head = f"[{sweep.command} {index}/{total}] {combo.name}"
-            folder = sweep.dir / combo.name
-            if sweep.command == "train":
-                if study.point_state(folder) == "completed":
-                    status[combo.name] = "skipped"
-                    print(f"{head}: completed earlier, skipped", flush=True)
-                    continue
-                print(f"{head}: {' '.join(f'{k}={v}' for k, v in combo.swept.items())}", flush=True)
-                status[combo.name], line = run_job(sweep, combo, stamp)
-                print(f"    {combo.name} {line}", flush=True)
-            else:
-                if study_done(folder):
-                    status[combo.name] = "skipped"
-                    print(f"{head}: completed earlier, skipped", flush=True)
-                    continue
-                print(f"{head}: {' '.join(f'{k}={v}' for k, v in combo.swept.items())}", flush=True)
-                rc = study.main(cfg, sweep.run_overrides(combo))
-                status[combo.name] = "completed" if rc == 0 else "failed"
-                if rc not in (0, 1):  # stopped (Ctrl-C, scheduler): the sweep stops with it
-                    write_sweep_json(sweep, status, "interrupted", earlier)
-                    say(f"stopped at {combo.name}; run the same command again to continue")
-                    return rc
-            write_sweep_json(sweep, status, "running", earlier)
+        with study.terminate_as_interrupt():
+            code = run_all(sweep, cfgs, status, earlier, stamp)
+    except study.StudyInterrupted as exc:
+        write_sweep_json(sweep, status, "interrupted", earlier)
+        say(f"stopped by {exc}; run the same command again to continue (completed combinations are kept)")
+        return study.EXIT_STOPPED
     except KeyboardInterrupt:
         write_sweep_json(sweep, status, "interrupted", earlier)
         say("interrupted; run the same command again to continue (completed combinations are kept)")
         return 130
+    if code:
+        return code
     failed = [name for name, s in status.items() if s == "failed"]
     write_sweep_json(sweep, status, "failed" if failed else "completed", earlier)
     report(sweep)
     if failed:
         print(f"\nsweep {sweep.name}: {len(failed)} combination(s) failed: {', '.join(failed)}",
               file=sys.stderr, flush=True)
-        code = 1
     ran = sum(1 for s in status.values() if s != "skipped")
     say(f"{sweep.name}: {ran} run, {total - ran} completed earlier and skipped")
-    return code
+    return 1 if failed else 0
+
+
+def run_all(sweep: Sweep, cfgs: Sequence[DictConfig], status: dict[str, str], earlier: Sequence[dict[str, Any]],
+            stamp: str) -> int:
+    """Every combination in turn; 0, or the exit status of a study that was stopped (the sweep stops too)."""
+    from scaling.study import run as study
+
+    total = len(sweep.combinations)
+    for index, (combo, cfg) in enumerate(zip(sweep.combinations, cfgs), start=1):
+        head = f"[{sweep.command} {index}/{total}] {combo.name}"
+        folder = sweep.dir / combo.name
+        if sweep.command == "train":
+            if study.point_state(folder) == "completed":
+                status[combo.name] = "skipped"
+                print(f"{head}: completed earlier, skipped", flush=True)
+                continue
+            print(f"{head}: {' '.join(f'{k}={v}' for k, v in combo.swept.items())}", flush=True)
+            status[combo.name], line = run_job(sweep, combo, stamp)
+            print(f"    {combo.name} {line}", flush=True)
+        else:
+            if study_done(folder):
+                status[combo.name] = "skipped"
+                print(f"{head}: completed earlier, skipped", flush=True)
+                continue
+            print(f"{head}: {' '.join(f'{k}={v}' for k, v in combo.swept.items())}", flush=True)
+            rc = study.main(cfg, sweep.run_overrides(combo))
+            status[combo.name] = "completed" if rc == 0 else "failed"
+            if rc not in (0, 1):  # stopped (Ctrl-C, scheduler): the sweep stops with it
+                write_sweep_json(sweep, status, "interrupted", earlier)
+                say(f"stopped at {combo.name}; run the same command again to continue")
+                return rc
+        write_sweep_json(sweep, status, "running", earlier)
+    return 0
 
 
 def report(sweep: Sweep) -> None:

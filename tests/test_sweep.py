@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from scaling import cli, sweep
 from scaling.report.__main__ import main as report_main
-from tests.conftest import QUICK, TINY, check_ok, load_run, single
+from tests.conftest import QUICK, REPO, TINY, check_ok, job_env, load_run, single
 
 SHORT = [*TINY["mlp"], *QUICK, "instrument.ops=false", "instrument.control_steps=0"]
 TRAIN_SWEEP = [*(o for o in SHORT if not o.startswith("train.batch_size=")), "train.batch_size=2,4",
@@ -123,3 +127,29 @@ def test_hydra_flags(capsys: pytest.CaptureFixture[str]) -> None:
                                        "--cfg job, --info, -h/--help\n")
     assert cli.run("scaling.commbench", lambda cfg: 0, "commbench", argv=["-m", "x=1,2"]) == 2
     assert "has no -m" in capsys.readouterr().err
+
+
+def test_a_stopped_train_sweep_records_the_stop_and_continues_where_it_stopped(root: Path) -> None:
+    overrides = ["-m", *(o for o in SHORT if not o.startswith(("train.steps=", "train.log_every="))), "train.steps=100000",
+                 "train.log_every=1000", "train.seed=0,1", f"paths.root={root}"]
+    proc = subprocess.Popen([sys.executable, "-m", "scaling.train", *overrides], cwd=REPO, env=job_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    folder = root / "mlp-sweep-seed"
+    deadline = time.monotonic() + 120
+    while not (folder / "seed-0" / "run.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3, out
+    run, _ = load_run(folder / "seed-0")
+    assert run["status"] == "failed" and "SIGTERM" in run["error"]
+    assert not (folder / "seed-1").exists()
+
+    # Run again (shorter): the cut-short job is moved aside and run again, then the other one.
+    quick = [o if not o.startswith("train.steps=") else "train.steps=4" for o in overrides]
+    again = single(quick)
+    check_ok(again)
+    assert "seed-0: an earlier attempt failed or was cut short; moved aside, running again" in again.stdout
+    assert [load_run(folder / f"seed-{s}")[0]["status"] for s in (0, 1)] == ["completed", "completed"]
+    assert len(list(folder.glob("seed-0.failed-*"))) == 1
