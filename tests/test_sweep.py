@@ -130,8 +130,8 @@ def test_hydra_flags(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_a_stopped_train_sweep_records_the_stop_and_continues_where_it_stopped(root: Path) -> None:
-    overrides = ["-m", *(o for o in SHORT if not o.startswith(("train.steps=", "train.log_every="))), "train.steps=100000",
-                 "train.log_every=1000", "train.seed=0,1", f"paths.root={root}"]
+    endless = [o for o in SHORT if not o.startswith(("train.steps=", "train.log_every="))]
+    overrides = ["-m", *endless, "train.steps=100000", "train.log_every=1000", "train.seed=0,1", f"paths.root={root}"]
     proc = subprocess.Popen([sys.executable, "-m", "scaling.train", *overrides], cwd=REPO, env=job_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     folder = root / "mlp-sweep-seed"
