@@ -1,0 +1,117 @@
+"""The ``infer`` section, typed and validated before anything is built or created."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig
+
+from scaling import config
+from scaling.config import ConfigError, RunConfig
+
+SCENARIOS = ("single_stream", "offline", "server", "all")
+P99_MIN_QUERIES = 662
+"""MLPerf LoadGen's smallest query count for a 99th-percentile latency bound (server scenario, ResNet-50)."""
+
+
+def queries_for_tail(percentile: float, confidence: float = 0.99) -> int:
+    """Queries needed so that, with ``confidence``, at least one falls above the true ``percentile``.
+
+    ``ceil(ln(1 - confidence) / ln(percentile / 100))``: 459 for p99 at 99%. With fewer,
+    a measured p99 is mostly the largest value seen. LoadGen asks for more (662).
+    """
+    return math.ceil(math.log(1 - confidence) / math.log(percentile / 100))
+
+
+def _int_at_least(key: str, value: Any, lowest: int) -> int:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= lowest):
+        raise ConfigError(f"{key} must be an integer >= {lowest} (got {value!r})")
+    return value
+
+
+def _positive_number(key: str, value: Any, allow_zero: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ConfigError(f"{key} must be a number {'>=' if allow_zero else '>'} 0 (got {value!r})")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    batch_sizes: list[int]
+    """The sweep: one point per batch size, in the order given."""
+    scenario: str = "all"
+    """single_stream | offline | server | all."""
+    queries: int = 100
+    """Timed queries per batch size, each synchronised: the recorded latency samples."""
+    warmup_queries: int = 5
+    """Untimed queries per batch size before the timed ones."""
+    latency_budget_ms: float = 15.0
+    """The p99 bound the server scenario's query rate must meet."""
+    replicas: int = 1
+    """Serving processes at once on this node."""
+    server_max_batch: int | None = None
+    """The dynamic batcher's largest batch (null: the largest of batch_sizes)."""
+    server_timeout_ms: float = 2.0
+    """How long the oldest waiting query holds back a partial batch."""
+    server_queries: int = 1000
+    """Poisson queries per tried rate (>= P99_MIN_QUERIES)."""
+    seed: int = 0
+    """Arrivals and service-time draws of the server scenario."""
+    ops: bool = True
+    """Profile one batch per size: compute_bound and memory_frac."""
+
+    def __post_init__(self) -> None:
+        sizes = self.batch_sizes
+        if not (isinstance(sizes, list) and sizes
+                and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes)):
+            raise ConfigError(f"infer.batch_sizes must be a non-empty list of integers >= 1 (got {sizes!r})")
+        if len(set(sizes)) != len(sizes):
+            raise ConfigError(f"infer.batch_sizes lists a batch size twice (got {sizes!r})")
+        if self.scenario not in SCENARIOS:
+            raise ConfigError(f"infer.scenario must be one of {'|'.join(SCENARIOS)} (got {self.scenario!r})")
+        _int_at_least("infer.queries", self.queries, 1)
+        _int_at_least("infer.warmup_queries", self.warmup_queries, 0)
+        _positive_number("infer.latency_budget_ms", self.latency_budget_ms)
+        _int_at_least("infer.replicas", self.replicas, 1)
+        if self.server_max_batch is not None:
+            _int_at_least("infer.server_max_batch", self.server_max_batch, 1)
+            if self.server_max_batch > max(sizes):
+                raise ConfigError(f"infer.server_max_batch={self.server_max_batch} is larger than every batch size "
+                                  f"measured (largest {max(sizes)}); add it to infer.batch_sizes")
+        _positive_number("infer.server_timeout_ms", self.server_timeout_ms, allow_zero=True)
+        _int_at_least("infer.server_queries", self.server_queries, P99_MIN_QUERIES)
+        _int_at_least("infer.seed", self.seed, 0)
+        if not isinstance(self.ops, bool):
+            raise ConfigError(f"infer.ops must be true or false (got {self.ops!r})")
+
+    @property
+    def max_batch(self) -> int:
+        return self.server_max_batch or max(self.batch_sizes)
+
+    @property
+    def runs_offline(self) -> bool:
+        return self.scenario in ("offline", "all")
+
+    @property
+    def runs_server(self) -> bool:
+        return self.scenario in ("server", "all")
+
+
+@dataclass(frozen=True)
+class InferRun:
+    """What ``python -m scaling.infer`` reads: the training config and the infer section."""
+
+    run: RunConfig
+    infer: InferConfig
+
+
+def parse(cfg: DictConfig | dict[str, Any]) -> InferRun:
+    raw = config.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+    section = raw.get("infer")
+    if not isinstance(section, dict):
+        raise ConfigError("config section 'infer' is missing")
+    infer = config._typed(InferConfig, "infer", section)
+    return InferRun(config.parse(raw), infer)
