@@ -108,3 +108,13 @@ def test_bad_inputs_are_one_line_and_create_nothing(tmp_path, override, message)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"scaling.infer: error: {message}"
     assert not root.exists()
+
+
+def test_report_renders_an_inference_folder(mlp):
+    from scaling.report.__main__ import main as report_main
+
+    run_dir, record = mlp
+    assert report_main([str(run_dir.parent)]) == 0
+    markdown = (run_dir.parent / "report.md").read_text()
+    assert record["findings"][0] in markdown
+    assert "| 64 | 30 |" in markdown

@@ -7,7 +7,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from scaling.report import build_report, console_text
+from scaling.report import build_report, console_text, inference
 from scaling.report import sweep as sweep_report
 from scaling.report.commbench import CommbenchError
 
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"scaling.report: error: {folder} is not a directory (expected <paths.root>/<study.name>)",
                   file=sys.stderr)
             return 2
+    if all(inference.is_inference(folder) for folder in args.studies):  # python -m scaling.infer records
+        print(inference.render(args.studies, args.out))
+        return 0
     if len(args.studies) == 1 and sweep_report.is_sweep(args.studies[0]):  # a folder of python -m ... -m
         folder = args.studies[0]
         if sweep_report.command(folder) == "train":
