@@ -52,7 +52,10 @@ def test_memory_and_bounds_per_batch_size(mlp):
     assert points[64]["memory"]["activations"] > 16 * points[1]["memory"]["activations"] > 0
     for point in points.values():
         assert point["compute_bound"] in ("memory", "arithmetic")
-        assert point["memory_frac"] + point["arithmetic_frac"] == pytest.approx(1.0, abs=0.05)
+        assert 0 < point["memory_frac"] + point["arithmetic_frac"] <= 1.0  # the rest: views and transposes
+    # Batch 1 reads every weight for one sample; at 64 the matrix products reuse each weight 64 times.
+    assert points[1]["compute_bound"] == "memory"
+    assert points[64]["arithmetic_frac"] > points[1]["arithmetic_frac"]
     assert (run_dir / "latency_throughput.png").stat().st_size > 10_000
     assert record["findings"][0].startswith("batch 1: ")
     assert "within 15 ms p99" in record["findings"][0]

@@ -95,8 +95,8 @@ class Server:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def forward(self, x: torch.Tensor) -> Any:
-        with torch.inference_mode(), self.autocast():
+    def forward(self, x: torch.Tensor, mode: Callable[[], AbstractContextManager] = torch.inference_mode) -> Any:
+        with mode(), self.autocast():
             return self.model(x)
 
     def latencies(self, x: torch.Tensor, queries: int) -> list[float]:
@@ -135,10 +135,15 @@ class Server:
         return {"weights": weights, "activations": tracker.peak, "peak": peak}
 
     def profile(self, x: torch.Tensor) -> ops_mod.OpMeasurement:
-        """One counted forward and one profiled forward of this batch."""
+        """One counted forward and one profiled forward of this batch.
+
+        Under ``no_grad`` rather than ``inference_mode``: the same kernels, but
+        inference mode hands ``aten::linear`` to the counter undecomposed, and
+        the FLOP counter knows ``addmm``, not ``linear``.
+        """
         def step(phase: Callable[[str], AbstractContextManager]) -> None:
             with phase("forward"):
-                self.forward(x)
+                self.forward(x, torch.no_grad)
 
         return ops_mod.profile_ops(step, 1, self.device, runs_in_tf32=runs_in_tf32)
 
