@@ -121,3 +121,22 @@ def test_report_renders_an_inference_folder(mlp):
     markdown = (run_dir.parent / "report.md").read_text()
     assert record["findings"][0] in markdown
     assert "| 64 | 30 |" in markdown
+
+
+def test_replicas_without_a_launcher_start_themselves_under_torchrun(tmp_path):
+    root = tmp_path / "runs"
+    proc = single([*TINY["mlp"], "infer.batch_sizes=[2]", "infer.queries=10", "infer.replicas=2", "infer.ops=false",
+                   "infer.scenario=offline", "data.num_samples=64", f"paths.root={root}"], module="scaling.infer")
+    check_ok(proc)
+    _, record = infer_record(root)
+    assert record["replicas"] == 2 and len(record["per_replica"]) == 2
+    assert record["batches"][0]["offline_samples_per_s"] == pytest.approx(
+        sum(r["batches"][0]["offline_samples_per_s"] for r in record["per_replica"]))
+
+
+def test_replicas_must_match_the_processes_launched(tmp_path):
+    root = tmp_path / "runs"
+    proc = torchrun(2, [*TINY["mlp"], "infer.replicas=3", f"paths.root={root}"], module="scaling.infer")
+    assert proc.returncode != 0
+    assert "scaling.infer: error: infer.replicas=3 but 2 processes were launched" in proc.stderr
+    assert not root.exists()
