@@ -18,8 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+import yaml
 from omegaconf import DictConfig
 
 from scaling.config import ConfigError
@@ -28,15 +28,13 @@ from scaling.infer import server as serving
 from scaling.infer.config import InferRun, parse
 from scaling.infer.measure import Point, Server
 from scaling.infer.schema import INFER_JSON, PLOT, latency_summary
-from scaling.instruments import flops as flops_mod, membw, ops as ops_mod, roofline
+from scaling.instruments import flops as flops_mod, membw, roofline
 from scaling.launch import detect, group
 from scaling.records import provenance
 from scaling.records.files import atomic_write_text, write_json
 from scaling.sinks import console
 from scaling.train.data import build_dataset
 from scaling.train.models import build_model
-
-import yaml
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp64": torch.float64}
