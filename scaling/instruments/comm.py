@@ -196,9 +196,13 @@ def bucket_timeline(clock: Clock, events: list[BucketEvent]) -> list[tuple[int, 
         start = event.launch
         if previous_done is not None and clock.seconds_between(start, previous_done) > 0:
             start = previous_done
-        rows.append((event.index, clock.seconds_between(event.backward_start, event.launch),
-                     clock.seconds_between(start, event.done), event.nbytes, event.wire_bytes))
-        previous_done = event.done
+        # Completions are stamped by callback threads and two buckets may finish together:
+        # a bucket done before the one ahead of it had no time of its own on the link.
+        own = max(0.0, clock.seconds_between(start, event.done))
+        rows.append((event.index, clock.seconds_between(event.backward_start, event.launch), own, event.nbytes,
+                     event.wire_bytes))
+        if previous_done is None or clock.seconds_between(previous_done, event.done) > 0:
+            previous_done = event.done
     return rows
 
 
