@@ -201,8 +201,8 @@ def test_a_real_job_records_its_bucket_timeline(tmp_path: Path) -> None:
     for b in timeline:
         assert 0 <= b["ready_s"] < run["summary"]["backward_s"]
         assert 0 <= b["allreduce_s"] <= b["allreduce_max_s"]
-    assert sum(b["allreduce_s"] for b in timeline) > 0
         assert b["wire_bytes"] == b["bytes"]
+    assert sum(b["allreduce_s"] for b in timeline) > 0
     assert timeline[-1]["ready_s"] >= timeline[0]["ready_s"]  # the first layer's gradient is ready last
 
     # The study report with a prediction section: the measured point is reproduced by the model fitted on it.
