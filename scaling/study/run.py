@@ -33,7 +33,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -751,14 +751,13 @@ def main(cfg: DictConfig, argv: Sequence[str]) -> int:
     return 0
 
 
-def entry(argv: Sequence[str] | None = None) -> int:
-    from scaling import sweep
-
+def entry(argv: Sequence[str] | None = None, multirun: Callable[[Sequence[str]], int] | None = None) -> int:
+    """The command; ``multirun`` runs a ``-m`` sweep (the sweep module sits above the study, so the
+    command's ``__main__`` hands it in)."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         overrides, _ = cli.split_flags(args)
     except ConfigError:
         overrides = []  # cli.run reports the flag
-    return cli.run("scaling.study", lambda cfg: main(cfg, overrides), argv=args,
-                   multirun=lambda swept: sweep.run("study", swept))
+    return cli.run("scaling.study", lambda cfg: main(cfg, overrides), argv=args, multirun=multirun)
 
