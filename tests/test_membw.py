@@ -46,15 +46,17 @@ def test_the_probe_copies_at_the_rate_of_a_plain_numpy_copy():
     assert 0.6 < rates["triad"] / rates["copy"] < 1.67
 
 
-def test_the_result_is_cached_per_threads_and_processes(own_cache):
+def test_the_result_is_cached_per_threads_and_processes(tmp_path, monkeypatch):
+    # A cache of this test's own: the figure it plants must not reach any other test's jobs.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = membw.peak_membw(CPU, concurrent=1)
     assert first["peak_membw_Bps"] == max(first[f"{k}_Bps"] for k in membw.STREAM_KERNELS)
-    cache = json.loads((own_cache / "scaling" / "peak_membw.json").read_text())
+    cache = json.loads((tmp_path / "scaling" / "peak_membw.json").read_text())
     key = membw.cache_key(CPU, torch.float32, 1)
     assert cache[key] == first and f"threads={torch.get_num_threads()}" in key
     # A cached figure is returned as it is: a planted value shows it was not probed again.
     cache[key] = {**first, "peak_membw_Bps": 1.0}
-    (own_cache / "scaling" / "peak_membw.json").write_text(json.dumps(cache))
+    (tmp_path / "scaling" / "peak_membw.json").write_text(json.dumps(cache))
     assert membw.peak_membw(CPU, concurrent=1)["peak_membw_Bps"] == 1.0
     assert membw.cache_key(CPU, torch.float32, 2) != key
 
