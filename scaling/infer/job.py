@@ -28,7 +28,7 @@ from scaling.infer import server as serving
 from scaling.infer.config import InferRun, parse
 from scaling.infer.measure import Point, Server
 from scaling.infer.schema import INFER_JSON, PLOT, latency_summary
-from scaling.instruments import flops as flops_mod, membw, roofline
+from scaling.instruments import membw, roofline
 from scaling.launch import detect, group
 from scaling.records import provenance
 from scaling.records.files import atomic_write_text, write_json
@@ -36,28 +36,12 @@ from scaling.sinks import console
 from scaling.train.data import build_dataset
 from scaling.train.models import build_model
 
-DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-          "fp64": torch.float64}
-
-
 def ceilings(run: InferRun, device: torch.device, points: list[Point], concurrent: int) -> dict[str, Any]:
     """Peak FLOP/s of each precision the operators use and peak bytes/s: probed (cached) or from the config."""
     cfg = run.run
     used = set().union(*(p.ops.precisions_with_flops() for p in points if p.ops))
-    precisions = sorted(({"bf16" if cfg.train.amp == "bf16" else "fp32"} | used) & set(DTYPES))
-    if cfg.peak_tflops is not None:
-        peaks, flops_source = {p: cfg.peak_tflops * 1e12 for p in precisions}, "config"
-    else:
-        peaks = {p: flops_mod.peak_flops(device, DTYPES[p], concurrent=concurrent, tf32=p == "tf32")
-                 for p in precisions}
-        flops_source = "probe"
-    if cfg.peak_membw_GBps is not None:
-        peak_Bps, membw_source = cfg.peak_membw_GBps * 1e9, "config"
-    else:
-        peak_Bps, membw_source = membw.peak_membw(device, concurrent=concurrent)["peak_membw_Bps"], "probe"
-    return {"peak_flops_per_s": peaks, "peak_membw_Bps": peak_Bps,
-            "ridge": {p: v / peak_Bps for p, v in peaks.items()},
-            "peak_flops_source": flops_source, "peak_membw_source": membw_source}
+    precisions = sorted(({"bf16" if cfg.train.amp == "bf16" else "fp32"} | used) & set(membw.PRECISION_DTYPES))
+    return membw.measured_ceilings(cfg.peak_tflops, cfg.peak_membw_GBps, device, precisions, concurrent)
 
 
 def point_record(point: Point, hardware: dict[str, Any] | None) -> dict[str, Any]:

@@ -29,9 +29,11 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from scaling.instruments import flops as flops_mod
 from scaling.instruments.flops import _device_name
 
 STREAM_KERNELS = ("copy", "scale", "add", "triad")
@@ -131,3 +133,30 @@ def peak_membw(device: torch.device, dtype: torch.dtype = torch.float32, concurr
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the probe's arrays must not count in the job's reserved memory
     return value
+
+
+PRECISION_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                    "fp64": torch.float64}
+"""The dtype each operator precision is probed with (TF32 is an fp32 product with TF32 allowed)."""
+
+
+def measured_ceilings(peak_tflops: float | None, peak_membw_GBps: float | None, device: torch.device,
+                      precisions: list[str], concurrent: int) -> dict[str, Any]:
+    """Peak FLOP/s of each precision and peak bytes/s, with the ridge between them.
+
+    Probed (cached) or taken from ``hardware.peak_tflops`` / ``hardware.peak_membw_GBps``;
+    ``concurrent`` processes of the host probe at once, as they run at once.
+    """
+    if peak_tflops is not None:
+        peaks, flops_source = {p: peak_tflops * 1e12 for p in precisions}, "config"
+    else:
+        peaks = {p: flops_mod.peak_flops(device, PRECISION_DTYPES[p], concurrent=concurrent, tf32=p == "tf32")
+                 for p in precisions}
+        flops_source = "probe"
+    if peak_membw_GBps is not None:
+        peak_Bps, membw_source = peak_membw_GBps * 1e9, "config"
+    else:
+        peak_Bps, membw_source = peak_membw(device, concurrent=concurrent)["peak_membw_Bps"], "probe"
+    return {"peak_flops_per_s": peaks, "peak_membw_Bps": peak_Bps,
+            "ridge": {p: v / peak_Bps for p, v in peaks.items()},
+            "peak_flops_source": flops_source, "peak_membw_source": membw_source}

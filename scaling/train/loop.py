@@ -298,23 +298,9 @@ class Trainer:
         if self.op_measurement is None:
             return None
         cfg, device, concurrent = self.job.cfg, self.ctx.device, self.job.launch.local_world_size
-        dtypes = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                  "fp64": torch.float64}
         main = "bf16" if self.amp_dtype is not None else "fp32"
-        precisions = sorted(({main} | self.op_measurement.precisions_with_flops()) & set(dtypes))
-        if cfg.peak_tflops is not None:
-            peaks, flops_source = {p: cfg.peak_tflops * 1e12 for p in precisions}, "config"
-        else:
-            peaks = {p: flops_mod.peak_flops(device, dtypes[p], concurrent=concurrent, tf32=p == "tf32")
-                     for p in precisions}
-            flops_source = "probe"
-        if cfg.peak_membw_GBps is not None:
-            peak_Bps, membw_source = cfg.peak_membw_GBps * 1e9, "config"
-        else:
-            peak_Bps, membw_source = membw.peak_membw(device, concurrent=concurrent)["peak_membw_Bps"], "probe"
-        return {"peak_flops_per_s": peaks, "peak_membw_Bps": peak_Bps,
-                "ridge": {p: v / peak_Bps for p, v in peaks.items()},
-                "peak_flops_source": flops_source, "peak_membw_source": membw_source}
+        precisions = sorted(({main} | self.op_measurement.precisions_with_flops()) & set(membw.PRECISION_DTYPES))
+        return membw.measured_ceilings(cfg.peak_tflops, cfg.peak_membw_GBps, device, precisions, concurrent)
 
     def ops_report(self, hardware: dict[str, Any] | None) -> dict[str, Any] | None:
         """The content of ops.json (this rank's operators), or None when they were not profiled."""
