@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -173,6 +174,20 @@ def test_findings_explain_the_study_in_plain_words(strong):
     md = (strong.dir / "report.md").read_text()
     assert "bound" in md.split("## Findings")[1].split("##")[0]
     assert "thread(s) per process at every world size" in md
+
+
+def test_findings_say_what_limits_the_compute_at_each_end(strong):
+    """The op profile's memory-bound share, as each size's runs recorded it, in the findings sentence."""
+    findings = (strong.dir / "report.md").read_text().split("## Findings")[1].split("##")[0]
+    line = next(l for l in findings.splitlines() if "Compute is" in l)
+    by_size: dict[int, list[float]] = {}
+    for run_json in strong.dir.glob("n*-r*/run.json"):
+        run = json.loads(run_json.read_text())
+        by_size.setdefault(run["world_size"], []).append(run["summary"]["memory_frac"])
+    for world_size in (min(by_size), max(by_size)):
+        share = round(100 * statistics.median(by_size[world_size]))
+        found = re.search(rf"at {world_size} process(?:es)?[^:]*: memory-bound operators (\d+)%", line)
+        assert found and int(found.group(1)) == share, line
 
 
 # -- failures ---------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ The rows are finished (intensity, achieved rates, kind) by
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +44,21 @@ PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp1
 COPIES = ("aten::clone", "aten::_to_copy", "aten::copy_")
 """Elementwise by tag, yet no arithmetic."""
 CONVOLUTIONS = ("convolution",)
+
+
+@contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the duration (C++ log lines bypass Python's sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 @dataclass
@@ -269,11 +285,17 @@ class OpProfiler:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
             torch.cuda.synchronize(self.device)
         os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no 'no GPU found' error line on a CPU host
-        with torch.profiler.profile(activities=activities) as prof:
+        prof = torch.profiler.profile(activities=activities)
+        with _stderr_silenced():  # the profiler's own start line, whatever its log level
+            prof.start()
+        try:
             for _ in range(steps):
                 step(self._profiled_phase)
             if cuda:
                 torch.cuda.synchronize(self.device)
+        finally:
+            with _stderr_silenced():
+                prof.stop()
         counted = {name for _, name in self.counter.counts}
         times = operator_times(prof.events(), cuda, counted)
         tf32 = runs_in_tf32 or (lambda *args, **kwargs: False)

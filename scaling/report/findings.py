@@ -82,6 +82,32 @@ def boundness(stats: StudyStats) -> str | None:
             f"exposed communication is {exposed} (share of the step by world size).")
 
 
+def operators(stats: StudyStats) -> str | None:
+    """What limits the compute itself (the op profile): arithmetic against memory bandwidth, by world size."""
+    sizes = [s for s in stats.sizes if s.memory_frac is not None and s.arithmetic_frac is not None]
+    if not sizes:
+        return None
+
+    def kind(s: SizeStats) -> str:
+        return "memory-bound" if s.memory_frac > s.arithmetic_frac else "arithmetic-bound"
+
+    def at(s: SizeStats) -> str:
+        batch = f", batch {s.batch_per_rank} per rank" if s.batch_per_rank else ""
+        return (f"{procs(s.world_size)}{batch}: memory-bound operators {pct(s.memory_frac)}, "
+                f"arithmetic-bound {pct(s.arithmetic_frac)} of operator time")
+
+    first, last = sizes[0], sizes[-1]
+    if first is last:
+        return f"Compute is {kind(last)} at {at(last)}."
+    text = f"Compute is {kind(first)} at {at(first)}; at {at(last)}"
+    moved = last.memory_frac - first.memory_frac
+    if abs(moved) < 0.05:
+        return text + "."
+    smaller = (first.batch_per_rank and last.batch_per_rank and last.batch_per_rank < first.batch_per_rank)
+    why = " (a smaller per-rank batch reuses each weight fewer times)" if smaller and moved > 0 else ""
+    return text + f": the memory-bound share {'grew' if moved > 0 else 'fell'} by {100 * abs(moved):.0f} points{why}."
+
+
 def straggler_text(size: SizeStats) -> str:
     """Who the others wait for, where it loses its time, and how much of the step the waiting is."""
     waiting = f"waiting for slower ranks is {pct(size.comm_wait_frac)} of the time" if size.comm_wait_frac else ""
@@ -205,7 +231,7 @@ def failures(stats: StudyStats) -> list[str]:
 
 def study_findings(stats: StudyStats) -> list[str]:
     found = [headline(stats), lost_efficiency(stats), boundness(stats), stragglers(stats), efficiency_loss(stats),
-             communication(stats), memory(stats), noise(stats), fairness(stats), *failures(stats)]
+             communication(stats), operators(stats), memory(stats), noise(stats), fairness(stats), *failures(stats)]
     if not stats.sizes:
         found.insert(0, "No run of this study completed: nothing to measure.")
     return [f for f in found if f]

@@ -78,6 +78,10 @@ class SizeStats:
     """Share of the time spent waiting for slower ranks (part of comm_exposed); None without a peer."""
     straggler: dict[str, Any] | None = None
     """The rank the others waited for and the phase where it lost its time (run.json summary.straggler)."""
+    arithmetic_frac: float | None = None
+    """Median over repeats of the op profile's share of operator time in arithmetic-bound operators."""
+    memory_frac: float | None = None
+    """The same for memory-bound operators (None without an op profile)."""
 
 
 @dataclass
@@ -180,6 +184,8 @@ def size_stats(kind: str, world_size: int, runs: list[RunRecord], t_base: float 
         bound=size_bound(done, shares),
         comm_wait_frac=_median([r.summary.get("comm_wait_frac") for r in done]),
         straggler=common_straggler(done),
+        arithmetic_frac=_median([r.summary.get("arithmetic_frac") for r in done]),
+        memory_frac=_median([r.summary.get("memory_frac") for r in done]),
     )
 
 
