@@ -22,6 +22,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 MODELS = ("resnet18", "resnet50", "transformer", "mlp")
 DATA_KINDS = ("images", "imagefolder", "tokens", "vectors")
 OPTIMIZERS = ("sgd", "adamw")
+STRATEGIES = ("ddp", "zero1", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -79,6 +80,15 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class FsdpConfig:
+    reshard_after_forward: bool = True
+    """Free each block's gathered parameters after its forward and gather them again in backward."""
+
+    def __post_init__(self) -> None:
+        _boolean("dist.fsdp.reshard_after_forward", self.reshard_after_forward)
+
+
+@dataclass(frozen=True)
 class DistConfig:
     backend: str
     """auto (nccl with CUDA, else gloo) | gloo | nccl."""
@@ -92,8 +102,18 @@ class DistConfig:
     """auto (CUDA with nccl, else CPU) | cpu | cuda (gloo can all-reduce CUDA tensors: several ranks on one GPU)."""
     gradient_as_bucket_view: bool = False
     """Gradients as views into DDP's buckets (PyTorch's default is false; see conf/config.yaml)."""
+    strategy: str = "ddp"
+    """ddp (everything replicated) | zero1 (DDP + optimizer state sharded) | fsdp (FSDP2 fully_shard per block)."""
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    """dist.strategy=fsdp only."""
 
     def __post_init__(self) -> None:
+        _require(self.strategy in STRATEGIES,
+                 f"dist.strategy must be one of {'|'.join(STRATEGIES)} (got {self.strategy!r})")
+        if isinstance(self.fsdp, dict):
+            object.__setattr__(self, "fsdp", _typed(FsdpConfig, "dist.fsdp", self.fsdp))
+        _require(isinstance(self.fsdp, FsdpConfig),
+                 f"dist.fsdp must be a section with reshard_after_forward (got {self.fsdp!r})")
         _require(self.backend in BACKENDS, f"dist.backend must be one of {'|'.join(BACKENDS)} (got {self.backend!r})")
         _require(self.device in DEVICES, f"dist.device must be one of {'|'.join(DEVICES)} (got {self.device!r})")
         _require(not (self.backend == "nccl" and self.device == "cpu"),
@@ -342,6 +362,11 @@ class RunConfig:
         _require(
             self.train.warmup_steps >= 1 or not self.instrument.enabled,
             "train.warmup_steps must be >= 1 when instrument.enabled=true: DDP's first step rebuilds its buckets",
+        )
+        _require(
+            self.dist.strategy != "fsdp" or self.comm.hook == "allreduce",
+            f"comm.hook={self.comm.hook} is a DDP communication hook; dist.strategy=fsdp reduce-scatters its "
+            "gradients without DDP (use comm.hook=allreduce, or dist.strategy=ddp|zero1)",
         )
         _require(
             self.data.kind in DATA_OF_MODEL[self.model.kind],
