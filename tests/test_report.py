@@ -177,17 +177,22 @@ def test_findings_explain_the_study_in_plain_words(strong):
 
 
 def test_findings_say_what_limits_the_compute_at_each_end(strong):
-    """The op profile's memory-bound share, as each size's runs recorded it, in the findings sentence."""
+    """The op profile's memory-bound share of compute-operator time, as each size's runs recorded it."""
     findings = (strong.dir / "report.md").read_text().split("## Findings")[1].split("##")[0]
     line = next(l for l in findings.splitlines() if "Compute is" in l)
-    by_size: dict[int, list[float]] = {}
+    by_size: dict[int, list[tuple[float, float]]] = {}
     for run_json in strong.dir.glob("n*-r*/run.json"):
-        run = json.loads(run_json.read_text())
-        by_size.setdefault(run["world_size"], []).append(run["summary"]["memory_frac"])
+        summary = json.loads(run_json.read_text())["summary"]
+        by_size.setdefault(summary_size(run_json), []).append((summary["memory_frac"], summary["arithmetic_frac"]))
     for world_size in (min(by_size), max(by_size)):
-        share = round(100 * statistics.median(by_size[world_size]))
-        found = re.search(rf"at {world_size} process(?:es)?[^:]*: memory-bound operators (\d+)%", line)
-        assert found and int(found.group(1)) == share, line
+        memory = statistics.median(m for m, _ in by_size[world_size])
+        arithmetic = statistics.median(a for _, a in by_size[world_size])
+        found = re.search(rf"(\d+)% at {world_size} process", line)
+        assert found and int(found.group(1)) == round(100 * memory / (memory + arithmetic)), line
+
+
+def summary_size(run_json: Path) -> int:
+    return json.loads(run_json.read_text())["world_size"]
 
 
 # -- failures ---------------------------------------------------------------------------------

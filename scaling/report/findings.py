@@ -83,29 +83,33 @@ def boundness(stats: StudyStats) -> str | None:
 
 
 def operators(stats: StudyStats) -> str | None:
-    """What limits the compute itself (the op profile): arithmetic against memory bandwidth, by world size."""
-    sizes = [s for s in stats.sizes if s.memory_frac is not None and s.arithmetic_frac is not None]
+    """What limits the compute itself (the op profile): memory bandwidth against arithmetic, by world size.
+
+    Shares of the compute operators' time only (memory-bound over memory- plus arithmetic-bound), so that
+    communication operators, which appear only with peers, do not dilute the comparison.
+    """
+    sizes = [s for s in stats.sizes if s.memory_frac is not None and s.arithmetic_frac is not None
+             and s.memory_frac + s.arithmetic_frac > 0]
     if not sizes:
         return None
 
-    def kind(s: SizeStats) -> str:
-        return "memory-bound" if s.memory_frac > s.arithmetic_frac else "arithmetic-bound"
+    def memory_share(s: SizeStats) -> float:
+        return s.memory_frac / (s.memory_frac + s.arithmetic_frac)
 
     def at(s: SizeStats) -> str:
-        batch = f", batch {s.batch_per_rank} per rank" if s.batch_per_rank else ""
-        return (f"{procs(s.world_size)}{batch}: memory-bound operators {pct(s.memory_frac)}, "
-                f"arithmetic-bound {pct(s.arithmetic_frac)} of operator time")
+        batch = f" (batch {s.batch_per_rank} per rank)" if s.batch_per_rank else ""
+        return f"{pct(memory_share(s))} at {procs(s.world_size)}{batch}"
 
     first, last = sizes[0], sizes[-1]
-    if first is last:
-        return f"Compute is {kind(last)} at {at(last)}."
-    text = f"Compute is {kind(first)} at {at(first)}; at {at(last)}"
-    moved = last.memory_frac - first.memory_frac
-    if abs(moved) < 0.05:
-        return text + "."
-    smaller = (first.batch_per_rank and last.batch_per_rank and last.batch_per_rank < first.batch_per_rank)
-    why = " (a smaller per-rank batch reuses each weight fewer times)" if smaller and moved > 0 else ""
-    return text + f": the memory-bound share {'grew' if moved > 0 else 'fell'} by {100 * abs(moved):.0f} points{why}."
+    kind = "memory-bound" if memory_share(last) > 0.5 else "arithmetic-bound"
+    shares = at(last) if first is last else f"{at(first)} and {at(last)}"
+    text = (f"Compute is {kind} at {procs(last.world_size)}: memory-bound operators take {shares} of the "
+            "compute operators' time, the rest is arithmetic-bound")
+    moved = memory_share(last) - memory_share(first)
+    smaller = first.batch_per_rank and last.batch_per_rank and last.batch_per_rank < first.batch_per_rank
+    if first is not last and moved > 0.05 and smaller:
+        text += "; a smaller per-rank batch reuses each weight fewer times"
+    return text + "."
 
 
 def straggler_text(size: SizeStats) -> str:
