@@ -14,15 +14,13 @@ share a host's cores. It is cached per host, device and thread count.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import socket
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from scaling.instruments import probecache
 from scaling.records.provenance import cpu_model
 
 
@@ -56,11 +54,6 @@ def count_step_flops_on_meta(model: torch.nn.Module, loss_fn, sample: tuple[torc
     except (NotImplementedError, RuntimeError):
         return None
     return int(counter.get_total_flops())
-
-
-def _cache_path() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "scaling" / "peak_flops.json"
 
 
 def _device_name(device: torch.device) -> str:
@@ -116,25 +109,13 @@ def peak_flops(device: torch.device, dtype: torch.dtype, concurrent: int = 1, tf
     tf32 = tf32 and device.type == "cuda" and dtype == torch.float32
     key = (f"{socket.gethostname()}|{_device_name(device)}|{device.type}|{'tf32' if tf32 else dtype}"
            f"|threads={torch.get_num_threads()}|processes={concurrent}")
-    path = _cache_path()
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return float(cache[key])
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
-        value = gemm_probe_flops(device, dtype)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-    cache[key] = value
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home only costs a re-probe next time
-    return value
+
+    def probe() -> float:
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            return gemm_probe_flops(device, dtype)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+
+    return float(probecache.cached("peak_flops", key, probe))

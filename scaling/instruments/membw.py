@@ -23,8 +23,6 @@ replaces it.
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 import time
 from collections.abc import Callable
@@ -35,6 +33,7 @@ import torch
 
 from scaling.instruments import flops as flops_mod
 from scaling.instruments.flops import _device_name
+from scaling.instruments import probecache
 
 STREAM_KERNELS = ("copy", "scale", "add", "triad")
 ARRAYS_MOVED = {"copy": 2, "scale": 2, "add": 3, "triad": 3}
@@ -100,11 +99,6 @@ def _timed(kernel: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _cache_path() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "scaling" / "peak_membw.json"
-
-
 def cache_key(device: torch.device, dtype: torch.dtype, concurrent: int) -> str:
     return (f"{socket.gethostname()}|{_device_name(device)}|{device.type}|{dtype}"
             f"|threads={torch.get_num_threads()}|processes={concurrent}")
@@ -112,27 +106,14 @@ def cache_key(device: torch.device, dtype: torch.dtype, concurrent: int) -> str:
 
 def peak_membw(device: torch.device, dtype: torch.dtype = torch.float32, concurrent: int = 1) -> dict[str, float]:
     """``{"peak_membw_Bps": best kernel, "<kernel>_Bps": ...}``, from the cache when probed before."""
-    key = cache_key(device, dtype, concurrent)
-    path = _cache_path()
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return dict(cache[key])
-    rates = stream_probe(device, dtype)
-    value = {"peak_membw_Bps": max(rates.values()), **{f"{k}_Bps": v for k, v in rates.items()}}
-    cache[key] = value
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home only costs a re-probe next time
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the probe's arrays must not count in the job's reserved memory
-    return value
+
+    def probe() -> dict[str, float]:
+        rates = stream_probe(device, dtype)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the probe's arrays must not count in the job's reserved memory
+        return {"peak_membw_Bps": max(rates.values()), **{f"{k}_Bps": v for k, v in rates.items()}}
+
+    return dict(probecache.cached("peak_membw", cache_key(device, dtype, concurrent), probe))
 
 
 PRECISION_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
