@@ -358,7 +358,7 @@ def run_all(sweep: Sweep, cfgs: Sequence[DictConfig], status: dict[str, str], ea
                 print(f"{head}: completed earlier, skipped", flush=True)
                 continue
             print(f"{head}: {' '.join(f'{k}={v}' for k, v in combo.swept.items())}", flush=True)
-            rc = study.main(cfg, sweep.run_overrides(combo))
+            rc = study.main(cfg, sweep.run_overrides(combo), sweep=sweep.dir)
             status[combo.name] = "completed" if rc == 0 else "failed"
             if rc not in (0, 1):  # stopped (Ctrl-C, scheduler): the sweep stops with it
                 write_sweep_json(sweep, status, "interrupted", earlier)

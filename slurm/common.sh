@@ -33,6 +33,21 @@ scaling_setup() {
     RUNS_ROOT=$(realpath -m "${RUNS_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}/runs}")
 }
 
+# scaling_study_args KIND: NAME_ARGS, the arguments that name the study, or with SWEEP set the
+# sweep (scaling.study -m, one study per combination, all in this allocation). The sweep's folder
+# is $RUNS_ROOT/$STUDY, by default KIND-sweep-j<job id>: a requeued job finds it again.
+scaling_study_args() {
+    local kind=$1 sweep_args
+    if [[ -n ${SWEEP:-} ]]; then
+        read -ra sweep_args <<<"$SWEEP"
+        STUDY=${STUDY:-$kind-sweep-j$SLURM_JOB_ID}
+        NAME_ARGS=(-m "${sweep_args[@]}" "hydra.sweep.dir=$RUNS_ROOT/$STUDY")
+        scaling_log "sweep $STUDY: ${sweep_args[*]}"
+    else
+        NAME_ARGS=(${STUDY:+"study.name=$STUDY"})
+    fi
+}
+
 # scaling_run HOW COMMAND...: run COMMAND, passing the early-stop SIGUSR1 (--signal=B:USR1@<s>
 # reaches this shell only) on: HOW=child to COMMAND itself, HOW=steps to the job's steps.
 # Returns COMMAND's exit status.

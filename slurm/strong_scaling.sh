@@ -29,7 +29,10 @@
 #   OVERRIDES="train.steps=50 dist.bucket_cap_mb=50"   more Hydra overrides
 #   GLOBAL_BATCH=256    fixed global batch     (default: train.batch_size x the smallest world size)
 #   REPEATS=1           runs per node count
-#   STUDY=name          study name; reuse one to continue it (default: strong-j<jobid>-<time>)
+#   SWEEP="dist.bucket_cap_mb=1,25 comm.hook=allreduce,fp16"   a sweep (Hydra's -m syntax): one
+#                       study per combination in this allocation, then one comparison report
+#   STUDY=name          study name; reuse one to continue it (default: strong-j<jobid>-<time>;
+#                       with SWEEP the sweep folder, default strong-sweep-j<jobid>)
 #   RUNS_ROOT=runs      where the records go   (default: $SLURM_SUBMIT_DIR/runs)
 #   SCALING_SETUP=env.sh  a file sourced first (modules, venv); default: the python on
 #                         the PATH exported at submission
@@ -44,6 +47,7 @@ scaling_setup
 
 # The study itself (points under srun, resume, the early stop, requeue, the report): scaling.study.
 read -ra NODE_COUNTS <<<"${NODES:-}"
-scaling_run child "$PYTHON" -m scaling.study "+exp=$EXP" study=strong "${OVERRIDE_ARGS[@]}" "paths.root=$RUNS_ROOT" \
+scaling_study_args strong
+scaling_run child "$PYTHON" -m scaling.study "${NAME_ARGS[@]}" "+exp=$EXP" study=strong "${OVERRIDE_ARGS[@]}" "paths.root=$RUNS_ROOT" \
     ${NODES:+"study.nodes=[$(IFS=,; echo "${NODE_COUNTS[*]}")]"} ${PROCS_PER_NODE:+"study.procs_per_node=$PROCS_PER_NODE"} \
-    ${REPEATS:+"study.repeats=$REPEATS"} ${GLOBAL_BATCH:+"train.global_batch_size=$GLOBAL_BATCH"} ${STUDY:+"study.name=$STUDY"}
+    ${REPEATS:+"study.repeats=$REPEATS"} ${GLOBAL_BATCH:+"train.global_batch_size=$GLOBAL_BATCH"}

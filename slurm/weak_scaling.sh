@@ -29,7 +29,10 @@
 #   OVERRIDES="train.steps=50 dist.bucket_cap_mb=50"   more Hydra overrides
 #   BATCH_PER_RANK=32   fixed batch per rank   (default: the experiment's train.batch_size)
 #   REPEATS=1           runs per node count
-#   STUDY=name          study name; reuse one to continue it (default: weak-j<jobid>-<time>)
+#   SWEEP="dist.bucket_cap_mb=1,25 comm.hook=allreduce,fp16"   a sweep (Hydra's -m syntax): one
+#                       study per combination in this allocation, then one comparison report
+#   STUDY=name          study name; reuse one to continue it (default: weak-j<jobid>-<time>;
+#                       with SWEEP the sweep folder, default weak-sweep-j<jobid>)
 #   RUNS_ROOT=runs      where the records go   (default: $SLURM_SUBMIT_DIR/runs)
 #   SCALING_SETUP=env.sh  a file sourced first (modules, venv); default: the python on
 #                         the PATH exported at submission
@@ -44,6 +47,7 @@ scaling_setup
 
 # The study itself (points under srun, resume, the early stop, requeue, the report): scaling.study.
 read -ra NODE_COUNTS <<<"${NODES:-}"
-scaling_run child "$PYTHON" -m scaling.study "+exp=$EXP" study=weak "${OVERRIDE_ARGS[@]}" "paths.root=$RUNS_ROOT" \
+scaling_study_args weak
+scaling_run child "$PYTHON" -m scaling.study "${NAME_ARGS[@]}" "+exp=$EXP" study=weak "${OVERRIDE_ARGS[@]}" "paths.root=$RUNS_ROOT" \
     ${NODES:+"study.nodes=[$(IFS=,; echo "${NODE_COUNTS[*]}")]"} ${PROCS_PER_NODE:+"study.procs_per_node=$PROCS_PER_NODE"} \
-    ${REPEATS:+"study.repeats=$REPEATS"} ${BATCH_PER_RANK:+"train.batch_size=$BATCH_PER_RANK"} ${STUDY:+"study.name=$STUDY"}
+    ${REPEATS:+"study.repeats=$REPEATS"} ${BATCH_PER_RANK:+"train.batch_size=$BATCH_PER_RANK"}

@@ -275,3 +275,31 @@ def test_early_stop_requeues_and_continues_the_same_study(slurm_cluster: SlurmCl
     assert read_run(study / "n2-r0")["status"] == "completed"
     (attempt,) = study.glob("n2-r0.failed-*")
     check_stopped_point(attempt)
+
+
+# ----------------------------------------------------------------- sweeps
+@needs_report
+def test_a_study_sweep_runs_in_one_allocation_and_a_resubmission_skips_it(slurm_cluster: SlurmCluster,
+                                                                          tmp_path: Path) -> None:
+    """SWEEP: scaling.study -m inside the job, one study per combination, one comparison at the end."""
+    runs = tmp_path / "runs"
+    env = job_env(runs, NODES="2", STUDY="buckets", SWEEP="dist.bucket_cap_mb=1,5",
+                  OVERRIDES=f"{TINY} study.controls=false")
+    job = slurm_cluster.run_job(REPO / "slurm" / "strong_scaling.sh", "--nodes=2", output=tmp_path / "job.out",
+                                cwd=REPO, env=env)
+    assert_ok(job)
+    sweep = runs / "buckets"
+    for cap in (1, 5):
+        run = read_run(sweep / f"bucket_cap_mb-{cap}" / "n2-r0")
+        assert run["status"] == "completed" and run["launcher"] == "slurm" and run["nodes"] == 2
+        assert run["bucket_cap_mb"] == cap and steps_in(sweep / f"bucket_cap_mb-{cap}" / "n2-r0") == STEPS
+    assert json.loads((sweep / "sweep.json").read_text())["status"] == "completed"
+    compare = (sweep / "compare" / "report.md").read_text()
+    assert "bucket_cap_mb-1" in compare and "bucket_cap_mb-5" in compare and "bucket_cap_mb" in compare
+    assert "buckets: 2 run, 0 completed earlier and skipped" in job.output
+
+    again = slurm_cluster.run_job(REPO / "slurm" / "strong_scaling.sh", "--nodes=2", output=tmp_path / "again.out",
+                                  cwd=REPO, env=env)
+    assert_ok(again)
+    assert "buckets: 0 run, 2 completed earlier and skipped" in again.output
+    assert "[point" not in again.output

@@ -703,23 +703,28 @@ def report(spec: StudySpec) -> None:
     print("\n" + console_text(result), flush=True)
 
 
-def stopped(spec: StudySpec, signum: int, completed: Sequence[str]) -> int:
-    """After a scheduler's stop: requeue the job (Slurm, --requeue, progress made), or say how to continue."""
+def stopped(spec: StudySpec, signum: int, completed: Sequence[str], sweep: Path | None = None) -> int:
+    """After a scheduler's stop: requeue the job (Slurm, --requeue, progress made), or say how to continue.
+
+    Inside a sweep (``sweep``: its folder) the job continues, or is submitted again, as the whole sweep.
+    """
     name = signal.Signals(signum).name
     if spec.launcher == "srun":
+        what, folder = (f"sweep {sweep.name}", sweep) if sweep else (f"study {spec.name}", spec.dir)
         # A stop before any point completed means the point does not fit in the time
         # limit: running it again would only repeat that.
-        if signum == signal.SIGUSR1 and completed and slurm.requeue(spec.name, say):
+        if signum == signal.SIGUSR1 and completed and slurm.requeue(what, say):
             return EXIT_STOPPED
-        say(f"study {spec.name} is incomplete (stopped by {name}); to continue it, submit again with the same settings:")
-        say(slurm.resubmit_command(spec.name, spec.root))
+        say(f"{what} is incomplete (stopped by {name}); to continue it, submit again with the same settings:")
+        say(slurm.resubmit_command(folder.name, folder.parent))
     else:
         print(f"\nstudy {spec.name} stopped ({name}): the running job was stopped. "
               "Run the same command again to continue; completed points are kept.", file=sys.stderr, flush=True)
     return EXIT_STOPPED
 
 
-def main(cfg: DictConfig, argv: Sequence[str]) -> int:
+def main(cfg: DictConfig, argv: Sequence[str], sweep: Path | None = None) -> int:
+    """One study; ``sweep``: the folder of the sweep it belongs to (what a stopped job continues)."""
     spec = spec_from_config(cfg, argv)
     if not spec.name:
         spec = replace(spec, name=slurm.claim_study_name(spec.kind, spec.root, say))
@@ -733,7 +738,7 @@ def main(cfg: DictConfig, argv: Sequence[str]) -> int:
                 outcomes = execute(spec, settings, completed)
         except StudyInterrupted as exc:
             if spec.launcher == "srun" or exc.signum == signal.SIGUSR1:
-                return stopped(spec, exc.signum, completed)
+                return stopped(spec, exc.signum, completed, sweep)
             print(f"\nstudy {spec.name} interrupted ({exc}): the running job was stopped. "
                   "Run the same command again to continue; completed points are kept.", file=sys.stderr, flush=True)
             return 130

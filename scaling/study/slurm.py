@@ -29,7 +29,7 @@ from scaling.config import ConfigError
 from scaling.launch.detect import slurm_master_addr, slurm_port
 
 COMMENT_KEY = "scaling_study"
-SCRIPT_VARS = ("NODES", "PROCS_PER_NODE", "EXP", "OVERRIDES", "GLOBAL_BATCH", "BATCH_PER_RANK", "REPEATS")
+SCRIPT_VARS = ("NODES", "PROCS_PER_NODE", "EXP", "OVERRIDES", "GLOBAL_BATCH", "BATCH_PER_RANK", "REPEATS", "SWEEP")
 """The Slurm scripts' settings (besides STUDY and RUNS_ROOT) that a resubmission must repeat."""
 
 
@@ -145,11 +145,12 @@ def _job_info() -> str:
         return ""
 
 
-def requeue(study: str, say) -> bool:
-    """Requeue this job when it was submitted with --requeue; True when it was."""
+def requeue(what: str, say) -> bool:
+    """Requeue this job when it was submitted with --requeue; True when it was. ``what``: "study NAME" or
+    "sweep NAME", what the requeued job continues."""
     if "Requeue=1" not in _job_info():
         return False
-    say(f"requeueing job {job_id()}: it continues study {study} from the first incomplete point")
+    say(f"requeueing job {job_id()}: it continues {what} from the first incomplete point")
     try:
         subprocess.run(["scontrol", "requeue", str(job_id())], capture_output=True, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError):
