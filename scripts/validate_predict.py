@@ -5,8 +5,10 @@ Runs the ``mlp`` experiment (shrunk: 5 MiB of gradients in two buckets, one samp
 on K emulated hosts joined by tc-shaped links at several rates, fits the predictor on the runs
 at one rate and host count only, predicts every other cell (other rates, other host counts),
 and prints predicted against measured ``step_s`` and exposed communication with their errors.
-The unshaped cells take the link from a commbench fit on two unshaped hosts (the predictor
-cannot know the speed of an unshaped link from shaped runs).
+The unshaped cells take the link from commbench fits on unshaped links, one at each host count
+(the predictor cannot know the speed of an unshaped link from shaped runs, and unshaped, the
+"link" is the CPU time of gloo on cores that every emulated host shares: its cost does not follow
+the ring model from 2 hosts to 3 or 4, a commbench at each host count measures it in seconds).
 
     sudo python scripts/validate_predict.py --root /tmp/validate      # about 10 minutes on 2 cores
     sudo python scripts/validate_predict.py --root /tmp/validate --reuse   # predict again from the same runs
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -24,16 +27,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from scaling.predict.events import Link  # noqa: E402
+from scaling.predict.events import Link, Links  # noqa: E402
 from scaling.predict.model import Target, fit_from_points, predict  # noqa: E402
-from scaling.predict.report import commbench_link  # noqa: E402
+from scaling.predict.report import commbench_links  # noqa: E402
 from scaling.predict.runs import Point, find_points  # noqa: E402
 
 JOB = ["-m", "scaling.train", "+exp=mlp", "model.in_features=2048", "model.hidden=512", "model.layers=2",
        "dist.bucket_cap_mb=1", "train.batch_size=1", "train.steps=8", "train.warmup_steps=2", "train.log_every=4",
        "instrument.flops=false", "instrument.ops=false", "instrument.control_steps=3", "logger.wandb.mode=disabled"]
 COMMBENCH = ["-m", "scaling.commbench", "commbench.ops=[all_reduce]", "commbench.min_bytes=262144",
-             "commbench.max_bytes=4194304", "commbench.iters=5", "commbench.warmup_iters=2"]
+             "commbench.max_bytes=4194304", "commbench.iters=20", "commbench.warmup_iters=5"]
 TOOL = REPO / "scripts" / "netns_cluster.py"
 
 
@@ -56,20 +59,29 @@ def on_cluster(hosts: int, rate: str, args: list[str], log: Path) -> None:
         raise SystemExit(f"{log}: exit {code}\n{log.read_text()[-3000:]}")
 
 
-def measure(root: Path, rates: list[str], hosts: list[int], reuse: bool) -> None:
+def measure(root: Path, rates: list[str], hosts: list[int], reuse: bool, redo: set[str]) -> None:
+    """Every cell not kept (``reuse`` keeps the measured ones except those named in ``redo``) is measured anew."""
     root.mkdir(parents=True, exist_ok=True)
     for rate in rates:
         for k in hosts:
             study = root / cell_name(rate, k)
-            if reuse and study.exists() and find_points([study]):
+            if reuse and cell_name(rate, k) not in redo and study.exists() and find_points([study]):
                 continue
+            if rate == "unlimited":
+                # The link's input, measured just before the cell: unshaped, both are bound by CPU time
+                # on cores that other work shares too, so the two should see the same machine.
+                print(f"measuring commbench on {k} unshaped hosts ...", flush=True)
+                shutil.rmtree(root / commbench_name(k), ignore_errors=True)
+                on_cluster(k, rate, [*COMMBENCH, f"paths.root={root}", f"study.name={commbench_name(k)}"],
+                           root / f"{commbench_name(k)}.log")
             print(f"measuring {cell_name(rate, k)} ...", flush=True)
+            shutil.rmtree(study, ignore_errors=True)
             on_cluster(k, rate, [*JOB, f"paths.root={root}", f"study.name={cell_name(rate, k)}"],
                        root / f"{cell_name(rate, k)}.log")
-    if not (reuse and list((root / "commbench-unlimited").glob("*/commbench.json"))):
-        print("measuring commbench on 2 unshaped hosts ...", flush=True)
-        on_cluster(2, "unlimited", [*COMMBENCH, f"paths.root={root}", "study.name=commbench-unlimited"],
-                   root / "commbench-unlimited.log")
+
+
+def commbench_name(hosts: int) -> str:
+    return f"commbench-unlimited-h{hosts}"
 
 
 def pct(predicted: float, measured: float) -> float:
@@ -84,10 +96,16 @@ def validate(root: Path, rates: list[str], hosts: list[int], fit_rate: str, fit_
     assert fitted is not None, "no bucket timeline in the fit runs"
     alpha_s, fit_bandwidth = fitted
     share = fit_bandwidth * 8 / rate_bit_s(fit_rate)
-    unshaped = commbench_link(next((root / "commbench-unlimited").glob("*/commbench.json")))
     print(f"fit on {', '.join(cell_name(fit_rate, k) for k in fit_hosts)}: alpha {alpha_s * 1e6:.0f} us, "
-          f"B {fit_bandwidth / 1e6:.2f} MB/s = {100 * share:.1f}% of the {fit_rate} Mbit/s link; unshaped link from "
-          f"commbench: alpha {unshaped.alpha_s * 1e6:.0f} us, B {unshaped.bandwidth_Bps / 1e6:.0f} MB/s\n")
+          f"B {fit_bandwidth / 1e6:.2f} MB/s = {100 * share:.1f}% of the {fit_rate} Mbit/s link")
+    unshaped: Link | Links | None = None
+    if "unlimited" in rates:
+        unshaped, _ = commbench_links([root / commbench_name(k) for k in hosts
+                                       if list((root / commbench_name(k)).glob("*/commbench.json"))])
+        fits = unshaped.by_world_size if isinstance(unshaped, Links) else ((0, unshaped),)
+        print("unshaped links from commbench: " + "; ".join(
+            f"{n} hosts alpha {link.alpha_s * 1e6:.0f} us, B {link.bandwidth_Bps / 1e6:.0f} MB/s" for n, link in fits))
+    print()
     header = (f"{'link':>10} {'hosts':>5} | {'step_s pred':>11} {'meas':>8} {'err':>7} | "
               f"{'exposed pred':>12} {'meas':>8} {'err':>7} | held out")
     print(header)
@@ -141,10 +159,13 @@ def main() -> int:
     parser.add_argument("--fit-rate", default="200")
     parser.add_argument("--fit-hosts", default="2")
     parser.add_argument("--reuse", action="store_true", help="keep cells already measured under --root")
+    parser.add_argument("--redo", default="", metavar="RATE:HOSTS,...",
+                        help="with --reuse, measure these cells again (e.g. unlimited:3,500:4)")
     args = parser.parse_args()
     rates = args.rates.split(",")
     hosts = [int(h) for h in args.hosts.split(",")]
-    measure(args.root, rates, hosts, args.reuse)
+    redo = {cell_name(*cell.split(":")) for cell in args.redo.split(",") if cell}
+    measure(args.root, rates, hosts, args.reuse, redo)
     return validate(args.root, rates, hosts, args.fit_rate, [int(h) for h in args.fit_hosts.split(",")])
 
 

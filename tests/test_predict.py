@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,43 @@ def test_command_writes_json_and_png_and_states_its_limits(measured: Path) -> No
     assert "the model assumes" in proc.stdout and "ring all-reduce" in proc.stdout
     assert "WARNING: world size 32 is more than 8x beyond the measured ones" in proc.stdout
     assert extrapolation_warning(find_points([measured]), 16) is None
+
+
+def write_commbench(folder: Path, world_size: int, bandwidth_Bps: float, mtime: float) -> None:
+    folder.mkdir(parents=True)
+    record = {"world_size": world_size, "fit": [{"op": "all_reduce", "transport": "torch", "alpha_s": 0.0,
+                                                 "bandwidth_GBps": bandwidth_Bps / 1e9, "rms_rel_error": 0.0}]}
+    (folder / "commbench.json").write_text(json.dumps(record))
+    os.utime(folder / "commbench.json", (mtime, mtime))
+
+
+def test_commbench_at_each_world_size_prices_that_world_size(measured: Path, tmp_path: Path) -> None:
+    # The link at 4 ranks is half as fast as the ring model carries over from 2 (a switch that saturates, or
+    # emulated hosts sharing cores): only a benchmark at 4 ranks knows it. An older record at 2 ranks
+    # (1 MB/s) is replaced by the newer one (10 MB/s, the link the runs were measured on).
+    write_commbench(tmp_path / "cb" / "old-n2", 2, 1e6, 1_000_000)
+    write_commbench(tmp_path / "cb" / "new-n2", 2, 10e6, 2_000_000)
+    write_commbench(tmp_path / "cb4" / "run", 4, 5e6, 2_000_000)
+    proc = subprocess.run([sys.executable, "-m", "scaling.predict", str(measured), "--nprocs", "2,3,4,8",
+                           "--commbench", str(tmp_path / "cb"), "--commbench", str(tmp_path / "cb4" / "run"),
+                           "--out", str(tmp_path / "out")], cwd=REPO, env=job_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "out" / "prediction.json").read_text())
+    by_n = {p["world_size"]: p for p in record["predictions"]}
+    assert by_n[2]["step_s"] == pytest.approx(0.92)  # the 10 MB/s fit at 2 ranks reproduces the measured point
+    # n=4 at 5 MB/s: bucket 0 takes 0.3 s (0.1-0.4), bucket 1 1.2 s (0.4-1.6): 1.3 s exposed, step 0.52 + 1.3 s
+    # (the ring model from the 2-rank fit alone says 1.12 s).
+    assert by_n[4]["comm_exposed_s"] == pytest.approx(1.3)
+    assert by_n[4]["step_s"] == pytest.approx(1.82)
+    assert "at 4 ranks" in by_n[4]["link"]
+    # n=3 and n=8 are priced with the nearest measured world size, 4: at n=3 bucket 1 takes 4/3·4 MB / 5 MB/s
+    # after bucket 0 (0.1-0.367); at n=8, 7/4·4 MB / 5 MB/s after bucket 0 (0.1-0.45).
+    assert by_n[3]["comm_exposed_s"] == pytest.approx(0.1 + 4 / 3 * 5 / 5 - 0.3)
+    assert by_n[8]["comm_exposed_s"] == pytest.approx(0.1 + 7 / 4 * 5 / 5 - 0.3)
+    assert "no link measured at 8 processes: all-reduce priced with commbench fit at 4 ranks" in proc.stdout
+    assert "two commbench records at 2 ranks: the newer one is used" in proc.stdout
+    assert [f["world_size"] for f in record["link"]["by_world_size"]] == [2, 4]
 
 
 def test_command_errors_name_the_problem(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""``python -m scaling.predict RUNS [--nprocs 4,8,…] [--commbench PATH | --link RATE[,LATENCY]] [...]``.
+"""``python -m scaling.predict RUNS [--nprocs 4,8,…] [--commbench PATH ... | --link RATE[,LATENCY]] [...]``.
 
 Predicts ``step_s``, its parts, efficiency and ``bound`` at other world sizes, links, bucket
 sizes or hooks from measured runs; writes ``prediction.json`` and ``prediction.png`` beside the
@@ -40,8 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nprocs", type=parse_nprocs, default=None,
                         help="world sizes to predict (default: 1, 2, 4, ... up to 8x the largest measured)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--commbench", type=Path, metavar="PATH",
-                        help="commbench.json (or its run folder): the all-reduce alpha and bandwidth of its fit")
+    source.add_argument("--commbench", type=Path, metavar="PATH", action="append",
+                        help="commbench.json, its run folder, or a folder of commbench runs: the all-reduce alpha "
+                             "and bandwidth of each world size's fit (repeatable; a world size not measured is "
+                             "priced with the nearest one's)")
     source.add_argument("--link", type=parse_link, metavar="RATE[,LATENCY]",
                         help="link rate per direction (e.g. 100mbit, 10gbit, unlimited) and optionally the latency "
                              "per ring step (e.g. 50us); without a latency, the one fitted on the runs")

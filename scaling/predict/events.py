@@ -46,6 +46,42 @@ class Link:
         per_byte = 0.0 if math.isinf(self.bandwidth_Bps) else 1.0 / self.bandwidth_Bps
         return 2 * (n - 1) * self.alpha_s + 2 * (n - 1) / n * wire_bytes * per_byte
 
+    def at(self, world_size: int) -> Link:
+        return self
+
+
+@dataclass(frozen=True)
+class Links:
+    """Links measured at several world sizes (a commbench at each): a target is priced with the fit
+    at its own world size, else with the one at the nearest measured world size (ring formula).
+
+    Where the cost of an all-reduce does not follow the ring model from one world size to another
+    (processes that share cores, a switch that saturates), a fit at the target's world size holds
+    what the model cannot carry over.
+    """
+
+    by_world_size: tuple[tuple[int, Link], ...]
+    """(world size, link), ascending."""
+
+    def __post_init__(self) -> None:
+        if not self.by_world_size:
+            raise ValueError("no link")
+
+    def at(self, world_size: int) -> Link:
+        return min(self.by_world_size, key=lambda wl: (abs(math.log(wl[0]) - math.log(max(1, world_size))),
+                                                       -wl[0]))[1]
+
+    def measured_at(self, world_size: int) -> bool:
+        return any(n == world_size for n, _ in self.by_world_size)
+
+    def allreduce_s(self, wire_bytes: float, world_size: int) -> float:
+        return self.at(world_size).allreduce_s(wire_bytes, world_size)
+
+    @property
+    def source(self) -> str:
+        sizes = ", ".join(str(n) for n, _ in self.by_world_size)
+        return f"links measured at {sizes} ranks, each world size priced with its own or the nearest"
+
 
 @dataclass(frozen=True)
 class Pipeline:

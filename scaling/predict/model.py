@@ -21,7 +21,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from scaling.predict.events import HOOK_WIRE_FACTOR, Link, busy_periods, fit_link, rebucket, simulate
+from scaling.predict.events import HOOK_WIRE_FACTOR, Link, Links, busy_periods, fit_link, rebucket, simulate
 from scaling.predict.runs import Point
 
 EXTRAPOLATION_LIMIT = 8
@@ -42,7 +42,8 @@ ASSUMPTIONS = (
 @dataclass(frozen=True)
 class Target:
     world_size: int
-    link: Link
+    link: Link | Links
+    """One link for every world size, or fits measured at several (the one at the target's world size)."""
     bucket_cap_mb: float | None = None
     """None: the base point's buckets as measured."""
     hook: str | None = None
@@ -74,6 +75,8 @@ class Prediction:
     base: str
     compute_source: str
     efficiency: float | None = None
+    link: str = ""
+    """Where the all-reduce cost at this world size comes from."""
     notes: list[str] = field(default_factory=list)
 
     def record(self) -> dict[str, Any]:
@@ -150,7 +153,10 @@ def predict(points: list[Point], target: Target) -> Prediction:
     if target.bucket_cap_mb is not None and target.bucket_cap_mb != base.bucket_cap_mb:
         sizes, ready = rebucket(sizes, ready, target.bucket_cap_mb * 1024 * 1024)
     wire = [s * wire_factor for s in sizes]
-    costs = [target.link.allreduce_s(w, n) for w in wire]
+    link = target.link.at(n)
+    if isinstance(target.link, Links) and not target.link.measured_at(n):
+        notes.append(f"no link measured at {n} processes: all-reduce priced with {link.source}")
+    costs = [link.allreduce_s(w, n) for w in wire]
     backward_compute = max(0.0, base.get("backward_s") - base.exposed_buckets_s) * scale
     pipeline = simulate(ready, costs, backward_compute)
     sync, wait = base.get("comm_sync_s"), base.get("comm_wait_s")
@@ -163,7 +169,7 @@ def predict(points: list[Point], target: Target) -> Prediction:
         compute_s=step - data - exposed - other, data_s=data, other_s=other, comm_s=pipeline.busy_s + sync,
         comm_exposed_s=exposed, comm_wait_s=wait, interference_s=interference, nocomm_step_s=nocomm,
         samples_per_s=batch * n / step, buckets=len(sizes), wire_bytes=int(sum(wire)), bound="",
-        base=base.folder.name, compute_source=source, notes=notes))
+        base=base.folder.name, compute_source=source, link=link.source, notes=notes))
 
 
 def _finish(p: Prediction) -> Prediction:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scaling.predict.events import Link
+from scaling.predict.events import Link, Links
 from scaling.predict.model import (ASSUMPTIONS, Prediction, Target, crossover, extrapolation_warning,
                                    fit_from_points, predict, with_efficiency)
 from scaling.predict.runs import Point, find_points
@@ -16,6 +16,7 @@ from scaling.records.files import read_json, write_json
 
 PREDICTION_JSON = "prediction.json"
 PREDICTION_PNG = "prediction.png"
+COMMBENCH_JSON = "commbench.json"
 RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$")
 RATE_SCALE = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 LATENCY = re.compile(r"^(\d+(?:\.\d+)?(?:e-?\d+)?)(s|ms|us|ns)?$")
@@ -43,7 +44,8 @@ def parse_latency_s(text: str) -> float:
 class PredictOptions:
     runs: list[Path]
     nprocs: list[int] | None = None
-    commbench: Path | None = None
+    commbench: list[Path] | None = None
+    """commbench.json files, their run folders, or folders of such runs: one fit per world size."""
     link_bit_s: float | None = None
     link_latency_s: float | None = None
     link_given: bool = False
@@ -59,7 +61,7 @@ class PredictOptions:
 class Result:
     predictions: list[Prediction]
     points: list[Point]
-    link: Link
+    link: Link | Links
     record: dict[str, Any]
     text: str
     out_dir: Path | None = None
@@ -68,20 +70,54 @@ class Result:
 
 def commbench_link(path: Path) -> Link:
     """α and B of commbench's all-reduce fit (torch transport)."""
-    path = path / "commbench.json" if path.is_dir() else path
+    return commbench_fit(path)[1]
+
+
+def commbench_fit(path: Path) -> tuple[int, Link]:
+    """(world size, α and B of the all-reduce fit, torch transport) of one commbench.json or its run folder."""
+    path = path / COMMBENCH_JSON if path.is_dir() else path
     record = read_json(path)
+    world_size = int(record.get("world_size") or 0)
     for entry in record.get("fit") or []:
         if entry.get("op") == "all_reduce" and entry.get("transport", "torch") == "torch":
             bandwidth = entry.get("bandwidth_GBps")
-            return Link(float(entry["alpha_s"]), math.inf if bandwidth is None else float(bandwidth) * 1e9,
-                        f"commbench fit ({path}, {record.get('world_size')} ranks)")
+            return world_size, Link(float(entry["alpha_s"]),
+                                    math.inf if bandwidth is None else float(bandwidth) * 1e9,
+                                    f"commbench fit at {world_size} ranks ({path})")
     raise ValueError(f"{path}: no all_reduce fit in commbench.json")
 
 
-def resolve_link(options: PredictOptions, points: list[Point]) -> tuple[Link, list[str]]:
+def commbench_files(path: Path) -> list[Path]:
+    """The commbench.json of a file, a run folder, or every run folder one level down."""
+    if path.is_file():
+        return [path]
+    if (path / COMMBENCH_JSON).exists():
+        return [path / COMMBENCH_JSON]
+    found = sorted(path.glob(f"*/{COMMBENCH_JSON}")) if path.is_dir() else []
+    if not found:
+        raise ValueError(f"--commbench {path}: no {COMMBENCH_JSON} there or one level down")
+    return found
+
+
+def commbench_links(paths: list[Path]) -> tuple[Link | Links, list[str]]:
+    """One all-reduce fit per world size from commbench records (the newest where several share one)."""
+    files = sorted((f for p in paths for f in commbench_files(p)), key=lambda f: f.stat().st_mtime)
+    fits: dict[int, Link] = {}
+    notes = []
+    for f in files:  # oldest first: a newer record at the same world size replaces an older one
+        world_size, link = commbench_fit(f)
+        if world_size in fits:
+            notes.append(f"two commbench records at {world_size} ranks: the newer one is used ({f})")
+        fits[world_size] = link
+    if len(fits) == 1:
+        return next(iter(fits.values())), notes
+    return Links(tuple(sorted(fits.items()))), notes
+
+
+def resolve_link(options: PredictOptions, points: list[Point]) -> tuple[Link | Links, list[str]]:
     notes: list[str] = []
-    if options.commbench is not None:
-        return commbench_link(options.commbench), notes
+    if options.commbench:
+        return commbench_links(options.commbench)
     fitted = fit_from_points(points)
     if fitted is None and not options.link_given:
         raise ValueError("no bucket timeline (buckets.json) in the runs to fit the link on; give --link or --commbench")
@@ -139,8 +175,7 @@ def run_prediction(options: PredictOptions) -> Result:
         "inputs": [str(p.folder) for p in points],
         "kind": "strong" if global_batch is not None else "weak",
         "global_batch": global_batch,
-        "link": {"alpha_s": link.alpha_s, "bandwidth_Bps": None if math.isinf(link.bandwidth_Bps) else link.bandwidth_Bps,
-                 "source": link.source},
+        "link": link_record(link),
         "bucket_cap_mb": options.bucket_cap_mb, "hook": options.hook,
         "baseline_world_size": measured_sizes[0],
         "communication_bound_from_world_size": turns,
@@ -157,6 +192,14 @@ def run_prediction(options: PredictOptions) -> Result:
         plot(out_dir / PREDICTION_PNG, record)
         text += f"\n\n  written: {out_dir / PREDICTION_JSON}, {out_dir / PREDICTION_PNG}"
     return Result(predictions, points, link, record, text, out_dir, warnings)
+
+
+def link_record(link: Link | Links) -> dict[str, Any]:
+    if isinstance(link, Links):
+        return {"source": link.source, "by_world_size": [{"world_size": n, **link_record(one)}
+                                                         for n, one in link.by_world_size]}
+    return {"alpha_s": link.alpha_s, "bandwidth_Bps": None if math.isinf(link.bandwidth_Bps) else link.bandwidth_Bps,
+            "source": link.source}
 
 
 def measured_record(p: Point) -> dict[str, Any]:
@@ -184,7 +227,7 @@ def render_text(predictions: list[Prediction], record: dict[str, Any]) -> str:
     sources = sorted({p.compute_source for p in predictions})
     lines += ["", "  compute: " + "; ".join(sources)]
     lines += ["", "  the model assumes:"] + [f"    - {a}" for a in record["assumptions"]]
-    lines += [f"  note: {n}" for n in record["notes"]]
+    lines += [f"  note: {n}" for n in [*record["notes"], *dict.fromkeys(n for p in predictions for n in p.notes)]]
     lines += [f"  WARNING: {w}" for w in record["warnings"]]
     return "\n".join(lines)
 
