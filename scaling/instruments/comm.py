@@ -25,6 +25,18 @@ The wrapper is the documented ``register_comm_hook`` API: DDP calls the hook
 when a bucket is ready and waits for the returned future before ``backward()``
 returns, so a timestamp at the call is the bucket's launch and one in the
 future's callback is its completion.
+
+Collectives outside DDP's hook (FSDP's all-gathers and reduce-scatters,
+ZeRO-1's parameter broadcast: ``CommTimer.issue``) are timed at the call
+that issues them: busy from the issue to completion, exposed while the
+calling thread is held in the call. Per kind of collective (``COMM_KINDS``
+in the schema) a step has ``comm_<kind>_s``, ``comm_<kind>_exposed_s`` and
+``comm_<kind>_bytes``; the kinds' busy times plus ``comm_sync_s`` are
+``comm_s``, their exposed times plus ``comm_sync_s`` are ``comm_exposed_s``,
+their bytes are ``comm_bytes``/``comm_wire_bytes``. On CUDA a mark is an
+event on the stream the collective runs on, so an FSDP collective's exposed
+time equals its busy time there: an upper bound (the compute stream's own
+waits are not timed).
 """
 
 from __future__ import annotations
@@ -90,6 +102,24 @@ class BucketEvent:
 
 
 @dataclass
+class CollectiveEvent:
+    """One collective issued outside the DDP hook."""
+
+    kind: str
+    nbytes: int
+    start: Any
+    returned: Any = None
+    """When the issuing call returned: the calling thread was held until then."""
+    done: Any = None
+
+
+BUS_FACTORS = {"allreduce": lambda n: 2 * (n - 1) / n, "allgather_fwd": lambda n: (n - 1) / n,
+               "allgather_bwd": lambda n: (n - 1) / n, "reducescatter": lambda n: (n - 1) / n,
+               "broadcast": lambda n: 1.0}
+"""nccl-tests' bus-bandwidth factor of each kind of collective."""
+
+
+@dataclass
 class CommTimer:
     """Wraps a comm hook; collects one BucketEvent per bucket per step."""
 
@@ -100,12 +130,44 @@ class CommTimer:
     """[start, end] marks of the collectives outside the hook in this step (buffer broadcast)."""
     bucket_buffer_bytes: dict[int, int] = field(default_factory=dict)
     """Per bucket index, the bytes of its buffer in the last step taken."""
+    kinds: tuple[str, ...] = ("allreduce",)
+    """The kinds of collective the strategy issues (schema.STRATEGY_KINDS): the per-kind keys of every step."""
+    collectives: list[CollectiveEvent] = field(default_factory=list)
+    """This step's collectives issued through ``issue``."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _backward_start: Any = None
+    _in_backward: bool = False
 
     def begin_backward(self, mark: Any) -> None:
         """The mark taken as backward starts: bucket ready times are counted from it."""
         self._backward_start = mark
+        self._in_backward = True
+
+    @property
+    def in_backward(self) -> bool:
+        """Whether the step being run is past the start of its backward pass."""
+        return self._in_backward
+
+    def issue(self, kind: str, nbytes: int, call: Callable[[], Any]) -> Any:
+        """Run ``call`` (it issues one collective of ``kind`` with ``nbytes`` on the wire) and time it.
+
+        ``call`` returns None when it waited for completion itself, or the collective's
+        ``Work`` when it did not: its completion is then stamped by the work's future.
+        """
+        event = CollectiveEvent(kind, nbytes, self.clock.mark())
+        work = call()
+        event.returned = self.clock.mark()
+        if work is None:
+            event.done = event.returned
+        else:
+            def completed(fut: torch.futures.Future) -> Any:
+                event.done = self.clock.mark()
+                return fut.value()
+
+            work.get_future().then(completed)
+        with self._lock:
+            self.collectives.append(event)
+        return work
 
     def wrap(self, hook: Hook, count: WireCount | None = None) -> Hook:
         count = count or full_bytes
@@ -136,27 +198,35 @@ class CommTimer:
         collective()
         self.syncs.append((start, self.clock.mark()))
 
-    def take_step(self) -> tuple[list[BucketEvent], list[tuple[Any, Any]]]:
+    def take_step(self) -> tuple[list[BucketEvent], list[tuple[Any, Any]], list[CollectiveEvent]]:
         """The events of the step that just finished; starts a new step."""
         with self._lock:
             events, self.events = self.events, []
+            collectives, self.collectives = self.collectives, []
         syncs, self.syncs = self.syncs, []
+        self._in_backward = False
         if events:
             self.bucket_buffer_bytes = {e.index: e.nbytes for e in events}
-        return events, syncs
+        return events, syncs, collectives
 
-    def resolve(self, taken: tuple[list[BucketEvent], list[tuple[Any, Any]]]) -> dict[str, float]:
-        events, syncs = taken
-        if not events and not syncs:
+    def resolve(self, taken: tuple[list[BucketEvent], list[tuple[Any, Any]], list[CollectiveEvent]]
+                ) -> dict[str, float]:
+        events, syncs, collectives = taken
+        marks = [start for start, _ in syncs] + [e.launch for e in events] + [c.start for c in collectives]
+        if not marks:
             return {"comm_s": 0.0, "comm_exposed_s": 0.0, "comm_sync_s": 0.0, "overlap": 0.0, "comm_bytes": 0.0,
-                    "comm_wire_bytes": 0.0, "comm_buckets": 0.0, "algbw_GBps": 0.0, "busbw_GBps": 0.0}
-        origin = syncs[0][0] if syncs else events[0].launch
+                    "comm_wire_bytes": 0.0, "comm_buckets": 0.0, "algbw_GBps": 0.0, "busbw_GBps": 0.0,
+                    **{f"comm_{kind}{suffix}": 0.0 for kind in self.kinds for suffix in ("_s", "_exposed_s", "_bytes")}}
+        origin = marks[0]
         since = lambda mark: self.clock.seconds_between(origin, mark)  # noqa: E731
-        sync_intervals = [(since(start), since(end)) for start, end in syncs]
+        sync_s = union_length(sorted((since(start), since(end)) for start, end in syncs))
+        busy: dict[str, float] = {}
+        exposed: dict[str, float] = {}
+        payload: dict[str, float] = {}
+        wire: dict[str, float] = {}
         intervals = sorted((since(e.launch), since(e.done)) for e in events)
-        bucket_busy = union_length(intervals)
-        sync_s = union_length(sorted(sync_intervals))
-        exposed = sync_s
+        busy["allreduce"] = union_length(intervals)
+        exposed["allreduce"] = 0.0
         if intervals:
             last_ready = max(start for start, _ in intervals)
             last_done = max(end for _, end in intervals)
@@ -164,23 +234,37 @@ class CommTimer:
             # hook held backward up before returning its future (a blocking
             # hook such as MPI's all-reduce hides nothing behind backward).
             blocking = [(since(e.launch), since(e.returned)) for e in events]
-            exposed += union_length(sorted(blocking + [(last_ready, last_done)]))
-        busy = bucket_busy + sync_s  # the broadcast ends before forward, every bucket starts in backward
-        nbytes = float(sum(e.nbytes for e in events))
-        wire = float(sum(e.wire_bytes for e in events))
-        algbw = wire / bucket_busy / 1e9 if bucket_busy > 0 else 0.0
+            exposed["allreduce"] = union_length(sorted(blocking + [(last_ready, last_done)]))
+        payload["allreduce"] = float(sum(e.nbytes for e in events))
+        wire["allreduce"] = float(sum(e.wire_bytes for e in events))
+        for kind in {c.kind for c in collectives}:
+            mine = [c for c in collectives if c.kind == kind]
+            busy[kind] = union_length(sorted((since(c.start), since(c.done)) for c in mine))
+            exposed[kind] = union_length(sorted((since(c.start), since(c.returned)) for c in mine))
+            payload[kind] = wire[kind] = float(sum(c.nbytes for c in mine))
+        transfer = sum(busy.values())  # kinds never overlap on CPU: each waits for the one before
+        total = transfer + sync_s
+        on_path = sync_s + sum(exposed.values())
+        sent = sum(wire.values())
         n = self.world_size
-        return {
-            "comm_s": busy,
-            "comm_exposed_s": exposed,
+        algbw = sent / transfer / 1e9 if transfer > 0 else 0.0
+        busbw = sum(b * BUS_FACTORS[k](n) for k, b in wire.items()) / transfer / 1e9 if transfer > 0 else 0.0
+        out = {
+            "comm_s": total,
+            "comm_exposed_s": on_path,
             "comm_sync_s": sync_s,
-            "overlap": 1.0 - exposed / busy if busy > 0 else 0.0,
-            "comm_bytes": nbytes,
-            "comm_wire_bytes": wire,
-            "comm_buckets": float(len(events)),
+            "overlap": 1.0 - on_path / total if total > 0 else 0.0,
+            "comm_bytes": sum(payload.values()),
+            "comm_wire_bytes": sent,
+            "comm_buckets": float(len(events) + sum(c.kind == "reducescatter" for c in collectives)),
             "algbw_GBps": algbw,
-            "busbw_GBps": algbw * 2 * (n - 1) / n,
+            "busbw_GBps": busbw,
         }
+        for kind in self.kinds:
+            out[f"comm_{kind}_s"] = busy.get(kind, 0.0)
+            out[f"comm_{kind}_exposed_s"] = exposed.get(kind, 0.0)
+            out[f"comm_{kind}_bytes"] = wire.get(kind, 0.0)
+        return out
 
 
 def bucket_timeline(clock: Clock, events: list[BucketEvent]) -> list[tuple[int, float, float, int, int]]:

@@ -8,6 +8,10 @@ gradient buckets as handed to the comm hook), ``peak`` (CUDA:
 ``rss_peak`` (the process's peak resident set), and ``autocast_weights``
 (under autocast, the low-precision copies of the weights that autocast makes
 and autograd saves: weights, not activations, so counted apart).
+
+A sharded tensor (FSDP's DTensor parameters, gradients and optimizer state)
+counts for what this rank holds of it: ``held_bytes`` counts the storages
+behind the local shards, FSDP's dim-0 padding included.
 """
 
 from __future__ import annotations
@@ -18,10 +22,30 @@ from contextlib import contextmanager
 
 import psutil
 import torch
+from torch.distributed.tensor import DTensor
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``tensor``: a DTensor's local shard, any other tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return sum(local(t).numel() * t.element_size() for t in tensors if t is not None)
+
+
+def held_bytes(tensors) -> int:
+    """Bytes of the storages behind ``tensors``, each once: a sharded tensor's padding counts, a view does not."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        storage = local(tensor).untyped_storage()
+        if storage.data_ptr() not in seen and storage.nbytes() > 0:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
 
 
 def params_bytes(model: torch.nn.Module) -> int:
@@ -53,9 +77,12 @@ VIEW_DEPTH = 4
 class SavedActivations:
     """Counts the bytes autograd saves for backward while active."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self._params = {id(p) for p in model.parameters()}
-        self._param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    def __init__(self, model: torch.nn.Module, gathered: bool = False) -> None:
+        """``gathered``: the model's parameters are gathered while they are used (FSDP), so which tensors
+        are parameters is looked up again at every saved tensor (on the measured step only)."""
+        self._model = model
+        self._gathered = gathered
+        self._lookup_params()
         self._seen: set[int] = set()
         self.bytes = 0
         self.autocast_weight_bytes = 0
@@ -81,7 +108,14 @@ class SavedActivations:
             node = parents[0]
         return False
 
+    def _lookup_params(self) -> None:
+        params = [p for p in self._model.parameters() if not isinstance(p, DTensor)]
+        self._params = {id(p) for p in params}
+        self._param_storages = {p.untyped_storage().data_ptr() for p in params}
+
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._gathered:
+            self._lookup_params()
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
         if key not in self._seen and key not in self._param_storages and storage.nbytes() > 0:

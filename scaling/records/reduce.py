@@ -156,8 +156,9 @@ def straggler(records: Sequence[dict[str, Any]], totals: dict[str, list[float]] 
     Named when the rank that waited most waited at least STRAGGLER_MIN_FRAC of the measured time.
     The phase is the one in which that rank spent the most time beyond the
     other ranks' mean, counting only its own work (a phase's collective
-    waiting is taken out: sync broadcasts from forward, exposed all-reduce
-    from backward).
+    waiting is taken out: sync broadcasts and FSDP's forward all-gathers from
+    forward, ZeRO-1's broadcast from the optimizer step, the rest of the
+    exposed communication from backward).
     """
     if (summary.get("comm_wait_max_frac") or 0.0) < STRAGGLER_MIN_FRAC:
         return None
@@ -167,12 +168,21 @@ def straggler(records: Sequence[dict[str, Any]], totals: dict[str, list[float]] 
     if not totals or len(totals["step_s"]) < 2:
         return out
 
+    def part(key: str, r: int) -> float:
+        return totals[key][r] if key in totals else 0.0
+
     def own(phase: str, r: int) -> float:
+        # Collectives outside backward: the buffer broadcast and FSDP's all-gathers in forward,
+        # ZeRO-1's broadcast in the optimizer step; the rest of the exposed time is backward's.
+        forward = part("comm_sync_s", r) + part("comm_allgather_fwd_exposed_s", r)
+        optimizer = part("comm_broadcast_exposed_s", r)
         value = totals[f"{phase}_s"][r]
         if phase == "forward":
-            value -= totals.get("comm_sync_s", [0.0] * (r + 1))[r]
+            value -= forward
+        if phase == "optimizer":
+            value -= optimizer
         if phase == "backward":
-            value -= totals["comm_exposed_s"][r] - totals.get("comm_sync_s", [0.0] * (r + 1))[r]
+            value -= totals["comm_exposed_s"][r] - forward - optimizer
         return value
 
     others = [r for r in range(len(totals["step_s"])) if r != rank]

@@ -9,6 +9,8 @@ Plain Python: importing it never imports torch.
   ``<key>_max`` / ``<key>_min``.
 - ``SHARES`` and ``SHARE_LABELS``: the four parts of a step, whose
   ``<part>_frac`` in the summary add up to 1.
+- ``COMM_KINDS``, ``STRATEGY_KINDS``, ``kind_keys()``: per kind of collective (all-reduce, FSDP's
+  all-gathers and reduce-scatter, ZeRO-1's broadcast) its busy, exposed time and bytes.
 - ``MEMORY_KEYS``, ``MEMORY_CATEGORIES``, ``MEMORY_LABELS``: run.json ``memory``.
 - ``verdict()``: the summary's ``bound``.
 """
@@ -39,14 +41,43 @@ STEP_METRICS = (
     Metric("comm_exposed_s", "s", "communication on the critical path, after backward's last bucket was ready"),
     Metric("comm_sync_s", "s", "collectives on the critical path outside the gradient hook (buffer broadcast)"),
     Metric("overlap", "0..1", "1 - comm_exposed_s / comm_s: the hidden share of communication"),
-    Metric("comm_bytes", "bytes", "gradient bytes all-reduced in the step"),
+    Metric("comm_bytes", "bytes", "bytes handed to the step's collectives (DDP: gradient bytes all-reduced)"),
     Metric("comm_wire_bytes", "bytes", "bytes the hook actually sent (less than comm_bytes for compressing hooks)"),
-    Metric("comm_buckets", "count", "all-reduce calls (gradient buckets) in the step"),
-    Metric("algbw_GBps", "1e9 B/s", "comm_wire_bytes / comm_s"),
-    Metric("busbw_GBps", "1e9 B/s", "algbw_GBps * 2(n-1)/n (nccl-tests' definition)"),
+    Metric("comm_buckets", "count", "gradient collectives in the step (DDP buckets all-reduced, FSDP reduce-scatters)"),
+    Metric("algbw_GBps", "1e9 B/s", "comm_wire_bytes / (comm_s - comm_sync_s)"),
+    Metric("busbw_GBps", "1e9 B/s", "each kind's wire bytes times its nccl-tests factor (all-reduce 2(n-1)/n, "
+                                    "all-gather and reduce-scatter (n-1)/n, broadcast 1) / (comm_s - comm_sync_s)"),
     Metric("comm_wait_s", "s", "the part of comm_exposed_s spent waiting for slower ranks"),
     Metric("samples_per_s", "1/s", "global batch / step_s of the slowest rank"),
 )
+
+COMM_KINDS = {
+    "allreduce": "DDP's gradient all-reduce (every bucket; exposed as comm_exposed_s defines it)",
+    "allgather_fwd": "FSDP's all-gather of a block's parameters before its forward",
+    "allgather_bwd": "FSDP's all-gather of a block's parameters again in backward (reshard_after_forward=true)",
+    "reducescatter": "FSDP's reduce-scatter of a block's gradients",
+    "broadcast": "ZeRO-1's broadcast of each rank's updated parameter partition after optimizer.step()",
+}
+"""The kinds of collective each strategy issues; ``comm_sync_s`` (DDP's buffer broadcast) is the one more part."""
+STRATEGY_KINDS = {"ddp": ("allreduce",), "zero1": ("allreduce", "broadcast"),
+                  "fsdp": ("allgather_fwd", "allgather_bwd", "reducescatter")}
+KIND_SUFFIXES = {"_s": ("s", "busy time: the union of its calls' [issue, completion]"),
+                 "_exposed_s": ("s", "the part of it the training thread waited for (on the critical path)"),
+                 "_bytes": ("bytes", "bytes on the wire (all-gather: the gathered output; reduce-scatter: the "
+                                     "unsharded input; all-reduce and broadcast: the buffer)")}
+
+
+def kind_keys(strategy: str) -> tuple[str, ...]:
+    """The per-kind step keys of a strategy: ``comm_<kind>_s``, ``comm_<kind>_exposed_s``, ``comm_<kind>_bytes``.
+
+    Per step, the kinds' busy times plus ``comm_sync_s`` add up to ``comm_s``, their exposed times plus
+    ``comm_sync_s`` to ``comm_exposed_s``.
+    """
+    return tuple(f"comm_{kind}{suffix}" for kind in STRATEGY_KINDS.get(strategy, ()) for suffix in KIND_SUFFIXES)
+
+
+STEP_METRICS += tuple(Metric(f"comm_{kind}{suffix}", unit, f"{what}: {meaning}")
+                      for kind, what in COMM_KINDS.items() for suffix, (unit, meaning) in KIND_SUFFIXES.items())
 UNITS = {m.key: m.unit for m in STEP_METRICS}
 MEANINGS = {m.key: m.meaning for m in STEP_METRICS}
 
@@ -59,11 +90,11 @@ BARE_KEYS = ("step_s",)
 """What the bare loop (instrument.enabled=false) measures."""
 
 
-def local_keys(instrumented: bool, world_size: int) -> tuple[str, ...]:
+def local_keys(instrumented: bool, world_size: int, strategy: str = "ddp") -> tuple[str, ...]:
     """The keys one rank measures per step (the columns gathered from every rank)."""
     if not instrumented:
         return BARE_KEYS
-    return PHASE_KEYS + COMM_KEYS if world_size > 1 else PHASE_KEYS
+    return PHASE_KEYS + COMM_KEYS + kind_keys(strategy) if world_size > 1 else PHASE_KEYS
 
 
 def null_keys(instrumented: bool, world_size: int) -> tuple[str, ...]:
@@ -79,12 +110,18 @@ SHARE_FRACS = tuple(f"{name}_frac" for name in SHARES)
 """The summary keys of the shares of the total measured time."""
 
 MEMORY_KEYS = ("params", "grads", "optimizer_state", "activations", "autocast_weights", "comm_buffers", "peak",
-               "rss_peak")
-"""run.json ``memory.max`` and each ``memory.per_rank`` entry, in bytes (null where not measured)."""
+               "rss_peak", "params_unsharded", "model_state")
+"""run.json ``memory.max`` and each ``memory.per_rank`` entry, in bytes (null where not measured).
+
+Under ``dist.strategy=zero1|fsdp`` ``params``, ``grads`` and ``optimizer_state`` are what the rank holds
+(its shards); ``params_unsharded`` (fsdp) is the most parameter bytes gathered at once; ``model_state`` is
+``params + grads + optimizer_state``, the quantity run.json's ``memory_model`` predicts."""
 MEMORY_CATEGORIES = ("params", "grads", "optimizer_state", "activations", "comm_buffers")
 """The categories a rank's memory is split into (the report stacks them)."""
 MEMORY_LABELS = {"params": "parameters", "grads": "gradients", "optimizer_state": "optimizer state",
                  "activations": "saved activations", "comm_buffers": "DDP buckets"}
+MODEL_STATE_KEYS = ("params", "grads", "optimizer_state")
+"""What ``model_state`` sums (measured in run.json ``memory``, predicted in ``memory_model``)."""
 
 BOUNDS = ("communication", "straggler", "data", "compute")
 """The values of the summary's ``bound``."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from scaling.instruments import roofline
-from scaling.records.schema import MEMORY_KEYS, SHARE_LABELS, SHARES
+from scaling.records.schema import COMM_KINDS, MEMORY_KEYS, SHARE_LABELS, SHARES, STRATEGY_KINDS
 
 GIB = 1024**3
 MIB = 1024**2
@@ -54,15 +54,22 @@ def processes(n: int) -> str:
     return f"{n} process" if n == 1 else f"{n} processes"
 
 
-def verdict_sentence(summary: dict[str, Any], world_size: int) -> str:
+KIND_LABELS = {"allreduce": "gradient all-reduce", "allgather_fwd": "all-gather in forward",
+               "allgather_bwd": "all-gather in backward", "reducescatter": "gradient reduce-scatter",
+               "broadcast": "ZeRO-1 parameter broadcast"}
+assert set(KIND_LABELS) == set(COMM_KINDS)
+
+
+def verdict_sentence(summary: dict[str, Any], world_size: int, strategy: str = "ddp") -> str:
     bound = summary.get("bound")
+    what = "gradient all-reduce" if strategy in ("ddp", "none") else "communication"
     pct = {k: 100 * (summary.get(f"{k}_frac") or 0.0) for k in (*SHARES, "comm_wait")}
     transfer = pct["comm_exposed"] - pct["comm_wait"]
     hidden = 100 * (summary.get("overlap") or 0.0)
     if bound == "communication":
-        return (f"Communication-bound on {processes(world_size)}: the exposed gradient all-reduce is "
+        return (f"Communication-bound on {processes(world_size)}: the exposed {what} is "
                 f"{transfer:.0f}% of the step (compute {pct['compute']:.0f}%), and only "
-                f"{hidden:.0f}% of the communication is hidden behind backward.")
+                f"{hidden:.0f}% of the communication is hidden behind {'backward' if what != 'communication' else 'compute'}.")
     if bound == "straggler":
         return (f"Straggler-bound on {processes(world_size)}: a rank waits up to "
                 f"{100 * (summary.get('comm_wait_max_frac') or 0):.0f}% of the step for a slower one "
@@ -73,7 +80,7 @@ def verdict_sentence(summary: dict[str, Any], world_size: int) -> str:
     if world_size == 1:
         return f"Compute-bound on 1 process: compute is {pct['compute']:.0f}% of the step; no peer, no communication."
     line = (f"Compute-bound on {processes(world_size)}: compute is {pct['compute']:.0f}% of the step; exposed "
-            f"communication is {transfer:.0f}% ({hidden:.0f}% of the all-reduce is hidden behind backward).")
+            f"communication is {transfer:.0f}% ({hidden:.0f}% of the {what} is hidden behind compute).")
     if summary.get("straggler"):
         line += f" Waiting for a slower rank: {pct['comm_wait']:.0f}% ({straggler_clause(summary)})."
     return line
@@ -127,7 +134,8 @@ def render(run: dict[str, Any], ops: dict[str, Any] | None = None) -> str:
         if key == "comm_exposed" and s.get("comm_wait_frac"):
             lines.append(f"      {'of which waiting for a slower rank':<46} {s['comm_wait_s']:9.4f}   "
                          f"{100 * s['comm_wait_frac']:5.1f}%")
-    if communicates:
+    strategy = run.get("strategy_effective") or "ddp"
+    if communicates and strategy == "ddp":
         wire = s.get("comm_wire_bytes")
         sent = "" if wire is None or wire == s["comm_bytes"] else f" ({fmt_bytes(wire)} on the wire)"
         lines += [
@@ -136,6 +144,14 @@ def render(run: dict[str, Any], ops: dict[str, Any] | None = None) -> str:
             f"overlap {100 * s['overlap']:.0f}%, {fmt_bytes(s['comm_bytes'])} per step{sent}, "
             f"bus bandwidth {s['busbw_GBps']:.2f} GB/s",
         ]
+    elif communicates:
+        lines += ["", f"  communication ({strategy}): busy {s['comm_s']:.4f} s, exposed {s['comm_exposed_s']:.4f} s, "
+                      f"overlap {100 * s['overlap']:.0f}%, {fmt_bytes(s['comm_wire_bytes'])} per step on the wire, "
+                      f"bus bandwidth {s['busbw_GBps']:.2f} GB/s"]
+        for kind in STRATEGY_KINDS.get(strategy, ()):
+            if s.get(f"comm_{kind}_s") is not None:
+                lines.append(f"    {KIND_LABELS[kind]:<28} busy {s[f'comm_{kind}_s']:.4f} s, exposed "
+                             f"{s[f'comm_{kind}_exposed_s']:.4f} s, {fmt_bytes(s[f'comm_{kind}_bytes'])} per step")
         if s.get("comm_sync_s"):
             lines.append(f"  buffer broadcast before forward: {s['comm_sync_s']:.4f} s per step (counted as exposed)")
     controls = run.get("controls") or {}
@@ -149,10 +165,17 @@ def render(run: dict[str, Any], ops: dict[str, Any] | None = None) -> str:
         lines += ["", "  memory per rank (max over ranks)"]
         shared = run["memory"].get("grads_in_comm_buffers")
         for key in MEMORY_KEYS:
-            if key == "autocast_weights" and not memory.get(key):
+            if key in ("autocast_weights", "params_unsharded") and not memory.get(key):
                 continue
             note = "   (the same bytes: gradients are views into the DDP buckets)" if shared and key == "comm_buffers" else ""
             lines.append(f"    {key:<22} {fmt_bytes(memory.get(key)):>12}{note}")
+    model = run.get("memory_model") or {}
+    if memory and model.get("max") and memory.get("model_state"):
+        lines.append(f"    model state predicted {fmt_bytes(model['max']['model_state'])} ({model['strategy']}, "
+                     f"{processes(model['world_size'])}; textbook {fmt_bytes(model['textbook_model_state'])}, "
+                     f"replicated as DDP {fmt_bytes(model['ddp_model_state'])})")
+    if run.get("strategy_note"):
+        lines.append(f"  note: {run['strategy_note']}")
     flops = run.get("flops") or {}
     if flops.get("per_sample"):
         mfu = flops.get("mfu")
@@ -162,7 +185,7 @@ def render(run: dict[str, Any], ops: dict[str, Any] | None = None) -> str:
             f"per rank, peak {fmt_flops(flops.get('peak_per_s'))}/s ({flops.get('peak_source')}), "
             f"MFU {100 * mfu:.1f}%" if mfu is not None else "",
         ]
-    verdict = verdict_sentence(s, run["world_size"])
+    verdict = verdict_sentence(s, run["world_size"], strategy)
     if ops:
         lines += ops_lines(ops)
         clause = roofline.compute_clause(ops["rows"], ops["hardware"]["peak_membw_Bps"])

@@ -1,4 +1,4 @@
-"""``python -m scaling.train +exp=NAME [overrides]``: one instrumented DDP training job.
+"""``python -m scaling.train +exp=NAME [overrides]``: one instrumented data-parallel training job.
 
 Works as a single process, under torchrun, srun or mpiexec. The loop lives in
 ``scaling.train.loop``; this module parses, sets up, runs, records and tears down.
@@ -49,6 +49,7 @@ def describe_run(job: Job, ctx: distsetup.Context, files: RunFiles) -> dict[str,
         "steps": cfg.train.steps,
         "warmup_steps": cfg.train.warmup_steps,
         "instrumented": cfg.instrument.enabled,
+        "strategy": cfg.dist.strategy,
         "comm_hook": cfg.comm.hook,
         "bucket_cap_mb": cfg.dist.bucket_cap_mb,
         "amp": cfg.train.amp,
@@ -119,12 +120,13 @@ def run_job(job: Job, ctx: distsetup.Context, log: logging.Logger, guard: failur
         trainer.run()
         summary = trainer.summary()
         memory = trainer.memory_report()
+        sharding = trainer.strategy_report()
         hardware = trainer.ceilings()  # probes after the memory report: their arrays are no part of the run
         ops = trainer.ops_report(hardware)
         if ops is not None:
             summary.update(ops["summary"])
         run.update(status="completed", finished_at=time.time(), summary=summary, controls=trainer.controls,
-                   memory=memory, hardware=hardware, flops=trainer.flops_report(summary, ops))
+                   memory=memory, hardware=hardware, flops=trainer.flops_report(summary, ops), **sharding)
     except BaseException as exc:
         guard.handling = True
         try:

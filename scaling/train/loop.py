@@ -1,4 +1,4 @@
-"""The instrumented DDP training loop.
+"""The instrumented data-parallel training loop (DDP, ZeRO-1 or FSDP: ``scaling.train.strategy``).
 
 ``prepare()`` builds and checks everything that needs no process group (so a
 configuration mistake never reaches one); ``Trainer.run()`` is the loop.
@@ -6,29 +6,26 @@ configuration mistake never reaches one); ``Trainer.run()`` is the loop.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scaling.launch import detect, group
 from scaling.records import reduce as aggregate, schema
-from scaling.train import faults, hooks
-from scaling.config import OptimConfig, RunConfig
+from scaling.train import faults, hooks, strategy
+from scaling.config import RunConfig
 from scaling.train.data import Batches, build_dataset, check_dataset_size
 from scaling.launch.group import Context
 from scaling.launch.layout import Launch
 from scaling.instruments import flops as flops_mod, membw, memory as mem, ops as ops_mod
 from scaling.instruments import roofline
 from scaling.instruments.clock import clock_for
-from scaling.instruments.comm import CommTimer, bucket_records, bucket_timeline, timeline_array, wire_count
+from scaling.instruments.comm import CommTimer, bucket_records, bucket_timeline, timeline_array
 from scaling.instruments.timing import PHASES, StepMarks, StepTimer
 from scaling.train.models import build_model, loss_fn_for
 from scaling.records.files import RunFiles
@@ -54,7 +51,7 @@ class Job:
     @property
     def step_keys(self) -> tuple[str, ...]:
         """What each rank measures per step."""
-        return schema.local_keys(self.cfg.instrument.enabled, self.launch.world_size)
+        return schema.local_keys(self.cfg.instrument.enabled, self.launch.world_size, self.cfg.dist.strategy)
 
     @property
     def null_keys(self) -> tuple[str, ...]:
@@ -75,25 +72,8 @@ def prepare(cfg: RunConfig) -> Job:
     return Job(cfg, launch, backend, batch_size, dataset, num_classes, model, hook)
 
 
-def make_optimizer(optim: OptimConfig, params) -> torch.optim.Optimizer:
-    if optim.name == "adamw":
-        return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
-    return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
-
-
 CUDA_RESOLVE_LAG_STEPS = 2
 """Steps left queued on the device when a log interval reads its events."""
-
-
-def forward_buffer_sync(enabled: bool) -> dict[str, bool]:
-    """DDP's switch for the buffer broadcast before forward, by the name this torch knows.
-
-    Newer releases call it ``forward_sync_buffers`` (buffers are still made
-    equal once at construction) and deprecate ``broadcast_buffers``.
-    """
-    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
-        return {"forward_sync_buffers": enabled}
-    return {"broadcast_buffers": enabled}
 
 
 @dataclass
@@ -148,27 +128,12 @@ class Trainer:
             self.flops["per_sample"] = flops / job.batch_size
         model = self.module = job.model.to(device)
         self.buffers = [b for b in model.buffers()]
-        self.sync_buffers = False
-        if self.ctx.world_size == 1:
-            # No peer: the model a single-process user would train, without DDP's reducer.
-            self.model = model
-        else:
-            # DDP broadcasts buffers (batch-norm statistics) from rank 0 before
-            # every forward, a collective no hook sees. Instrumented, the loop
-            # does that broadcast itself, timed as comm_sync_s.
-            self.sync_buffers = self.instrumented and bool(self.buffers)
-            self.model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
-                             bucket_cap_mb=cfg.dist.bucket_cap_mb,
-                             gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,
-                             **forward_buffer_sync(not self.sync_buffers))
-            state = hooks.make_state(job.hook, cfg.comm)
-            if self.instrumented:
-                self.model.register_comm_hook(state, self.comm.wrap(job.hook.hook, wire_count(job.hook.name)))
-            elif not job.hook.builtin_reducer:
-                self.model.register_comm_hook(state, job.hook.hook)
-        self.optimizer = make_optimizer(cfg.optim, self.model.parameters())
-        self.memory["params"] = mem.params_bytes(model)
-        self.activations = mem.SavedActivations(model)
+        # No peer (world size 1): the model a single-process user would train, unwrapped.
+        self.parallel = strategy.build(model, cfg, job.hook, self.ctx, self.comm, self.instrumented)
+        self.model, self.optimizer = self.parallel.model, self.parallel.optimizer
+        self.sync_buffers = self.parallel.sync_buffers
+        self.memory["params"] = self.parallel.memory()["params"]
+        self.activations = mem.SavedActivations(model, gathered=self.parallel.effective == "fsdp")
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -203,12 +168,14 @@ class Trainer:
                 self.faults.stall("optimizer", step)
             self.optimizer.step()
             if step == 0:
-                self.memory["grads"] = mem.grads_bytes(self.model)
+                self.memory.update(self.parallel.memory())  # the gradients exist until zero_grad()
+                self.parallel.stop_memory_tracking()
             self.optimizer.zero_grad()
             self.timer.mark("optimizer")
             self._bookkeeping(step)
             self.timer.mark("other")
             self._previous = PendingStep(step, self.timer.finish(), self.comm.take_step())
+        self.last_loss = float(loss.detach()) if total else float("nan")  # once, after the loop: no per-step sync
         self._end_measuring()
         self._run_controls(total)
         # The profiler's buffers must not count in the run's memory peaks.
@@ -233,13 +200,14 @@ class Trainer:
         """``instrument.control_steps`` more steps with no communication at all: the counterfactual.
 
         Same processes, placement, batches and optimizer; gradients stay local
-        (DDP's ``no_sync``) and no buffers are broadcast. Left out of every
+        (DDP's ``no_sync``), no buffers and no ZeRO-1 partitions are broadcast. FSDP has
+        no such step (it gathers its parameters in every step): none runs. Left out of every
         other statistic; their median step is ``controls.nocomm_step_s``.
         """
         count = self.job.cfg.instrument.control_steps
-        if not self.instrumented or count == 0:
+        no_sync = self.parallel.no_comm()
+        if not self.instrumented or count == 0 or no_sync is None:
             return
-        no_sync = self.model.no_sync() if isinstance(self.model, DDP) else nullcontext()
         marks = [self.clock.mark()]
         with no_sync:
             for step in range(first_step, first_step + count):
@@ -329,7 +297,7 @@ class Trainer:
 
     def _gather_buckets(self) -> None:
         """One gather of every rank's per-bucket timeline at the end: ``self.buckets``."""
-        if not self.instrumented or self.ctx.world_size == 1:
+        if not self.instrumented or self.ctx.world_size == 1 or not self.parallel.has_ddp_buckets:
             return
         local = torch.from_numpy(timeline_array(self._timelines))
         self.buckets = bucket_records(self.ctx.gather_tensor(local).numpy())
@@ -416,14 +384,23 @@ class Trainer:
 
     def memory_report(self) -> dict[str, Any]:
         """Every rank's categories, gathered once at the end."""
-        self.memory.setdefault("grads", mem.grads_bytes(self.module))
-        self.memory["optimizer_state"] = mem.optimizer_state_bytes(self.optimizer)
+        held = self.parallel.memory()
+        for key in ("params", "grads", "params_unsharded"):
+            self.memory.setdefault(key, held[key])
+        self.memory["optimizer_state"] = held["optimizer_state"]
+        measured = self.instrumented and self.job.cfg.instrument.memory
+        if self.parallel.effective == "fsdp" and not measured:
+            self.memory["params_unsharded"] = None
         if self.instrumented:
-            measured = self.job.cfg.instrument.memory
             self.memory["activations"] = self.activations.bytes if measured else None
             self.memory["autocast_weights"] = self.activations.autocast_weight_bytes if measured else None
-            communicates = self.ctx.world_size > 1
-            self.memory["comm_buffers"] = sum(self.comm.bucket_buffer_bytes.values()) if communicates else None
+            if self.parallel.effective == "fsdp":
+                self.memory["comm_buffers"] = self.parallel.tracker.buffers_peak if measured else None
+            elif self.ctx.world_size > 1:
+                self.memory["comm_buffers"] = sum(self.comm.bucket_buffer_bytes.values())
+            else:
+                self.memory["comm_buffers"] = None
+        self.memory["model_state"] = sum(self.memory[k] for k in schema.MODEL_STATE_KEYS)
         self.memory.setdefault("peak", mem.peak_bytes(self.ctx.device, self.rss_at_start))
         self.memory.setdefault("rss_peak", mem.rss_peak_bytes())
         local = torch.tensor([float(self.memory.get(k) if self.memory.get(k) is not None else -1) for k in schema.MEMORY_KEYS],
@@ -434,8 +411,15 @@ class Trainer:
         # With bucket views the gradients are stored inside the comm buffers:
         # one allocation, reported under both names; do not add them up.
         return {"max": maximum, "per_rank": per_rank,
-                "grads_in_comm_buffers": (self.instrumented and self.ctx.world_size > 1
+                "grads_in_comm_buffers": (self.instrumented and self.parallel.has_ddp_buckets
                                           and self.job.cfg.dist.gradient_as_bucket_view)}
+
+    def strategy_report(self) -> dict[str, Any]:
+        """run.json: the strategy, the predicted model state per rank (``memory_model``) and the last
+        measured step's loss, averaged over the ranks (``final_loss``: strategies compared on the same data)."""
+        losses = self.ctx.gather_tensor(torch.tensor([self.last_loss], dtype=torch.float64)).numpy()
+        return {**self.parallel.record(), "memory_model": self.parallel.memory_model(self.job.cfg, self.ctx.world_size),
+                "final_loss": float(losses.mean())}
 
     def flops_report(self, summary: dict[str, Any], ops: dict[str, Any] | None = None) -> dict[str, Any]:
         """MFU; with an op profile the peak is that of each operator's own precision (TF32 convolutions
