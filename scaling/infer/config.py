@@ -60,6 +60,8 @@ class InferConfig:
     """Poisson queries per tried rate (>= P99_MIN_QUERIES)."""
     seed: int = 0
     """Arrivals and service-time draws of the server scenario."""
+    server_replay: bool = True
+    """Serve the search's answer and the next rate up for real (Poisson queries in real time, the model)."""
     ops: bool = True
     """Profile one batch per size: compute_bound and memory_frac."""
 
@@ -84,12 +86,18 @@ class InferConfig:
         _positive_number("infer.server_timeout_ms", self.server_timeout_ms, allow_zero=True)
         _int_at_least("infer.server_queries", self.server_queries, P99_MIN_QUERIES)
         _int_at_least("infer.seed", self.seed, 0)
-        if not isinstance(self.ops, bool):
-            raise ConfigError(f"infer.ops must be true or false (got {self.ops!r})")
+        for key in ("ops", "server_replay"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"infer.{key} must be true or false (got {getattr(self, key)!r})")
 
     @property
     def max_batch(self) -> int:
         return self.server_max_batch or max(self.batch_sizes)
+
+    @property
+    def runs_single_stream(self) -> bool:
+        """Single-stream latencies: their own scenario, and the server's service times."""
+        return self.scenario != "offline"
 
     @property
     def runs_offline(self) -> bool:

@@ -33,47 +33,81 @@ def plateau(batches: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def best_within(batches: list[dict[str, Any]], budget_s: float) -> dict[str, Any] | None:
-    """The batch size of most throughput whose p99 latency meets the budget."""
-    within = [p for p in batches if p["latency_s"]["p99"] <= budget_s]
+    """The batch size of most throughput whose single-stream p99 latency meets the budget."""
+    within = [p for p in batches if p["latency_s"] and p["latency_s"]["p99"] <= budget_s]
     return max(within, key=lambda p: p["samples_per_s"]) if within else None
+
+
+def _curve(batches: list[dict[str, Any]], budget_ms: float) -> str:
+    """Batch 1's latency and bound, where throughput stops growing, and the best batch size within the budget."""
+    smallest, largest = batches[0], batches[-1]
+    latency = smallest["latency_s"]
+    head = (f"batch {smallest['batch_size']}: {_ms(latency['p90'])} p90" if latency
+            else f"batch {smallest['batch_size']}: {_rate(smallest['samples_per_s'])} samples/s offline")
+    parts = [", ".join(filter(None, [head, _bound(smallest)]))]
+    if len(batches) > 1:
+        knee = plateau(batches)
+        at = knee or largest
+        verb = "stops growing past" if knee else "still grows at"
+        parts.append(", ".join(filter(None, [f"throughput {verb} batch {at['batch_size']}: "
+                                             f"{_rate(at['samples_per_s'])} samples/s", _bound(at)])))
+        best = max(batches, key=lambda p: p["samples_per_s"])
+        if knee is not None and best is not knee:
+            parts.append(f"the most is {_rate(best['samples_per_s'])} samples/s at batch {best['batch_size']}"
+                         + (f" with {_ms(best['latency_s']['p99'])} p99" if best["latency_s"] else ""))
+    if latency:
+        budget = f"{budget_ms:g} ms p99"
+        best = best_within(batches, budget_ms / 1e3)
+        parts.append(f"best within {budget}: batch {best['batch_size']} at {_rate(best['samples_per_s'])} samples/s"
+                     if best else f"no batch size meets {budget}, batch {smallest['batch_size']} sees "
+                                  f"{_ms(latency['p99'])}")
+    return "; ".join(parts)
+
+
+def _server(server: dict[str, Any], budget: str) -> str:
+    setup = (f"server, simulated on the measured service times (Poisson arrivals, batches of up to "
+             f"{server['max_batch']}, {server['timeout_ms']:g} ms time-out, at least {server['queries']} queries "
+             f"and 100 budgets of arrivals per rate)")
+    if server["rate_qps"] is None:
+        return f"{setup}: no query rate meets {budget}; even a trickle sees {_ms(server['next_p99_s'])} p99"
+    return (f"{setup}: {_rate(server['rate_qps'])} queries/s within {budget} "
+            f"(p99 {_ms(server['p99_s'])}, mean batch {server['mean_batch']:.1f}); "
+            f"{_rate(server['next_rate_qps'])} queries/s misses it (p99 {_ms(server['next_p99_s'])})")
+
+
+def _replay(replay: dict[str, Any], budget: str, budget_s: float) -> str:
+    answer, above = replay["answer"], replay["next"]
+
+    def served(trial: dict[str, Any], verb: str) -> str:
+        return (f"{_rate(trial['rate_qps'])} queries/s {verb} {budget} (p99 {_ms(trial['p99_s'])} over "
+                f"{trial['queries']:,} queries, mean batch {trial['mean_batch']:.1f})")
+
+    line = (f"served live: {served(answer, 'meets' if answer['budget_met'] else 'misses')}, "
+            f"{served(above, 'meets' if above['budget_met'] else 'misses')}; ")
+    if replay["agrees"]:
+        line += "the replay agrees with the search"
+    elif not answer["budget_met"]:
+        line += (f"the replay disagrees with the search: the live server is slower than the simulated queue "
+                 f"at {_rate(answer['rate_qps'])} queries/s")
+    else:
+        line += (f"the replay disagrees with the search: the live server still meets the budget at "
+                 f"{_rate(above['rate_qps'])} queries/s")
+    lag = max(answer["issue_lag_p99_s"], above["issue_lag_p99_s"])
+    if lag > 0.1 * budget_s:
+        line += f"; queries were issued up to {_ms(lag)} late at p99, counted against the server"
+    return line
 
 
 def findings(record: dict[str, Any]) -> list[str]:
     batches = sorted(record["batches"], key=lambda p: p["batch_size"])
     budget_s = record["latency_budget_ms"] / 1e3
-    smallest, largest = batches[0], batches[-1]
-    head = f"batch {smallest['batch_size']}: {_ms(smallest['latency_s']['p90'])} p90"
-    bound = _bound(smallest)
-    parts = [f"{head}, {bound}" if bound else head]
-    if len(batches) > 1:
-        knee = plateau(batches)
-        if knee is None:
-            parts.append(f"throughput still grows at batch {largest['batch_size']} "
-                         f"({_rate(largest['samples_per_s'])} samples/s"
-                         + (f", {_bound(largest)})" if _bound(largest) else ")"))
-        else:
-            best = max(batches, key=lambda p: p["samples_per_s"])
-            parts.append(f"throughput stops growing past batch {knee['batch_size']} "
-                         f"({_bound(knee) + ', ' if _bound(knee) else ''}{_rate(knee['samples_per_s'])} samples/s; "
-                         f"best {_rate(best['samples_per_s'])} at batch {best['batch_size']}, "
-                         f"p99 {_ms(best['latency_s']['p99'])})")
-    best = best_within(batches, budget_s)
     budget = f"{record['latency_budget_ms']:g} ms p99"
-    parts.append(f"best within {budget}: batch {best['batch_size']} at {_rate(best['samples_per_s'])} samples/s"
-                 if best else f"no batch size meets {budget} (batch {smallest['batch_size']}: "
-                              f"{_ms(smallest['latency_s']['p99'])})")
-    lines = ["; ".join(parts)]
+    lines = [_curve(batches, record["latency_budget_ms"])]
     server = record.get("server")
     if server:
-        setup = (f"server (Poisson arrivals, dynamic batches of up to {server['max_batch']}, "
-                 f"{server['timeout_ms']:g} ms time-out, at least {server['queries']} queries and 100 budgets of arrivals per rate)")
-        if server["rate_qps"] is None:
-            lines.append(f"{setup}: no query rate meets {budget}; even a trickle sees "
-                         f"{_ms(server['next_p99_s'])} p99")
-        else:
-            lines.append(f"{setup}: {_rate(server['rate_qps'])} queries/s within {budget} "
-                         f"(p99 {_ms(server['p99_s'])}, mean batch {server['mean_batch']:.1f}); "
-                         f"{_rate(server['next_rate_qps'])} queries/s misses it (p99 {_ms(server['next_p99_s'])})")
+        lines.append(_server(server, budget))
+        if server.get("replay"):
+            lines.append(_replay(server["replay"], budget, budget_s))
     if record.get("replicas", 1) > 1:
         one = record["per_replica"][0]["batches"]
         by_size = {p["batch_size"]: p for p in one}

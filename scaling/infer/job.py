@@ -6,6 +6,12 @@ Started without a launcher, the command starts itself under ``torchrun
 --standalone --nproc_per_node=N``; under a launcher the world size is the
 number of replicas. The process group is gloo and only gathers results: the
 replicas never exchange tensors, so several may share one GPU.
+
+The server scenario's rate is searched on each replica's own service times
+(``scaling.infer.server``), then that rate and the next one up are served live,
+every replica at once (``scaling.infer.live``). A failure (an exception,
+SIGTERM, Slurm's SIGUSR1) leaves ``infer.json`` failed with the batch sizes
+every replica finished (``scaling.infer.records``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from omegaconf import DictConfig
 
 from scaling.config import ConfigError
 from scaling.infer import findings as infer_findings
+from scaling.infer import live, records
 from scaling.infer import server as serving
 from scaling.infer.config import InferRun, parse
 from scaling.infer.measure import Point, Server
@@ -33,8 +40,19 @@ from scaling.launch import detect, group
 from scaling.records import provenance
 from scaling.records.files import atomic_write_text, write_json
 from scaling.sinks import console
+from scaling.train import failure
 from scaling.train.data import build_dataset
+from scaling.train.faults import Injector
 from scaling.train.models import build_model
+
+
+class RecordedFailure(Exception):
+    """The run failed and infer.json says so; the traceback is in ``error_file``."""
+
+    def __init__(self, error_file: Path) -> None:
+        super().__init__(str(error_file))
+        self.error_file = error_file
+
 
 def ceilings(run: InferRun, device: torch.device, points: list[Point], concurrent: int) -> dict[str, Any]:
     """Peak FLOP/s of each precision the operators use and peak bytes/s: probed (cached) or from the config."""
@@ -45,53 +63,67 @@ def ceilings(run: InferRun, device: torch.device, points: list[Point], concurren
 
 
 def point_record(point: Point, hardware: dict[str, Any] | None) -> dict[str, Any]:
+    """One batch size on one replica. ``samples_per_s`` is offline's throughput where offline ran, else single
+    stream's (batch size over the mean latency); ``latency_s`` and ``queries`` are single stream's alone."""
     samples = point.latency_samples_s
-    busy_rate = point.batch_size * len(samples) / sum(samples)
-    record = {"batch_size": point.batch_size, "queries": len(samples), "latency_s": latency_summary(samples),
-              "samples_per_s": point.offline_samples_per_s or busy_rate, "single_stream_samples_per_s": busy_rate,
-              "offline_samples_per_s": point.offline_samples_per_s, "memory": point.memory,
-              "compute_bound": None, "memory_frac": None, "arithmetic_frac": None}
+    busy_rate = point.batch_size * len(samples) / sum(samples) if samples else None
+    offline = point.offline
+    record: dict[str, Any] = {
+        "batch_size": point.batch_size, "queries": len(samples) if samples else None,
+        "latency_s": latency_summary(samples) if samples else None, "single_stream_samples_per_s": busy_rate,
+        "offline": ({"queries": offline.queries, "batch_size": offline.batch_size, "total_s": offline.total_s,
+                     "samples_per_s": offline.samples_per_s} if offline else None),
+        "samples_per_s": offline.samples_per_s if offline else busy_rate,
+        "samples_per_s_from": "offline" if offline else "single_stream", "memory": point.memory,
+        "compute_bound": None, "memory_frac": None, "arithmetic_frac": None}
     if point.ops is not None and hardware is not None:
         rows = point.ops.rows(hardware["peak_flops_per_s"], hardware["peak_membw_Bps"])
         record.update(roofline.summarize(rows))
         record["ops_time_s"] = sum(r["time_s"] for r in rows)
-    record["latency_samples_s"] = samples
+    if samples:
+        record["latency_samples_s"] = samples
     return record
 
 
-def pooled(replicas: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """The node's view: every replica's samples pooled, throughput summed, memory summed, bounds of replica 0."""
-    if len(replicas) == 1:
-        return [{k: v for k, v in p.items() if k != "latency_samples_s"} for p in replicas[0]]
-    out = []
-    for same in zip(*replicas):
-        samples = [s for p in same for s in p["latency_samples_s"]]
-        first = same[0]
-        out.append({**{k: v for k, v in first.items() if k != "latency_samples_s"},
-                    "queries": len(samples), "latency_s": latency_summary(samples),
-                    "samples_per_s": sum(p["samples_per_s"] for p in same),
-                    "single_stream_samples_per_s": sum(p["single_stream_samples_per_s"] for p in same),
-                    "offline_samples_per_s": (sum(p["offline_samples_per_s"] for p in same)
-                                              if first["offline_samples_per_s"] is not None else None),
-                    "memory": {k: sum(p["memory"][k] for p in same) for k in first["memory"]}})
-    return out
-
-
-def server_result(run: InferRun, batches: list[dict[str, Any]]) -> dict[str, Any]:
-    """The server scenario on one replica's recorded service times."""
+def server_result(run: InferRun, batches: list[dict[str, Any]], server: Server, ctx: group.Context,
+                  log: logging.Logger) -> dict[str, Any]:
+    """This replica's server scenario: the search on its recorded service times, then its answer and the next rate
+    up served live (every replica at once), unless ``infer.server_replay=false``."""
     infer = run.infer
+    budget_s = infer.latency_budget_ms / 1e3
     service = serving.ServiceTimes({p["batch_size"]: p["latency_samples_s"] for p in batches})
-    found = serving.search(service, infer.latency_budget_ms / 1e3, infer.server_queries, infer.max_batch,
-                           infer.server_timeout_ms / 1e3, infer.seed)
-    return {"max_batch": infer.max_batch, "timeout_ms": infer.server_timeout_ms, "queries": infer.server_queries,
-            "seed": infer.seed, **found}
+    found = serving.search(service, budget_s, infer.server_queries, infer.max_batch, infer.server_timeout_ms / 1e3,
+                           infer.seed)
+    result = {"max_batch": infer.max_batch, "timeout_ms": infer.server_timeout_ms, "queries": infer.server_queries,
+              "seed": infer.seed, **found, "replay": None}
+    if not infer.server_replay:
+        return result
+    replayed: dict[str, Any] = {}
+    for name, rate in (("answer", found["rate_qps"]), ("next", found["next_rate_qps"])):
+        # Every replica passes both barriers, replaying or not (no rate meets the budget): the replicas serve
+        # together and none waits for a barrier the others never reach.
+        torch.distributed.barrier(group=ctx.meta_group)
+        if found["rate_qps"] is None:
+            continue
+        count = serving.queries_at(rate, infer.server_queries, budget_s)
+        log.info(f"server: serving {rate:,.0f} queries/s live ({name}), {count:,} queries, about {count / rate:.1f} s")
+        replayed[name] = live.replay(server, infer.batch_sizes, rate, infer.server_queries, infer.max_batch,
+                                     infer.server_timeout_ms / 1e3, infer.seed, budget_s)
+        log.info(f"server: {rate:,.0f} queries/s live: p99 {replayed[name]['p99_s'] * 1e3:.3f} ms, "
+                 f"mean batch {replayed[name]['mean_batch']:.2f}, "
+                 f"{'meets' if replayed[name]['budget_met'] else 'misses'} {infer.latency_budget_ms:g} ms")
+    if replayed:
+        replayed["agrees"] = replayed["answer"]["budget_met"] and not replayed["next"]["budget_met"]
+        result["replay"] = replayed
+    return result
 
 
 def progress(log: logging.Logger, index: int, total: int, record: dict[str, Any]) -> None:
     lat = record["latency_s"]
     bound = infer_findings._bound(record)
-    log.info(f"[{index}/{total}] batch {record['batch_size']:>4}  p50 {lat['p50'] * 1e3:8.3f} ms  "
-             f"p99 {lat['p99'] * 1e3:8.3f} ms  {record['samples_per_s']:10.1f} samples/s  "
+    latency = f"p50 {lat['p50'] * 1e3:8.3f} ms  p99 {lat['p99'] * 1e3:8.3f} ms  " if lat else ""
+    log.info(f"[{index}/{total}] batch {record['batch_size']:>4}  {latency}{record['samples_per_s']:10.1f} samples/s "
+             f"({record['samples_per_s_from'].replace('_', ' ')})  "
              f"activations {console.fmt_bytes(record['memory']['activations'])}"
              + (f"  {bound}" if bound else ""))
 
@@ -100,6 +132,8 @@ def infer(run: InferRun) -> dict[str, Any]:
     cfg, spec = run.run, run.infer
     launch = detect.detect()
     if launch.world_size != spec.replicas:
+        if launch.rank != 0:  # rank 0 says it: give it time to, before the launcher stops everyone
+            time.sleep(10)
         raise ConfigError(f"infer.replicas={spec.replicas} but {launch.world_size} processes were launched; "
                           f"start {spec.replicas} (or leave the launcher out)")
     dataset, num_classes = build_dataset(cfg.data, cfg.train.seed)
@@ -111,57 +145,81 @@ def infer(run: InferRun) -> dict[str, Any]:
         device_choice = "cuda" if torch.cuda.is_available() and group.resolve_backend(cfg.dist.backend) == "nccl" else "cpu"
     dist_cfg = replace(cfg.dist, backend="gloo", device=device_choice)
     log = console.make_logger(launch.rank, cfg.console)
-    ctx = group.init(launch, dist_cfg)
-    try:
-        return sweep(run, ctx, model, pool, log)
-    finally:
-        group.teardown()
+    # Signals become exceptions from here on, so that an early stop (Slurm's USR1,
+    # the launcher's TERM) leaves infer.json failed with what finished.
+    with failure.SignalGuard() as guard:
+        ctx = group.init(launch, dist_cfg)
+        try:
+            return sweep(run, ctx, model, pool, log, guard)
+        finally:
+            group.teardown()
 
 
 def sweep(run: InferRun, ctx: group.Context, model: torch.nn.Module, pool: torch.Tensor,
-          log: logging.Logger) -> dict[str, Any]:
+          log: logging.Logger, guard: failure.SignalGuard) -> dict[str, Any]:
     cfg, spec = run.run, run.infer
-    run_dir = ctx.agree_on_run_dir(Path(cfg.paths.root) / cfg.study_name, cfg.paths.run_id,
-                                   f"{cfg.exp_name}-infer-r{spec.replicas}")
-    if ctx.is_main:
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.raw, sort_keys=False))
-    amp = torch.bfloat16 if cfg.train.amp == "bf16" else None
-    server = Server(model, pool, ctx.device, amp)
+    files = records.RankFiles(ctx.agree_on_run_dir(Path(cfg.paths.root) / cfg.study_name, cfg.paths.run_id,
+                                                   f"{cfg.exp_name}-infer-r{spec.replicas}"), ctx.rank)
+    files.start()
     prov = provenance.collect(ctx.device, ctx.hostnames)
     device = f"{ctx.device} ({prov['gpu']})" if prov.get("gpu") else f"cpu ({prov['cpu']})"
-    log.info(f"run folder {run_dir}")
+    header = {"run_id": files.dir.name, "study": cfg.study_name, "exp": cfg.exp_name, "model": cfg.model.name,
+              "device": device, "amp": cfg.train.amp, "threads_per_process": ctx.threads, "replicas": spec.replicas,
+              "scenario": spec.scenario, "latency_budget_ms": spec.latency_budget_ms, "provenance": prov}
+    if ctx.is_main:
+        atomic_write_text(files.dir / "config.yaml", yaml.safe_dump(cfg.raw, sort_keys=False))
+        records.write_running(files, header)
+    try:
+        return measure_all(run, ctx, model, pool, log, files, header, device)
+    except BaseException as exc:
+        guard.handling = True
+        cause = records.write_failed(files, exc, ctx.world_size, header)
+        if cause:
+            log.error(f"run failed: {cause}")
+            print(f"scaling.infer: run failed: {cause} (records in {files.dir})", file=sys.stderr)
+        raise RecordedFailure(files.logs / f"rank{ctx.rank}.error.json") from exc
+
+
+def measure_all(run: InferRun, ctx: group.Context, model: torch.nn.Module, pool: torch.Tensor,
+                log: logging.Logger, files: records.RankFiles, header: dict[str, Any], device: str) -> dict[str, Any]:
+    cfg, spec = run.run, run.infer
+    amp = torch.bfloat16 if cfg.train.amp == "bf16" else None
+    server = Server(model, pool, ctx.device, amp, Injector.from_env(ctx.rank))
+    log.info(f"run folder {files.dir}")
     log.info(f"{cfg.exp_name}: {cfg.model.name} in inference mode on {device}, {ctx.threads} thread(s) per replica, "
              f"{spec.replicas} replica(s), amp={cfg.train.amp}, scenario={spec.scenario}")
     points = []
     for index, batch_size in enumerate(spec.batch_sizes, 1):
         torch.distributed.barrier(group=ctx.meta_group)  # the replicas serve each batch size together
-        point = server.measure(batch_size, spec.queries, spec.warmup_queries, spec.runs_offline, spec.ops)
+        point = server.measure(batch_size, spec.queries, spec.warmup_queries, spec.runs_single_stream,
+                               spec.runs_offline, spec.ops)
         points.append(point)
+        files.append_batch(point_record(point, None))
         progress(log, index, len(spec.batch_sizes), point_record(point, None))
     hardware = ceilings(run, ctx.device, points, ctx.launch.local_world_size) if spec.ops else None
     mine = [point_record(p, hardware) for p in points]
+    found = server_result(run, mine, server, ctx, log) if spec.runs_server else None
     gathered: list[Any] = [None] * ctx.world_size
-    torch.distributed.all_gather_object(gathered, mine, group=ctx.meta_group)
+    torch.distributed.all_gather_object(gathered, (mine, found), group=ctx.meta_group)
     record: dict[str, Any] = {}
     if ctx.is_main:
-        record = {"status": "completed", "run_id": run_dir.name, "study": cfg.study_name, "exp": cfg.exp_name,
-                  "model": cfg.model.name, "device": device, "amp": cfg.train.amp,
-                  "threads_per_process": ctx.threads, "replicas": spec.replicas, "scenario": spec.scenario,
-                  "latency_budget_ms": spec.latency_budget_ms, "finished_at": time.time(), "hardware": hardware,
-                  "batches": pooled(gathered),
-                  "per_replica": [{"rank": r, "batches": b} for r, b in enumerate(gathered)],
-                  "provenance": prov}
+        per_replica = [batches for batches, _ in gathered]
+        record = {**header, "status": "completed", "finished_at": time.time(), "hardware": hardware,
+                  "batches": records.pooled(per_replica),
+                  "per_replica": [{"rank": r, "batches": b} for r, b in enumerate(per_replica)]}
         if spec.runs_server:
-            per_replica = [server_result(run, b) for b in gathered]
-            record["server"] = {**per_replica[0], "replicas_rate_qps": [s["rate_qps"] for s in per_replica]}
-            if all(s["rate_qps"] is not None for s in per_replica):
-                record["server"]["node_rate_qps"] = sum(s["rate_qps"] for s in per_replica)
+            servers = [s for _, s in gathered]
+            record["server"] = {**servers[0], "replicas_rate_qps": [s["rate_qps"] for s in servers]}
+            if all(s["rate_qps"] is not None for s in servers):
+                record["server"]["node_rate_qps"] = sum(s["rate_qps"] for s in servers)
+            if spec.replicas > 1 and spec.server_replay:
+                record["server"]["replicas_replay_agrees"] = [(s["replay"] or {}).get("agrees") for s in servers]
         record["findings"] = infer_findings.findings(record)
-        write_json(run_dir / INFER_JSON, record)
+        write_json(files.dir / INFER_JSON, record)
         from scaling.infer import plot
 
-        plot.draw(record, run_dir / PLOT)
-        log.info("\n" + "\n".join(f"  {line}" for line in record["findings"]) + f"\n\n  records: {run_dir}")
+        plot.draw(record, files.dir / PLOT)
+        log.info("\n" + "\n".join(f"  {line}" for line in record["findings"]) + f"\n\n  records: {files.dir}")
     return record
 
 
@@ -176,5 +234,19 @@ def main(cfg: DictConfig) -> int:
     run = parse(cfg)  # every check before anything is built or created
     if run.infer.replicas > 1 and detect.detect().launcher == "single":
         return relaunch(run.infer.replicas, sys.argv[1:])
-    infer(run)
+    try:
+        infer(run)
+    except RecordedFailure as exc:
+        cause = exc.__cause__
+        if isinstance(cause, KeyboardInterrupt):
+            return 130
+        if isinstance(cause, failure.Terminated):
+            return 143
+        if failure.is_root_cause(cause):
+            print(f"scaling.infer: traceback in {exc.error_file}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except failure.Terminated:
+        return 143
     return 0

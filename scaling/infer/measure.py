@@ -1,7 +1,14 @@
 """One batch size, measured: per-query latencies, back-to-back throughput, memory and the op profile.
 
 Every forward runs under ``torch.inference_mode()`` (and the training job's
-autocast when ``train.amp=bf16``) on a model in eval mode.
+autocast when ``train.amp=bf16``) on a model in eval mode. A ``forward`` stall
+of ``SCALING_INJECT_STALL`` (``scaling.train.faults``) sleeps inside every
+forward: a service time of known size, for checking what the scenarios recover.
+
+Single stream and offline are measured apart: the single-stream latencies are
+``queries`` queries, one at a time; offline is ``queries`` batches back to back
+with one synchronisation at the end (its throughput, batch and total time, and
+no latency of its own).
 
 Memory keys (bytes): ``weights`` (parameters and buffers), ``activations``
 (the most bytes of intermediate tensors alive at once during one forward,
@@ -27,6 +34,7 @@ from torch.utils._pytree import tree_flatten
 from scaling.instruments import ops as ops_mod
 from scaling.instruments.flops import runs_in_tf32
 from scaling.instruments.memory import tensor_bytes
+from scaling.train.faults import Injector
 
 
 class LiveBytes(TorchDispatchMode):
@@ -61,13 +69,27 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+@dataclass(frozen=True)
+class Offline:
+    """``queries`` batches sent back to back: the throughput of one batch size with every query available at once."""
+
+    queries: int
+    batch_size: int
+    total_s: float
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.batch_size * self.queries / self.total_s
+
+
 @dataclass
 class Point:
     """What one batch size measured on this process."""
 
     batch_size: int
-    latency_samples_s: list[float]
-    offline_samples_per_s: float | None
+    latency_samples_s: list[float] | None
+    """Single stream: each query's time (None when the scenario is offline alone)."""
+    offline: Offline | None
     memory: dict[str, int]
     ops: ops_mod.OpMeasurement | None
 
@@ -76,11 +98,13 @@ class Server:
     """The model ready to answer queries of any batch size from a fixed pool of inputs."""
 
     def __init__(self, model: torch.nn.Module, inputs: torch.Tensor, device: torch.device,
-                 amp_dtype: torch.dtype | None) -> None:
+                 amp_dtype: torch.dtype | None, injector: Injector | None = None) -> None:
         self.model = model.to(device).eval()
         self.pool = inputs
         self.device = device
         self.amp_dtype = amp_dtype
+        self.injector = injector or Injector(0, [])
+        self.forwards = 0
 
     def batch(self, size: int) -> torch.Tensor:
         index = torch.arange(size) % len(self.pool)
@@ -96,6 +120,9 @@ class Server:
             torch.cuda.synchronize(self.device)
 
     def forward(self, x: torch.Tensor, mode: Callable[[], AbstractContextManager] = torch.inference_mode) -> Any:
+        if self.injector:
+            self.injector.stall("forward", self.forwards)
+        self.forwards += 1
         with mode(), self.autocast():
             return self.model(x)
 
@@ -109,14 +136,14 @@ class Server:
             out.append(time.perf_counter() - start)
         return out
 
-    def offline(self, x: torch.Tensor, queries: int) -> float:
-        """Offline: every query available at once, sent back to back; samples per second."""
+    def offline(self, x: torch.Tensor, queries: int) -> Offline:
+        """Offline: every query available at once, sent back to back, one synchronisation at the end."""
         self.sync()
         start = time.perf_counter()
         for _ in range(queries):
             self.forward(x)
         self.sync()
-        return x.shape[0] * queries / (time.perf_counter() - start)
+        return Offline(queries, x.shape[0], time.perf_counter() - start)
 
     def memory(self, x: torch.Tensor) -> dict[str, int]:
         weights = tensor_bytes(self.model.parameters()) + tensor_bytes(self.model.buffers())
@@ -147,13 +174,14 @@ class Server:
 
         return ops_mod.profile_ops(step, 1, self.device, runs_in_tf32=runs_in_tf32)
 
-    def measure(self, batch_size: int, queries: int, warmup: int, offline: bool, ops: bool) -> Point:
+    def measure(self, batch_size: int, queries: int, warmup: int, single_stream: bool, offline: bool,
+                ops: bool) -> Point:
         x = self.batch(batch_size)
         for _ in range(warmup):
             self.forward(x)
         self.sync()
-        samples = self.latencies(x, queries)
-        rate = self.offline(x, queries) if offline else None
+        samples = self.latencies(x, queries) if single_stream else None
+        back_to_back = self.offline(x, queries) if offline else None
         memory = self.memory(x)
         measurement = self.profile(x) if ops else None
-        return Point(batch_size, samples, rate, memory, measurement)
+        return Point(batch_size, samples, back_to_back, memory, measurement)

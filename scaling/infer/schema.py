@@ -5,15 +5,34 @@
       infer.json               the sweep (below)
       latency_throughput.png   samples/s against p99 latency, one point per batch size
 
-``infer.json``: ``status``, ``run_id``, ``exp``, ``model``, ``device``, ``amp``,
-``threads_per_process``, ``replicas``, ``scenario``, ``latency_budget_ms``,
-``hardware`` (the roofline ceilings), ``batches`` (the node: every replica's
-samples pooled, throughput summed), ``per_replica`` (each replica's own
-``batches``, with its per-query ``latency_samples_s``), ``server`` and
-``findings``. Per batch size: ``batch_size``, ``queries``, ``latency_s``
-(``p50``, ``p90``, ``p99``, ``max``), ``samples_per_s``, ``memory``
-(``weights``, ``activations``, ``peak``: bytes), ``compute_bound``,
-``memory_frac``, ``arithmetic_frac``.
+``infer.json``: ``status`` (``running`` from the start, then ``completed`` or
+``failed`` with ``error``, ``failed_at`` and ``finished_batch_sizes``: the
+batch sizes every replica finished, kept in ``batches``), ``run_id``, ``exp``,
+``model``, ``device``, ``amp``, ``threads_per_process``, ``replicas``,
+``scenario``, ``latency_budget_ms``, ``hardware`` (the roofline ceilings),
+``batches`` (the node: every replica's samples pooled, throughput summed),
+``per_replica`` (each replica's own ``batches``, with its per-query
+``latency_samples_s``), ``server`` and ``findings``.
+
+Per batch size: ``batch_size``; single stream (null when the scenario is
+offline alone): ``queries``, ``latency_s`` (``p50``, ``p90``, ``p99``,
+``max``), ``single_stream_samples_per_s``; ``offline`` (null unless offline
+ran): ``queries``, ``batch_size``, ``total_s``, ``samples_per_s``;
+``samples_per_s`` (offline's where it ran, else single stream's) and
+``samples_per_s_from``; ``memory`` (``weights``, ``activations``, ``peak``:
+bytes), ``compute_bound``, ``memory_frac``, ``arithmetic_frac``.
+
+``server`` (replica 0's, simulated on its service times): ``max_batch``,
+``timeout_ms``, ``queries``, ``seed``, ``rate_qps`` and ``p99_s`` (the largest
+rate within the budget), ``next_rate_qps`` and ``next_p99_s`` (the next rate
+up, which misses it), ``mean_batch``, ``capacity_qps``, ``replicas_rate_qps``,
+``node_rate_qps``; ``replay`` (null when not replayed): ``answer`` and
+``next``, each served live (``scaling.infer.live``: ``rate_qps``, ``queries``,
+``p50_s``, ``p99_s``, ``max_s``, ``mean_batch``, ``budget_met``,
+``issue_lag_p99_s``, ``duration_s``), and ``agrees`` (the answer meets the
+budget live and the next rate up does not); with replicas,
+``replicas_replay_agrees`` (each replica's ``agrees``, null where it had no
+rate to replay).
 """
 
 from __future__ import annotations
