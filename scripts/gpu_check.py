@@ -15,6 +15,10 @@ taken by that loop, a delay injected on purpose. Rows:
   comm       2 ranks on one GPU (gloo on CUDA tensors): a 30 ms delay per bucket recovered in comm_s
   straggler  one of the 2 ranks stalled 60 ms per step: bound=straggler, that rank named, comm_wait_s recovered
   nccl       NCCL initialises and all-reduces (commbench, 1 rank)
+  fsdp       dist.strategy=fsdp on 2 ranks (NCCL with 2 GPUs; with one GPU gloo on CUDA tensors, since NCCL
+             refuses two ranks on one device), bf16 MixedPrecisionPolicy: model state per rank against the
+             formula, gathered bf16 bytes and reduce-scattered fp32 bytes per step, the run's peak against a
+             plain fully_shard loop's max_memory_allocated
   ops        the op profile on CUDA: kernel times from the profiler against compute_s, backward operators
              counted on the autograd thread, bf16/TF32/fp32 peaks per operator precision, device bandwidth,
              an mlp memory-bound at batch 1 and arithmetic-bound at batch 512
@@ -75,6 +79,51 @@ torch.cuda.synchronize()
 wall = time.perf_counter() - start
 json.dump({"step_s": wall / steps, "samples_per_s": batch * steps / wall,
            "max_memory_allocated": torch.cuda.max_memory_allocated()}, open(out, "w"))
+'''
+
+# dist.strategy=fsdp: four 1024x1024 layers and a 1024->10 head (every dim 0 even: no padding on 2 ranks).
+FSDP_WIDTH, FSDP_LAYERS, FSDP_CLASSES = 1024, 4, 10
+FSDP_PSI = FSDP_LAYERS * (FSDP_WIDTH * FSDP_WIDTH + FSDP_WIDTH) + FSDP_WIDTH * FSDP_CLASSES + FSDP_CLASSES
+FSDP_MLP = ["+exp=mlp", f"model.in_features={FSDP_WIDTH}", f"model.hidden={FSDP_WIDTH}",
+            f"model.layers={FSDP_LAYERS}", "train.batch_size=256", "data.num_samples=8192", "optim=adamw",
+            "train.amp=bf16", "dist.strategy=fsdp", "logger.wandb.mode=disabled", "train.log_every=5",
+            "instrument.flops=false", "instrument.ops=false", "instrument.control_steps=0"]
+
+PLAIN_FSDP_LOOP = r'''
+import json, os, sys
+import torch, torch.distributed as dist, torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from scaling.train.models import wide_mlp
+steps, warmup, batch, width, layers, classes, backend, out = sys.argv[1:9]
+steps, warmup, batch, width, layers, classes = map(int, (steps, warmup, batch, width, layers, classes))
+dist.init_process_group(backend)
+rank, world = dist.get_rank(), dist.get_world_size()
+device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+torch.cuda.set_device(device)
+torch.manual_seed(0)
+model = wide_mlp(width, width, layers, classes).to(device)
+mesh = init_device_mesh("cuda", (world,))
+policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+for block in model:
+    if any(True for _ in block.parameters()):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
+optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+gen = torch.Generator(device="cpu").manual_seed(rank)
+for step in range(warmup + steps):
+    if step == warmup:
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(device)
+    x = torch.randn(batch, width, generator=gen).to(device)
+    y = torch.randint(0, classes, (batch,), generator=gen).to(device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+torch.cuda.synchronize()
+json.dump({"max_memory_allocated": torch.cuda.max_memory_allocated(device)}, open(f"{out}.{rank}", "w"))
+dist.destroy_process_group()
 '''
 
 
@@ -262,6 +311,42 @@ def check_ops(check: Check, root: Path) -> None:
               "memory, arithmetic", bounds[1][0] == "memory" and bounds[512][0] == "arithmetic")
 
 
+def check_fsdp(check: Check, root: Path) -> None:
+    import torch
+
+    two_gpus = torch.cuda.device_count() >= 2
+    backend = "nccl" if two_gpus else "gloo"
+    where = "NCCL, 2 GPUs" if two_gpus else "gloo on CUDA tensors, 2 ranks on 1 GPU"
+    done = train(root, "fsdp", [*FSDP_MLP, f"dist.backend={backend}", "dist.device=cuda", "train.steps=6",
+                                "train.warmup_steps=2"], nproc=2)
+    # AdamW with fp32 master parameters and gradients: (4 + 4 + 8) bytes per parameter, halved on 2 ranks.
+    formula = 16 * FSDP_PSI / 2
+    states = [r["model_state"] for r in done["memory"]["per_rank"]]
+    predicted = [r["model_state"] for r in done["memory_model"]["per_rank"]]
+    check.row("fsdp", f"model state per rank vs 16 psi / 2 and vs memory_model ({where})",
+              f"{[round(b / 2**20, 1) for b in states]} MiB vs {formula / 2**20:.1f} MiB, predicted "
+              f"{[round(b / 2**20, 1) for b in predicted]} MiB", "each within 5 %",
+              done["strategy_effective"] == "fsdp" and all(within(b, formula, 0.05) for b in states)
+              and all(within(b, p, 0.05) for b, p in zip(states, predicted)))
+    steps = done["_steps"]
+    gathered = {s["comm_allgather_fwd_bytes_max"] for s in steps} | {s["comm_allgather_bwd_bytes_max"] for s in steps}
+    reduced = {s["comm_reducescatter_bytes_max"] for s in steps}
+    check.row("fsdp", "bytes per step: all-gathers in bf16 (2 B/param), reduce-scatter in fp32 (4 B/param)",
+              f"all-gather {sorted(gathered)}, reduce-scatter {sorted(reduced)}",
+              f"{2 * FSDP_PSI} and {4 * FSDP_PSI}", gathered == {2 * FSDP_PSI} and reduced == {4 * FSDP_PSI})
+    unsharded = done["memory"]["max"]["params_unsharded"]
+    check.row("fsdp", "gathered bf16 parameters at once vs memory_model (two blocks in backward)",
+              f"{unsharded / 2**20:.1f} MiB vs {done['memory_model']['max']['params_unsharded'] / 2**20:.1f} MiB",
+              "within 5 %", within(unsharded, done["memory_model"]["max"]["params_unsharded"], 0.05))
+    out = root / "plain_fsdp.json"
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+         sys.executable, "-c", PLAIN_FSDP_LOOP, "6", "2", "256", str(FSDP_WIDTH), str(FSDP_LAYERS), str(FSDP_CLASSES), backend, str(out)])
+    plain = max(json.loads(Path(f"{out}.{rank}").read_text())["max_memory_allocated"] for rank in (0, 1))
+    peak = done["memory"]["max"]["peak"]
+    check.row("fsdp", "run peak vs a plain fully_shard loop's max_memory_allocated (after warm-up)",
+              f"{peak / 2**20:.0f} MiB vs {plain / 2**20:.0f} MiB", "within 10 %", within(peak, plain, 0.10))
+
+
 def check_nccl(check: Check, root: Path) -> None:
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
          "scaling.commbench", "commbench.ops=[all_reduce]", "commbench.min_bytes=1048576",
@@ -292,6 +377,7 @@ def main() -> int:
         for name, step in (("single-gpu", lambda: check_single_gpu(check, root, args.steps)),
                            ("two-ranks", lambda: check_two_ranks(check, root)),
                            ("nccl", lambda: check_nccl(check, root)),
+                           ("fsdp", lambda: check_fsdp(check, root)),
                            ("ops", lambda: check_ops(check, root))):
             try:
                 step()
