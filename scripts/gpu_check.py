@@ -22,6 +22,10 @@ taken by that loop, a delay injected on purpose. Rows:
   ops        the op profile on CUDA: kernel times from the profiler against compute_s, backward operators
              counted on the autograd thread, bf16/TF32/fp32 peaks per operator precision, device bandwidth,
              an mlp memory-bound at batch 1 and arithmetic-bound at batch 512
+  inference  python -m scaling.infer on CUDA (resnet50, bf16): single-stream latency (wall clock, device
+             synchronised) and offline samples/s against CUDA events of a plain loop, peak device memory per
+             batch size against its max_memory_allocated, a 20 ms host stall recovered in p50, the server
+             answer served live on the GPU
 
 Exit status 0 when every row passes. Needs one CUDA device; it takes about
 4 minutes on an H100.
@@ -358,6 +362,94 @@ def check_nccl(check: Check, root: Path) -> None:
               "backend nccl, a time > 0", result["backend"] == "nccl" and largest["time_s"] > 0)
 
 
+INFER_RESNET = ["+exp=resnet", "model=resnet50", "data.image_size=224", "train.amp=bf16", "data.num_samples=64",
+                "logger.wandb.mode=disabled", "dist.device=cuda", "infer.warmup_queries=10"]
+INFER_SIZES = (1, 8, 64)
+
+INFER_LOOP = r"""
+import json, statistics, sys
+import torch, torchvision
+sizes, queries, out = [int(s) for s in sys.argv[1].split(",")], int(sys.argv[2]), sys.argv[3]
+device = torch.device("cuda")
+torch.manual_seed(0)
+model = torchvision.models.resnet50(weights=None, num_classes=10).to(device).eval()
+result = {}
+for b in sizes:
+    x = torch.randn(b, 3, 224, 224, device=device)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(10):
+            model(x)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(queries):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(); model(x); end.record(); end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(queries):
+            model(x)
+        end.record(); end.synchronize()
+        offline = b * queries / (start.elapsed_time(end) / 1e3)
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+        model(x); torch.cuda.synchronize()
+    result[b] = {"p50_s": statistics.median(times), "offline_samples_per_s": offline,
+                 "max_memory_allocated": torch.cuda.max_memory_allocated()}
+    del x
+json.dump(result, open(out, "w"))
+"""
+
+
+def infer(root: Path, name: str, overrides: list[str], **extra: str) -> dict:
+    run([sys.executable, "-m", "scaling.infer", *overrides, f"paths.root={root}", f"study.name={name}"], **extra)
+    return json.loads(next((root / name).glob("*/infer.json")).read_text())
+
+
+def check_inference(check: Check, root: Path) -> None:
+    sizes = ",".join(map(str, INFER_SIZES))
+    plain_out = root / "plain_infer.json"
+    run([sys.executable, "-c", INFER_LOOP, sizes, "50", str(plain_out)])
+    plain = {int(b): v for b, v in json.loads(plain_out.read_text()).items()}
+    done = infer(root, "infer", [*INFER_RESNET, f"infer.batch_sizes=[{sizes}]", "infer.queries=50",
+                                 "infer.latency_budget_ms=30", "infer.ops=false"])
+    points = {p["batch_size"]: p for p in done["batches"]}
+    wall = {b: points[b]["latency_s"]["p50"] for b in INFER_SIZES}
+    events = {b: plain[b]["p50_s"] for b in INFER_SIZES}
+    check.row("inference", "single-stream p50 (wall, synchronised) vs a plain loop's CUDA-event p50, per batch",
+              ", ".join(f"b{b} {wall[b] * 1e3:.2f}/{events[b] * 1e3:.2f} ms" for b in INFER_SIZES),
+              "each within 15 %, never below the events by more than 3 %",
+              all(within(wall[b], events[b], 0.15) and wall[b] >= 0.97 * events[b] for b in INFER_SIZES))
+    largest = INFER_SIZES[-1]
+    offline = points[largest]["offline"]["samples_per_s"]
+    check.row("inference", f"offline samples/s at batch {largest} vs the plain loop's back-to-back CUDA events",
+              f"{offline:.0f} vs {plain[largest]['offline_samples_per_s']:.0f}", "within 10 %",
+              within(offline, plain[largest]["offline_samples_per_s"], 0.10))
+    peaks = {b: points[b]["memory"]["peak"] for b in INFER_SIZES}
+    check.row("inference", "peak device memory of one forward per batch vs the plain loop's max_memory_allocated",
+              ", ".join(f"b{b} {peaks[b] / 2**20:.0f}/{plain[b]['max_memory_allocated'] / 2**20:.0f} MiB"
+                        for b in INFER_SIZES), "each within 10 %, growing with the batch",
+              all(within(peaks[b], plain[b]["max_memory_allocated"], 0.10) for b in INFER_SIZES)
+              and all(peaks[a] < peaks[b] for a, b in zip(INFER_SIZES, INFER_SIZES[1:])))
+    weights = points[1]["memory"]["weights"]
+    check.row("inference", "weights: resnet50's parameters and buffers in fp32 (25.6 M parameters)",
+              f"{weights / 2**20:.1f} MiB", "90..110 MiB", 90 * 2**20 <= weights <= 110 * 2**20)
+    stalled = infer(root, "infer-stall", [*INFER_RESNET, "infer.batch_sizes=[1]", "infer.queries=30",
+                                          "infer.scenario=single_stream", "infer.ops=false"],
+                    SCALING_INJECT_STALL="forward:0.02")
+    gained = stalled["batches"][0]["latency_s"]["p50"] - wall[1]
+    check.row("inference", "a 20 ms host stall per forward: p50 latency gain at batch 1",
+              f"+{gained * 1e3:.1f} ms", "20 ms within 10 %", within(gained, 0.02, 0.10))
+    server = done.get("server") or {}
+    replay = server.get("replay") or {}
+    served = [replay[k] for k in ("answer", "next") if k in replay]
+    check.row("inference", "server answer and next rate served live on the GPU (30 ms budget)",
+              (f"{server['rate_qps']:.0f} q/s p99 {served[0]['p99_s'] * 1e3:.1f} ms, {server['next_rate_qps']:.0f} "
+               f"q/s p99 {served[1]['p99_s'] * 1e3:.1f} ms, agrees={replay['agrees']}") if len(served) == 2
+              else f"no replay (rate {server.get('rate_qps')})",
+              "both served, >= 662 queries each (agreement reported, not required)",
+              len(served) == 2 and all(t["queries"] >= 662 for t in served))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="also write the table as JSON here")
@@ -378,7 +470,8 @@ def main() -> int:
                            ("two-ranks", lambda: check_two_ranks(check, root)),
                            ("nccl", lambda: check_nccl(check, root)),
                            ("fsdp", lambda: check_fsdp(check, root)),
-                           ("ops", lambda: check_ops(check, root))):
+                           ("ops", lambda: check_ops(check, root)),
+                           ("inference", lambda: check_inference(check, root))):
             try:
                 step()
             except Exception as exc:  # one failing group must not hide the others
