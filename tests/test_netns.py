@@ -242,3 +242,55 @@ def test_resnet_turns_communication_bound_as_the_link_slows(tmp_path: Path) -> N
             assert summary[rate]["busbw_GBps"] <= 1.05 * bit_s / 8 / 1e9, rate
     slow_link_GBps = LINK_RATES["100mbit"] / 8 / 1e9
     assert 0.7 * slow_link_GBps <= summary["100mbit"]["busbw_GBps"], summary["100mbit"]
+
+
+# dist.strategy=fsdp on two emulated hosts: four 512x512 layers and a 512->5 head, whose three kinds of
+# collective (all-gather in forward, again in backward, reduce-scatter) each move the padded parameters.
+FSDP_WIDTH = 512
+FSDP_BYTES = (4 * (FSDP_WIDTH * FSDP_WIDTH + FSDP_WIDTH) + 6 * FSDP_WIDTH + 6) * 4  # head padded from 5 to 6 rows
+FSDP_JOB = ("-m", "scaling.train", "+exp=mlp", f"model.in_features={FSDP_WIDTH}", f"model.hidden={FSDP_WIDTH}",
+            "model.layers=4", "data.num_classes=5", "train.batch_size=4", "data.num_samples=256", "optim=adamw",
+            "train.steps=4", "train.warmup_steps=1", "train.log_every=2", "instrument.flops=false",
+            "instrument.ops=false", "instrument.control_steps=0", "logger.wandb.mode=disabled", "dist.strategy=fsdp")
+FSDP_KINDS = ("allgather_fwd", "allgather_bwd", "reducescatter")
+
+
+@needs_netns
+def test_fsdp_collectives_wait_on_a_slower_link(tmp_path: Path) -> None:
+    rates = {"unlimited": None, "100mbit": 100_000_000}
+    procs: dict[str, subprocess.Popen[str]] = {}
+    logs = {rate: tmp_path / f"{rate}.log" for rate in rates}
+    try:
+        for rate, log in logs.items():
+            with log.open("w") as out:
+                procs[rate] = subprocess.Popen(
+                    [sys.executable, TOOL, "--hosts", "2", "--rate", rate, "--mtu", "9000", "--torchrun", "--",
+                     *FSDP_JOB, f"paths.root={tmp_path}", f"study.name=fsdp-{rate}"],
+                    cwd=REPO, env=job_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 240
+        for rate, proc in procs.items():
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            assert code == 0, f"{rate}: exit {code}\n{logs[rate].read_text()[-4000:]}"
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    summary = {rate: read_json(only_run_dir(tmp_path / f"fsdp-{rate}") / "run.json")["summary"] for rate in rates}
+    print(json.dumps({rate: {k: s[k] for k in ("step_s", "comm_s", "comm_exposed_s", "busbw_GBps", "bound",
+                                                *(f"comm_{kind}_exposed_s" for kind in FSDP_KINDS))}
+                      for rate, s in summary.items()}, indent=1))
+    # Each rank sends (n-1)/n of every collective's bytes over its link: 1.1 MB per kind per step at 100 Mbit/s.
+    wire_s = FSDP_BYTES / 2 * 8 / rates["100mbit"]
+    for kind in FSDP_KINDS:
+        assert summary["100mbit"][f"comm_{kind}_bytes"] == FSDP_BYTES
+        grown = summary["100mbit"][f"comm_{kind}_exposed_s"] - summary["unlimited"][f"comm_{kind}_exposed_s"]
+        # On CPU nothing hides FSDP's collectives: at least half the extra wire time is exposed, in its own kind.
+        assert grown >= 0.5 * wire_s, (kind, grown, wire_s)
+    assert summary["100mbit"]["bound"] == "communication"
+    # Never more bandwidth than the link (5% for timing noise): no communication time went uncounted.
+    assert summary["100mbit"]["busbw_GBps"] <= 1.05 * rates["100mbit"] / 8 / 1e9
