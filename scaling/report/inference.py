@@ -98,6 +98,7 @@ def render(folders: list[Path], out_dir: Path | None = None) -> str:
             if record.get("batches"):
                 plot.draw(record, run_dir / PLOT)
             markdown += _run_markdown(run_dir, record)
-            console += [f"{run_dir.name}:", *[f"  {line}" for line in record.get("findings", [])]]
+            status = "" if record.get("status") == "completed" else f" {record.get('status')}: {record.get('error', '')}"
+            console += [f"{run_dir.name}:{status}", *[f"  {line}" for line in record.get("findings", [])]]
     (out / "report.md").write_text("\n".join(markdown))
     return "\n".join([*console, "", f"  report: {out / 'report.md'}"])
