@@ -28,6 +28,10 @@ SERVED = ["infer.batch_sizes=[1,4]", "infer.queries=100", "infer.warmup_queries=
           "infer.latency_budget_ms=25", "infer.server_timeout_ms=2", "infer.ops=false", "data.num_samples=64"]
 
 
+def service_times(record: dict) -> serving.ServiceTimes:
+    return serving.ServiceTimes({p["batch_size"]: p["latency_samples_s"] for p in record["per_replica"][0]["batches"]})
+
+
 def infer_record(root: Path) -> tuple[Path, dict]:
     [run_dir] = [p for p in (root / "infer").iterdir() if p.is_dir()]
     return run_dir, json.loads((run_dir / "infer.json").read_text())
@@ -133,7 +137,7 @@ def test_server_search_is_consistent_on_its_own_service_times(served):
     _, record = served
     found = record["server"]
     assert found["queries"] >= P99_MIN_QUERIES
-    service = serving.ServiceTimes({p["batch_size"]: p["latency_samples_s"] for p in record["per_replica"][0]["batches"]})
+    service = service_times(record)
     budget = record["latency_budget_ms"] / 1e3
     replay = lambda rate: serving.trial(service, rate, found["queries"], found["max_batch"],  # noqa: E731
                                         found["timeout_ms"] / 1e3, found["seed"], budget)
@@ -146,7 +150,7 @@ def test_server_search_is_consistent_on_its_own_service_times(served):
 def test_server_answer_and_next_rate_served_live(served):
     run_dir, record = served
     found, budget = record["server"], record["latency_budget_ms"] / 1e3
-    service = serving.ServiceTimes({p["batch_size"]: p["latency_samples_s"] for p in record["per_replica"][0]["batches"]})
+    service = service_times(record)
     live = found["replay"]
     for name, rate in (("answer", found["rate_qps"]), ("next", found["next_rate_qps"])):
         trial = live[name]
@@ -173,8 +177,8 @@ def test_server_answer_and_next_rate_served_live(served):
 
 
 def test_live_server_recovers_known_service_times_and_time_outs():
-    """The live batcher on the real model with a 2 ms sleep in every forward: lone queries wait the time-out and one forward,
-    full batches one forward, and past capacity the device never idles while queries wait."""
+    """The live batcher on the real model with a 2 ms sleep in every forward: lone queries wait the time-out and
+    one forward, full batches one forward, and past capacity the device never idles while queries wait."""
     import torch
 
     from scaling.infer import live

@@ -142,7 +142,8 @@ def infer(run: InferRun) -> dict[str, Any]:
     pool = torch.stack([dataset[i][0] for i in range(min(len(dataset), max(spec.batch_sizes)))])
     device_choice = cfg.dist.device
     if device_choice == "auto":
-        device_choice = "cuda" if torch.cuda.is_available() and group.resolve_backend(cfg.dist.backend) == "nccl" else "cpu"
+        nccl = group.resolve_backend(cfg.dist.backend) == "nccl"
+        device_choice = "cuda" if torch.cuda.is_available() and nccl else "cpu"
     dist_cfg = replace(cfg.dist, backend="gloo", device=device_choice)
     log = console.make_logger(launch.rank, cfg.console)
     # Signals become exceptions from here on, so that an early stop (Slurm's USR1,

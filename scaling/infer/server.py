@@ -10,6 +10,11 @@ each tried rate, so every rate sees the same pattern of gaps.
 The batcher sends when ``max_batch`` queries wait, or when the oldest has
 waited ``timeout_s``, or, when the server was busy, as soon as it is free (at
 most ``max_batch`` queries).
+
+The simulation knows only the service times: what serving adds (issuing
+queries, waking threads, a machine shared with other work) is not in it.
+``scaling.infer.live`` serves the answer and the next rate up for real, with
+these same arrivals and batcher rules, and says whether the answer holds.
 """
 
 from __future__ import annotations
@@ -114,5 +119,6 @@ def search(service: ServiceTimes, budget_s: float, queries: int, max_batch: int,
     while high.rate_qps / low.rate_qps > 1 + SEARCH_STEP:
         middle = run(float(np.sqrt(low.rate_qps * high.rate_qps)))
         low, high = (middle, high) if middle.p99_s <= budget_s else (low, middle)
-    return {"rate_qps": low.rate_qps, "p99_s": low.p99_s, "queries_at_rate": queries_at(low.rate_qps, queries, budget_s), "mean_batch": low.mean_batch,
+    return {"rate_qps": low.rate_qps, "p99_s": low.p99_s, "queries_at_rate": queries_at(low.rate_qps, queries, budget_s),
+            "mean_batch": low.mean_batch,
             "next_rate_qps": high.rate_qps, "next_p99_s": high.p99_s, "capacity_qps": capacity}

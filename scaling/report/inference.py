@@ -98,7 +98,8 @@ def render(folders: list[Path], out_dir: Path | None = None) -> str:
             if record.get("batches"):
                 plot.draw(record, run_dir / PLOT)
             markdown += _run_markdown(run_dir, record)
-            status = "" if record.get("status") == "completed" else f" {record.get('status')}: {record.get('error', '')}"
+            status = record.get("status")
+            status = "" if status == "completed" else f" {status}: {record.get('error', '')}"
             console += [f"{run_dir.name}:{status}", *[f"  {line}" for line in record.get("findings", [])]]
     (out / "report.md").write_text("\n".join(markdown))
     return "\n".join([*console, "", f"  report: {out / 'report.md'}"])
