@@ -33,8 +33,14 @@ from scaling.predict.report import commbench_links  # noqa: E402
 from scaling.predict.runs import Point, find_points  # noqa: E402
 
 JOB = ["-m", "scaling.train", "+exp=mlp", "model.in_features=2048", "model.hidden=512", "model.layers=2",
-       "dist.bucket_cap_mb=1", "train.batch_size=1", "train.steps=8", "train.warmup_steps=2", "train.log_every=4",
-       "instrument.flops=false", "instrument.ops=false", "instrument.control_steps=3", "logger.wandb.mode=disabled"]
+       "dist.bucket_cap_mb=1", "train.batch_size=1", "train.warmup_steps=3", "train.log_every=10",
+       "instrument.flops=false", "instrument.ops=false", "instrument.control_steps=10", "logger.wandb.mode=disabled"]
+STEPS = {"unlimited": 60}
+"""Steps per cell: 20 (0.1-1 s each on a shaped link), 60 unshaped (about 20 ms each: 20 would time 0.3 s of a
+machine that other jobs share)."""
+DISTURBED = 2.0
+"""A cell whose no-comm control step is this many times the median of the cells with as many hosts was measured
+while other work held the cores: it is measured once more (the same job's compute takes the same time everywhere)."""
 COMMBENCH = ["-m", "scaling.commbench", "commbench.ops=[all_reduce]", "commbench.min_bytes=262144",
              "commbench.max_bytes=4194304", "commbench.iters=20", "commbench.warmup_iters=5"]
 TOOL = REPO / "scripts" / "netns_cluster.py"
@@ -67,17 +73,46 @@ def measure(root: Path, rates: list[str], hosts: list[int], reuse: bool, redo: s
             study = root / cell_name(rate, k)
             if reuse and cell_name(rate, k) not in redo and study.exists() and find_points([study]):
                 continue
-            if rate == "unlimited":
-                # The link's input, measured just before the cell: unshaped, both are bound by CPU time
-                # on cores that other work shares too, so the two should see the same machine.
-                print(f"measuring commbench on {k} unshaped hosts ...", flush=True)
-                shutil.rmtree(root / commbench_name(k), ignore_errors=True)
-                on_cluster(k, rate, [*COMMBENCH, f"paths.root={root}", f"study.name={commbench_name(k)}"],
-                           root / f"{commbench_name(k)}.log")
-            print(f"measuring {cell_name(rate, k)} ...", flush=True)
-            shutil.rmtree(study, ignore_errors=True)
-            on_cluster(k, rate, [*JOB, f"paths.root={root}", f"study.name={cell_name(rate, k)}"],
-                       root / f"{cell_name(rate, k)}.log")
+            measure_cell(root, rate, k)
+
+
+def measure_cell(root: Path, rate: str, k: int) -> None:
+    if rate == "unlimited":
+        # The link's input, measured just before the cell: unshaped, both are bound by CPU time
+        # on cores that other work shares too, so the two should see the same machine.
+        print(f"measuring commbench on {k} unshaped hosts ...", flush=True)
+        shutil.rmtree(root / commbench_name(k), ignore_errors=True)
+        on_cluster(k, rate, [*COMMBENCH, f"paths.root={root}", f"study.name={commbench_name(k)}"],
+                   root / f"{commbench_name(k)}.log")
+    print(f"measuring {cell_name(rate, k)} ...", flush=True)
+    shutil.rmtree(root / cell_name(rate, k), ignore_errors=True)
+    on_cluster(k, rate, [*JOB, f"train.steps={STEPS.get(rate, 20)}", f"paths.root={root}",
+                         f"study.name={cell_name(rate, k)}"], root / f"{cell_name(rate, k)}.log")
+
+
+def control_s(root: Path, rate: str, k: int) -> float | None:
+    points = find_points([root / cell_name(rate, k)])
+    return points[0].nocomm_step_s if points else None
+
+
+def disturbed(root: Path, rates: list[str], hosts: list[int]) -> list[tuple[str, int, float, float]]:
+    """(rate, hosts, control, median control at that host count) of the cells measured under other load."""
+    out = []
+    for k in hosts:
+        controls = {rate: control_s(root, rate, k) for rate in rates}
+        known = [c for c in controls.values() if c is not None]
+        if len(known) < 3:
+            continue
+        typical = statistics.median(known)
+        out += [(rate, k, c, typical) for rate, c in controls.items() if c is not None and c > DISTURBED * typical]
+    return out
+
+
+def remeasure_disturbed(root: Path, rates: list[str], hosts: list[int]) -> None:
+    for rate, k, control, typical in disturbed(root, rates, hosts):
+        print(f"{cell_name(rate, k)} looks disturbed (no-comm control step {control * 1e3:.2f} ms, median "
+              f"{typical * 1e3:.2f} ms at {k} hosts): measuring it again", flush=True)
+        measure_cell(root, rate, k)
 
 
 def commbench_name(hosts: int) -> str:
@@ -107,7 +142,7 @@ def validate(root: Path, rates: list[str], hosts: list[int], fit_rate: str, fit_
             f"{n} hosts alpha {link.alpha_s * 1e6:.0f} us, B {link.bandwidth_Bps / 1e6:.0f} MB/s" for n, link in fits))
     print()
     header = (f"{'link':>10} {'hosts':>5} | {'step_s pred':>11} {'meas':>8} {'err':>7} | "
-              f"{'exposed pred':>12} {'meas':>8} {'err':>7} | held out")
+              f"{'exposed pred':>12} {'meas':>8} {'err':>7} | {'ctrl ms':>7} | held out")
     print(header)
     print("-" * len(header))
     step_errors, exposed_errors, pairs, shaped = [], [], [], []
@@ -133,7 +168,7 @@ def validate(root: Path, rates: list[str], hosts: list[int], fit_rate: str, fit_
             label = f"{rate} Mbit/s" if bit_s else "unlimited"
             print(f"{label:>10} {k:>5} | {p.step_s:11.4f} {m.step_s:8.4f} {step_err:+6.1f}% | "
                   f"{p.comm_exposed_s:12.4f} {m.get('comm_exposed_s'):8.4f} {exposed_err:+6.1f}% | "
-                  f"{'yes' if held_out else 'no (fit)'}")
+                  f"{1e3 * (m.nocomm_step_s or 0.0):7.2f} | {'yes' if held_out else 'no (fit)'}")
     order_ok = sum(1 for i, a in enumerate(pairs) for b in pairs[i + 1:]
                    if (a[0] - b[0]) * (a[1] - b[1]) > 0)
     order_total = len(pairs) * (len(pairs) - 1) // 2
@@ -159,6 +194,9 @@ def main() -> int:
     parser.add_argument("--fit-rate", default="200")
     parser.add_argument("--fit-hosts", default="2")
     parser.add_argument("--reuse", action="store_true", help="keep cells already measured under --root")
+    parser.add_argument("--keep-disturbed", action="store_true",
+                        help=f"do not measure again the cells whose no-comm control is over {DISTURBED:g}x the "
+                             "median of their host count")
     parser.add_argument("--redo", default="", metavar="RATE:HOSTS,...",
                         help="with --reuse, measure these cells again (e.g. unlimited:3,500:4)")
     args = parser.parse_args()
@@ -166,6 +204,8 @@ def main() -> int:
     hosts = [int(h) for h in args.hosts.split(",")]
     redo = {cell_name(*cell.split(":")) for cell in args.redo.split(",") if cell}
     measure(args.root, rates, hosts, args.reuse, redo)
+    if not args.keep_disturbed:
+        remeasure_disturbed(args.root, rates, hosts)
     return validate(args.root, rates, hosts, args.fit_rate, [int(h) for h in args.fit_hosts.split(",")])
 
 

@@ -28,7 +28,8 @@ EXTRAPOLATION_LIMIT = 8
 """Beyond this factor from the measured world sizes a prediction is flagged."""
 
 ASSUMPTIONS = (
-    "ring all-reduce per bucket: 2(n-1)·α + 2(n-1)/n·S/B; one process per host link, every rank's traffic on its own link",
+    "ring all-reduce per bucket: 2(n-1)·α + 2(n-1)/n·S/B; one process per host link, every rank's traffic on its own link "
+    "(with a commbench at several world sizes, each world size's own α and B)",
     "buckets run one after another on the link in DDP's order, each when ready (two at once on gloo share the link: "
     "the last completion is the same)",
     "per-rank compute, data loading, optimizer and framework overhead as measured at the base point: no more or less "

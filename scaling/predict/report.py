@@ -81,9 +81,11 @@ def commbench_fit(path: Path) -> tuple[int, Link]:
     for entry in record.get("fit") or []:
         if entry.get("op") == "all_reduce" and entry.get("transport", "torch") == "torch":
             bandwidth = entry.get("bandwidth_GBps")
+            rms = entry.get("rms_rel_error")
+            spread = f", rms error {100 * float(rms):.0f}%" if rms is not None else ""
             return world_size, Link(float(entry["alpha_s"]),
                                     math.inf if bandwidth is None else float(bandwidth) * 1e9,
-                                    f"commbench fit at {world_size} ranks ({path})")
+                                    f"commbench fit at {world_size} ranks ({path}{spread})")
     raise ValueError(f"{path}: no all_reduce fit in commbench.json")
 
 
