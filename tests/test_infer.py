@@ -172,6 +172,7 @@ def test_server_answer_and_next_rate_served_live(served):
 
     assert report_main([str(run_dir)]) == 0
     markdown = (run_dir / "report.md").read_text()
+    assert record["findings"][0] in markdown and "| 4 | 100 |" in markdown
     assert f"| answer | {found['rate_qps']:,.1f} |" in markdown
     assert f"Live replay {'agrees' if live['agrees'] else 'disagrees'} with the search." in markdown
 

@@ -39,7 +39,8 @@ def draw(record: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"{record.get('exp', '')} inference on {record.get('device', '')}\n"
                  "one point per batch size (labelled)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
