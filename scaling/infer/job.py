@@ -46,14 +46,6 @@ from scaling.train.faults import Injector
 from scaling.train.models import build_model
 
 
-class RecordedFailure(Exception):
-    """The run failed and infer.json says so; the traceback is in ``error_file``."""
-
-    def __init__(self, error_file: Path) -> None:
-        super().__init__(str(error_file))
-        self.error_file = error_file
-
-
 def ceilings(run: InferRun, device: torch.device, points: list[Point], concurrent: int) -> dict[str, Any]:
     """Peak FLOP/s of each precision the operators use and peak bytes/s: probed (cached) or from the config."""
     cfg = run.run
@@ -178,7 +170,7 @@ def sweep(run: InferRun, ctx: group.Context, model: torch.nn.Module, pool: torch
         if cause:
             log.error(f"run failed: {cause}")
             print(f"scaling.infer: run failed: {cause} (records in {files.dir})", file=sys.stderr)
-        raise RecordedFailure(files.logs / f"rank{ctx.rank}.error.json") from exc
+        raise failure.RecordedFailure(files.logs / f"rank{ctx.rank}.error.json") from exc
 
 
 def measure_all(run: InferRun, ctx: group.Context, model: torch.nn.Module, pool: torch.Tensor,
@@ -235,19 +227,4 @@ def main(cfg: DictConfig) -> int:
     run = parse(cfg)  # every check before anything is built or created
     if run.infer.replicas > 1 and detect.detect().launcher == "single":
         return relaunch(run.infer.replicas, sys.argv[1:])
-    try:
-        infer(run)
-    except RecordedFailure as exc:
-        cause = exc.__cause__
-        if isinstance(cause, KeyboardInterrupt):
-            return 130
-        if isinstance(cause, failure.Terminated):
-            return 143
-        if failure.is_root_cause(cause):
-            print(f"scaling.infer: traceback in {exc.error_file}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except failure.Terminated:
-        return 143
-    return 0
+    return failure.exit_status("scaling.infer", lambda: infer(run))

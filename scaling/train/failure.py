@@ -16,9 +16,10 @@ import fcntl
 import json
 import os
 import signal
+import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,38 @@ from scaling.records import reduce as aggregate
 from scaling.records.files import RunFiles, atomic_write_text, read_json, read_rank_steps, read_steps, write_run
 
 WAIT_FOR_ROOT_CAUSE_S = 2.0
+
+
+class RecordedFailure(Exception):
+    """The job failed and its records say so; the traceback is in ``error_file``."""
+
+    def __init__(self, error_file: Path) -> None:
+        super().__init__(str(error_file))
+        self.error_file = error_file
+
+
+def exit_status(prog: str, body: Callable[[], object]) -> int:
+    """Run a job's ``body`` and turn how it ended into the command's exit status.
+
+    0 done; 1 failed (the traceback's file named where this rank holds the root
+    cause); 130 interrupted; 143 terminated by a signal.
+    """
+    try:
+        body()
+    except RecordedFailure as exc:
+        cause = exc.__cause__
+        if isinstance(cause, KeyboardInterrupt):
+            return 130
+        if isinstance(cause, Terminated):
+            return 143
+        if is_root_cause(cause):
+            print(f"{prog}: traceback in {exc.error_file}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Terminated:
+        return 143
+    return 0
 
 
 class Terminated(BaseException):

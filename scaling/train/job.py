@@ -58,14 +58,6 @@ def describe_run(job: Job, ctx: distsetup.Context, files: RunFiles) -> dict[str,
     }
 
 
-class RecordedFailure(Exception):
-    """The run failed and its records say so; the traceback is in ``error_file``."""
-
-    def __init__(self, error_file: Path) -> None:
-        super().__init__(str(error_file))
-        self.error_file = error_file
-
-
 def failed_run(files: RunFiles, run: dict[str, Any], cause: str | None) -> dict[str, Any]:
     """run.json as the failure left it (another rank may have written the cause)."""
     try:
@@ -140,7 +132,7 @@ def run_job(job: Job, ctx: distsetup.Context, log: logging.Logger, guard: failur
         if cause:
             log.error(f"run failed: {cause}")
             print(f"scaling.train: run failed: {cause} (records in {files.dir})", file=sys.stderr)
-        raise RecordedFailure(files.logs / f"rank{ctx.rank}.error.json") from exc
+        raise failure.RecordedFailure(files.logs / f"rank{ctx.rank}.error.json") from exc
     if ctx.is_main:
         if ops is not None:
             write_json(files.dir / OPS_JSON, ops)
@@ -158,22 +150,7 @@ def run_job(job: Job, ctx: distsetup.Context, log: logging.Logger, guard: failur
 
 def main(cfg: DictConfig) -> int:
     try:
-        train(cfg)
-    except RecordedFailure as exc:
-        cause = exc.__cause__
-        if isinstance(cause, KeyboardInterrupt):
-            return 130
-        if isinstance(cause, failure.Terminated):
-            return 143
-        if failure.is_root_cause(cause):
-            print(f"scaling.train: traceback in {exc.error_file}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except failure.Terminated:
-        return 143
+        return failure.exit_status("scaling.train", lambda: train(cfg))
     except DistError as exc:  # the rendezvous itself failed: no run folder exists yet
         print(f"scaling.train: error: could not reach the other ranks: {describe(exc)}", file=sys.stderr)
         return 1
-    return 0
-
