@@ -87,8 +87,8 @@ class GatherTracker:
             self._buffer(unsharded_input)
 
 
-class TimedAllGather(AllGather):
-    """FSDP's all-gather, timed (``allgather_fwd`` / ``allgather_bwd``)."""
+class _Timed:
+    """What both timed FSDP collectives share: the timer, the memory tracker, plain allocation."""
 
     def __init__(self, comm: CommTimer, tracker: GatherTracker | None = None) -> None:
         self.comm = comm
@@ -96,6 +96,10 @@ class TimedAllGather(AllGather):
 
     def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
+
+
+class TimedAllGather(_Timed, AllGather):
+    """FSDP's all-gather, timed (``allgather_fwd`` / ``allgather_bwd``)."""
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
                  async_op: bool = False) -> Any:
@@ -107,15 +111,8 @@ class TimedAllGather(AllGather):
         return work
 
 
-class TimedReduceScatter(ReduceScatter):
+class TimedReduceScatter(_Timed, ReduceScatter):
     """FSDP's gradient reduce-scatter, timed (``reducescatter``)."""
-
-    def __init__(self, comm: CommTimer, tracker: GatherTracker | None = None) -> None:
-        self.comm = comm
-        self.tracker = tracker
-
-    def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
                  op: Any, async_op: bool = False) -> Any:
