@@ -171,6 +171,16 @@ def plan(command: str, args: Sequence[str]) -> tuple[Sweep, list[DictConfig]]:
         raise ConfigError(f"{owned[0]} is set by the sweep for each combination; it cannot be swept")
     combos = name_combinations(swept, batches)
     first = cli.compose_config(combos[0].overrides)
+    if command == "study":
+        from scaling.study import run as study
+
+        if "study.strategies" in swept:
+            raise ConfigError("study.strategies is not swept: list the strategies once, study.strategies=[ddp,fsdp] "
+                              "(a study for each), or sweep dist.strategy=ddp,fsdp")
+        strategies = study.study_strategies(first)
+        if strategies is not None:  # the same sweep as dist.strategy=a,b (scaling.study.run.strategy_overrides)
+            chosen_dir = [f"hydra.sweep.dir={chosen}"] if chosen else []
+            return plan(command, [*study.strategy_overrides(overrides, strategies), *chosen_dir])
     sweep = Sweep(command, sweep_dir(command, first, swept, chosen), tuple(swept), tuple(combos), tuple(args))
     check_folder(sweep)
     cfgs = []

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scaling.report import commbench, configdiff, findings, metrics, render, table
+from scaling.report import commbench, configdiff, findings, metrics, render, strategies, table
 from scaling.report.records import StudyRecords, load_study
 
 
@@ -48,6 +48,7 @@ def analyse(study_dirs: list[Path], benches: list[commbench.Bench] | None = None
     loaded: list[StudyRecords] = [load_study(Path(d)) for d in study_dirs]
     studies = [metrics.study_stats(r) for r in loaded]
     diffs = configdiff.differing_keys(loaded) if len(loaded) > 1 else []
+    strategies.label_studies(studies)
     benches = benches or []
     bandwidth = ({st.name: commbench.compare_study(st.name, st.records.runs, benches) for st in studies}
                  if benches else {})
@@ -58,7 +59,7 @@ def analyse(study_dirs: list[Path], benches: list[commbench.Bench] | None = None
         studies=studies,
         diffs=diffs,
         findings=found,
-        comparison=findings.comparison_findings(studies, diffs),
+        comparison=findings.comparison_findings(studies, diffs) + strategies.comparison(studies, diffs),
         runs=table.rows(studies, benches),
         plots=[],
         warnings=[w for r in loaded for w in r.warnings],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from scaling.report import waterfall
 from scaling.report.configdiff import KeyDiff
 from scaling.report.metrics import SizeStats, StudyStats, failed_points
+from scaling.report.records import KIND_LABELS, collectives
 from scaling.records.schema import SHARE_LABELS, SHARES
 
 NOISE_WARN = 0.10
@@ -69,8 +70,12 @@ def boundness(stats: StudyStats) -> str | None:
         since = "at every world size"
     share = last.shares
     if last.bound == "communication":
-        hidden = f"; {pct(last.overlap)} of communication is hidden behind backward" if last.overlap is not None else ""
-        return (f"Communication-bound {since}: at {procs(last.world_size)} the exposed all-reduce is "
+        ddp = stats.strategy == "ddp"
+        behind = "backward" if ddp else "compute"
+        hidden = f"; {pct(last.overlap)} of communication is hidden behind {behind}" if last.overlap is not None else ""
+        exposed = ("the exposed all-reduce" if ddp else
+                   f"exposed communication ({collectives(stats.strategy)}, {stats.strategy})")
+        return (f"Communication-bound {since}: at {procs(last.world_size)} {exposed} is "
                 f"{pct(share['comm_exposed'])} of the step (compute {pct(share['compute'])}){hidden}.")
     if last.bound == "straggler":
         return f"Straggler-bound {since}: at {procs(last.world_size)} {straggler_text(last)}."
@@ -165,9 +170,15 @@ def communication(stats: StudyStats) -> str | None:
     if not multi:
         return None
     last = multi[-1]
-    return (f"Gradient all-reduce at {procs(last.world_size)}: busy {last.comm_s.median * 1e3:.1f} ms per step, "
-            f"{last.comm_exposed_s.median * 1e3:.1f} ms of it exposed ({pct(last.overlap or 0.0)} hidden), "
-            f"bus bandwidth {last.busbw_GBps:.2f} GB/s.")
+    totals = (f"busy {last.comm_s.median * 1e3:.1f} ms per step, {last.comm_exposed_s.median * 1e3:.1f} ms of it "
+              f"exposed ({pct(last.overlap or 0.0)} hidden), bus bandwidth {last.busbw_GBps:.2f} GB/s")
+    if stats.strategy == "ddp":
+        return f"Gradient all-reduce at {procs(last.world_size)}: {totals}."
+    names = collectives(stats.strategy)
+    kinds = "; ".join(f"{KIND_LABELS[k]} {v['s'] * 1e3:.1f}/{v['exposed_s'] * 1e3:.1f} ms, {mib(v['bytes'])}"
+                      for k, v in last.comm_kinds.items())
+    by_kind = f"; by kind (busy/exposed per step, bytes on the wire): {kinds}" if kinds else ""
+    return f"{names[0].upper()}{names[1:]} ({stats.strategy}) at {procs(last.world_size)}: {totals}{by_kind}."
 
 
 def memory(stats: StudyStats) -> str | None:
@@ -182,9 +193,14 @@ def memory(stats: StudyStats) -> str | None:
     if last is first:
         text += "."
     elif abs(state[0] - state[-1]) < 1:
-        text += f", the same as at {procs(first.world_size)}: DDP keeps a full replica on every rank."
+        replica = ": DDP keeps a full replica on every rank" if stats.strategy == "ddp" else ""
+        text += f", the same as at {procs(first.world_size)}{replica}."
     else:
         text += f" ({mib(state[0])} at {procs(first.world_size)})."
+    if stats.strategy != "ddp" and last.predicted_model_state_bytes is not None:
+        text = text[:-1] + (f"; memory_model predicts {mib(last.predicted_model_state_bytes)} for {stats.strategy} "
+                            f"at {procs(last.world_size)}, {mib(last.predicted_ddp_model_state_bytes)} for a DDP "
+                            "replica.")
     act = (first.memory_bytes.get("activations"), last.memory_bytes.get("activations"))
     if None not in act and last is not first:
         text += (f" Saved activations go from {mib(act[0])} to {mib(act[1])} (per-rank batch "
@@ -251,6 +267,8 @@ def comparison_findings(studies: list[StudyStats], diffs: list[KeyDiff]) -> list
         out.append(f"The studies differ in {shown}{more}.")
     else:
         out.append("No configuration key differs between the studies: differences below are run-to-run noise.")
+    if len({st.strategy for st in studies}) > 1:
+        return out  # the strategies' own comparison (scaling.report.strategies) sets step times side by side
     shared = sorted(set.intersection(*({s.world_size for s in st.sizes} for st in studies)))
     for n in shared:
         at_n: list[tuple[StudyStats, SizeStats]] = [(st, st.size(n)) for st in studies]

@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from scaling.records.schema import MEMORY_CATEGORIES, SHARES, verdict
-from scaling.report.records import RunRecord, StudyRecords, common_straggler
+from scaling.records.schema import KIND_SUFFIXES, MEMORY_CATEGORIES, SHARES, verdict
+from scaling.report.records import RunRecord, StudyRecords, common_straggler, kinds_of
 from scaling.report.waterfall import StudyWaterfall, study_waterfall
 
 
@@ -82,6 +82,15 @@ class SizeStats:
     """Median over repeats of the op profile's share of operator time in arithmetic-bound operators."""
     memory_frac: float | None = None
     """The same for memory-bound operators (None without an op profile)."""
+    model_state_bytes: float | None = None
+    """Median over repeats of memory.max.model_state (parameters, gradients, optimizer state of a rank)."""
+    predicted_model_state_bytes: float | None = None
+    """The same from run.json memory_model (its prediction for the strategy that ran)."""
+    predicted_ddp_model_state_bytes: float | None = None
+    """memory_model.ddp_model_state: what a DDP replica of the same model would hold per rank."""
+    comm_kinds: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per kind of collective (comm_<kind>_*): median over repeats of its busy ``s``, ``exposed_s`` and
+    ``bytes`` per step; only the kinds the runs recorded."""
 
 
 @dataclass
@@ -101,6 +110,16 @@ class StudyStats:
     @property
     def kind(self) -> str:
         return self.records.kind
+
+    @property
+    def strategy(self) -> str:
+        return self.records.strategy
+
+    label: str = ""
+    """How figures and tables name the study (its name, and its strategy where studies differ in it)."""
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.name
 
     def size(self, world_size: int) -> SizeStats | None:
         return next((s for s in self.sizes if s.world_size == world_size), None)
@@ -186,7 +205,23 @@ def size_stats(kind: str, world_size: int, runs: list[RunRecord], t_base: float 
         straggler=common_straggler(done),
         arithmetic_frac=_median([r.summary.get("arithmetic_frac") for r in done]),
         memory_frac=_median([r.summary.get("memory_frac") for r in done]),
+        model_state_bytes=_median([r.model_state_bytes() for r in done]),
+        predicted_model_state_bytes=_median([(r.memory_model.get("max") or {}).get("model_state") for r in done]),
+        predicted_ddp_model_state_bytes=_median([r.memory_model.get("ddp_model_state") for r in done]),
+        comm_kinds=kind_medians(done),
     )
+
+
+def kind_medians(runs: Sequence[RunRecord]) -> dict[str, dict[str, float]]:
+    """Each recorded kind of collective: median over the runs of its busy time, exposed time and bytes."""
+    kinds = dict.fromkeys(k for r in runs for k in kinds_of(r.strategy))
+    out = {}
+    for kind in kinds:
+        values = {suffix.removeprefix("_"): _median([r.number(f"comm_{kind}{suffix}") for r in runs])
+                  for suffix in KIND_SUFFIXES}
+        if all(v is not None for v in values.values()):
+            out[kind] = values
+    return out
 
 
 def _with_median(spread: Spread | None, median: float | None) -> Spread | None:

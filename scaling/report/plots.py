@@ -21,6 +21,7 @@ from matplotlib.ticker import NullLocator  # noqa: E402
 
 from scaling.report import waterfall as wf  # noqa: E402
 from scaling.report.metrics import Spread, StudyStats  # noqa: E402
+from scaling.report.records import collectives  # noqa: E402
 from scaling.records.schema import MEMORY_CATEGORIES, MEMORY_LABELS, SHARE_LABELS, SHARES  # noqa: E402
 
 SHARE_COLORS = {"compute": "#4C72B0", "comm_exposed": "#C44E52", "data": "#DD8452", "other": "#8C8C8C"}
@@ -74,7 +75,7 @@ def _spans_decades(values: Sequence[float]) -> bool:
 
 def _title(studies: Sequence[StudyStats], what: str) -> str:
     if len(studies) == 1:
-        return f"{studies[0].name} ({studies[0].kind} scaling): {what}"
+        return f"{studies[0].label} ({studies[0].kind} scaling): {what}"
     return what
 
 
@@ -88,11 +89,11 @@ def throughput(studies: Sequence[StudyStats], path: Path) -> Path:
         xs = [s.world_size for s in sizes]
         spreads = [s.samples_per_s for s in sizes]
         handles.append(ax.errorbar(xs, [s.median for s in spreads], yerr=_yerr(spreads), color=_color(i),
-                                   marker="o", capsize=4, label=f"{st.name} (measured)"))
+                                   marker="o", capsize=4, label=f"{st.label} (measured)"))
         base = sizes[0]
         ideal = [base.samples_per_s.median * n / base.world_size for n in xs]
         handles += ax.plot(xs, ideal, color=_color(i), linestyle="--", alpha=0.6,
-                           label=f"{st.name} ideal (linear from {base.world_size})")
+                           label=f"{st.label} ideal (linear from {base.world_size})")
     _log2_axis(ax, _sizes(studies))
     medians = [s.samples_per_s.median for st in studies for s in st.sizes if s.samples_per_s]
     if len(studies) > 1 and _spans_decades(medians):
@@ -117,7 +118,7 @@ def efficiency(studies: Sequence[StudyStats], path: Path) -> Path:
         top = max(top, 100 * max(s.high for s in spreads) + 10)
         formula = "T(b)·b / (N·T(N))" if st.kind == "strong" else "T(b) / T(N)"
         ax.errorbar([s.world_size for s in sizes], [100 * s.median for s in spreads], yerr=_yerr(spreads, 100),
-                    color=_color(i), marker="o", capsize=4, label=f"{st.name}: {st.kind}, {formula}")
+                    color=_color(i), marker="o", capsize=4, label=f"{st.label}: {st.kind}, {formula}")
     ax.axhline(100, color="black", linestyle="--", alpha=0.6, label="ideal (100%)")
     _log2_axis(ax, _sizes(studies))
     ax.set_ylim(0, top)
@@ -152,7 +153,7 @@ def breakdown(studies: Sequence[StudyStats], path: Path) -> Path:
     for ax, st in zip(axes, studies):
         sizes = [s for s in st.sizes if s.parts_s]
         if not sizes:
-            ax.set_title(f"{st.name}: no completed run with a step breakdown")
+            ax.set_title(f"{st.label}: no completed run with a step breakdown")
             continue
         xs, width = _bar_positions([s.world_size for s in sizes])
         bottom = [0.0] * len(sizes)
@@ -172,7 +173,7 @@ def breakdown(studies: Sequence[StudyStats], path: Path) -> Path:
         _bar_axis(ax, [s.world_size for s in sizes])
         ax.set_ylim(0, tallest * 1.15)
         ax.set_ylabel("time per step (ms)")
-        ax.set_title(f"{st.name} ({st.kind} scaling): where the median step goes")
+        ax.set_title(f"{st.label} ({st.kind} scaling): where the median step goes")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _finish(fig, path, "bar = median step split by the median shares; labels: share of the step; "
                               "error bars: min-max step time over repeats")
@@ -196,7 +197,7 @@ def memory(studies: Sequence[StudyStats], path: Path) -> Path:
     for (left, right), st in zip(grid, studies):
         sizes = st.sizes
         if not sizes or not any(accounted):
-            left.set_title(f"{st.name}: no memory records")
+            left.set_title(f"{st.label}: no memory records")
             continue
         ws = [s.world_size for s in sizes]
         xs, width = _bar_positions(ws)
@@ -213,7 +214,7 @@ def memory(studies: Sequence[StudyStats], path: Path) -> Path:
         _bar_axis(left, ws)
         left.set_ylim(0, max([*bottom, 1e-9]) * 1.18)
         left.set_ylabel(f"bytes per rank ({left_unit})")
-        left.set_title(f"{st.name}: held per rank, by category", fontsize=10)
+        left.set_title(f"{st.label}: held per rank, by category", fontsize=10)
         left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
         half = width / 2
         for offset, key, color, label in ((-half / 2, "peak", "#333333", "peak (CUDA: max allocated; CPU: RSS growth)"),
@@ -223,7 +224,7 @@ def memory(studies: Sequence[StudyStats], path: Path) -> Path:
                 right.bar([x + offset for x in xs], heights, half, color=color, label=label)
         _bar_axis(right, ws)
         right.set_ylabel(f"bytes per rank ({right_unit})")
-        right.set_title(f"{st.name}: measured by the process", fontsize=10)
+        right.set_title(f"{st.label}: measured by the process", fontsize=10)
         right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
     return _finish(fig, path, "median over repeats of the largest rank's bytes; left: the categories the "
                               "instruments account for (numbers: their total); right: what the process measured")
@@ -237,28 +238,66 @@ def communication(studies: Sequence[StudyStats], path: Path) -> Path:
     for ax, st in zip(axes, studies):
         sizes = [s for s in st.sizes if s.comm_s and s.comm_exposed_s]
         if not sizes:
-            ax.set_title(f"{st.name}: no communication records")
+            ax.set_title(f"{st.label}: no communication records")
             continue
         ws = [s.world_size for s in sizes]
         xs, width = _bar_positions(ws)
         half = width / 2
         busy = [s.comm_s for s in sizes]
         exposed = [s.comm_exposed_s for s in sizes]
+        ddp = st.strategy == "ddp"
+        names = "all-reduce" if ddp else collectives(st.strategy)
         ax.bar([x - half / 2 for x in xs], [s.median * 1e3 for s in busy], half, yerr=_yerr(busy, 1e3), capsize=3,
-               color="#9DB4D6", label="busy: all-reduce in flight (overlapped part included)")
+               color="#9DB4D6", label=f"busy: {names} in flight (overlapped part included)")
         ax.bar([x + half / 2 for x in xs], [s.median * 1e3 for s in exposed], half, yerr=_yerr(exposed, 1e3),
-               capsize=3, color=SHARE_COLORS["comm_exposed"], label="exposed: on the critical path after backward")
+               capsize=3, color=SHARE_COLORS["comm_exposed"],
+               label="exposed: on the critical path after backward" if ddp
+               else "exposed: the training thread waited for it")
         for x, s in zip(xs, sizes):
             if s.overlap is not None:
                 ax.annotate(f"{100 * s.overlap:.0f}% hidden", (x, s.comm_s.high * 1e3), textcoords="offset points",
                             xytext=(0, 4), ha="center", fontsize=8)
         _bar_axis(ax, ws)
         ax.set_ylim(0, max(max(per_study) if shared else per_study[studies.index(st)], 1e-6) * 1.2)
-        ax.set_ylabel("gradient all-reduce per step (ms)")
-        ax.set_title(f"{st.name} ({st.kind} scaling): communication, busy vs exposed")
+        ax.set_ylabel("gradient all-reduce per step (ms)" if ddp else "communication per step (ms)")
+        ax.set_title(f"{st.label} ({st.kind} scaling): communication, busy vs exposed")
         ax.legend(fontsize=8, loc="upper left")
     return _finish(fig, path, "bars: median over repeats; error bars: min-max over repeats; "
-                              "hidden = 1 - exposed/busy (overlapped with backward)")
+                              "hidden = 1 - exposed/busy (overlapped with compute)")
+
+
+def model_state(studies: Sequence[StudyStats], path: Path) -> Path:
+    """Model state per rank (parameters, gradients, optimizer state) by strategy against world size: measured
+    (memory.max.model_state) and predicted (run.json memory_model), the DDP replica's for reference."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    values = [v for st in studies for s in st.sizes
+              for v in (s.model_state_bytes, s.predicted_model_state_bytes, s.predicted_ddp_model_state_bytes)]
+    unit, scale = _memory_unit(values)
+    for i, st in enumerate(studies):
+        measured = [(s.world_size, s.model_state_bytes) for s in st.sizes if s.model_state_bytes is not None]
+        predicted = [(s.world_size, s.predicted_model_state_bytes) for s in st.sizes
+                     if s.predicted_model_state_bytes is not None]
+        name = st.label if st.strategy in st.label else f"{st.label} ({st.strategy})"
+        if measured:
+            ax.plot([n for n, _ in measured], [v / scale for _, v in measured], color=_color(i), marker="o",
+                    label=f"{name}: measured")
+        if predicted:
+            ax.plot([n for n, _ in predicted], [v / scale for _, v in predicted], color=_color(i), marker="x",
+                    markersize=9, linestyle="--", alpha=0.8, label=f"{name}: predicted (memory_model)")
+    if not any(st.strategy == "ddp" for st in studies):
+        replica = sorted({(s.world_size, s.predicted_ddp_model_state_bytes) for st in studies for s in st.sizes
+                          if s.predicted_ddp_model_state_bytes is not None})
+        if replica:
+            ax.plot([n for n, _ in replica], [v / scale for _, v in replica], color="#888888", linestyle=":",
+                    label="DDP replica (predicted)")
+    _log2_axis(ax, _sizes(studies))
+    ax.set_ylim(0, max([v / scale for v in values if v is not None] + [1e-9]) * 1.15)
+    ax.set_ylabel(f"model state per rank ({unit})")
+    ax.set_title(_title(studies, "model state per rank by strategy"))
+    ax.legend(fontsize=8, loc="best")
+    return _finish(fig, path, "model state = parameters + gradients + optimizer state of the largest rank, median "
+                              "over repeats\nsolid: measured (memory.max.model_state); dashed: run.json memory_model; "
+                              "at 1 process every strategy trains unwrapped")
 
 
 WATERFALL_TOTAL = "#4C72B0"
@@ -293,6 +332,8 @@ def _waterfall_bars(size: wf.SizeWaterfall) -> list[tuple[str, float, float, str
 def _tick(term: str, size: wf.SizeWaterfall) -> str:
     if term == "comm_wait" and size.straggler:
         return f"waiting for\nrank {size.straggler['rank']}"
+    if term == "comm_exposed":
+        return size.exposed_label.replace(" ", "\n", 1).replace(" and ", " and\n")
     return WATERFALL_TICKS[term]
 
 
@@ -323,7 +364,7 @@ def waterfall(studies: Sequence[StudyStats], path: Path) -> Path:
     panels = [(st, size) for st in studies if st.waterfall is not None for size in st.waterfall.shown()]
     if not panels:
         fig, ax = plt.subplots(figsize=(7.5, 3))
-        reasons = "; ".join(f"{st.name}: {st.waterfall.problem or 'only the baseline completed'}"
+        reasons = "; ".join(f"{st.label}: {st.waterfall.problem or 'only the baseline completed'}"
                             for st in studies if st.waterfall is not None)
         ax.text(0.5, 0.5, f"no waterfall to draw ({reasons})", ha="center", va="center", wrap=True)
         ax.set_axis_off()
@@ -332,7 +373,7 @@ def waterfall(studies: Sequence[StudyStats], path: Path) -> Path:
     rows = math.ceil(len(panels) / columns)
     fig, grid = plt.subplots(rows, columns, figsize=(0.6 + 7.4 * columns, 0.9 + 4.6 * rows), squeeze=False)
     for ax, (st, size) in zip([a for row in grid for a in row], panels):
-        _draw_waterfall(ax, size, f"{st.name}: {wf.procs(size.world_size)} ({st.kind} scaling), "
+        _draw_waterfall(ax, size, f"{st.label}: {wf.procs(size.world_size)} ({st.kind} scaling), "
                                   f"{100 * size.efficiency:.0f}% efficient")
     for ax in [a for row in grid for a in row][len(panels):]:
         ax.set_axis_off()
@@ -352,7 +393,11 @@ FIGURES = {
 
 
 def draw_all(studies: Sequence[StudyStats], folder: Path) -> list[Path]:
+    """Every figure; ``model_state.png`` where a study runs zero1 or fsdp (or studies differ in strategy)."""
     folder.mkdir(parents=True, exist_ok=True)
     if not any(st.sizes for st in studies):
         return []
-    return [draw(studies, folder / name) for name, draw in FIGURES.items()]
+    drawn = [draw(studies, folder / name) for name, draw in FIGURES.items()]
+    if any(st.strategy != "ddp" for st in studies):
+        drawn.append(model_state(studies, folder / "model_state.png"))
+    return drawn

@@ -19,10 +19,18 @@ from typing import Any
 import yaml
 
 from scaling.records.files import flatten
+from scaling.records.schema import COMM_KINDS, STRATEGY_KINDS
 
 RUN_ID = re.compile(r"^n(?P<world_size>\d+)-r(?P<repeat>\d+)$")
 CONTROL_ID = re.compile(r"^solo-b(?P<batch>\d+)-r(?P<repeat>\d+)(?:$|\.)")
 """A study's single-process control point (a failed attempt moved aside keeps the prefix)."""
+KIND_NAMES = {"allreduce": "all-reduce", "allgather_fwd": "all-gather", "allgather_bwd": "all-gather",
+              "reducescatter": "reduce-scatter", "broadcast": "broadcast"}
+"""The collective a kind of ``comm_<kind>_*`` keys is."""
+KIND_LABELS = {"allreduce": "gradient all-reduce", "allgather_fwd": "all-gather in forward",
+               "allgather_bwd": "all-gather in backward", "reducescatter": "gradient reduce-scatter",
+               "broadcast": "parameter broadcast"}
+"""What each kind does in the step, for tables and sentences."""
 REQUIRED = ("status", "world_size")
 SUMMARY_REQUIRED = ("step_s", "samples_per_s")
 
@@ -70,6 +78,25 @@ class RunRecord:
         value = self.run.get("controls")
         return value if isinstance(value, dict) else {}
 
+    @property
+    def strategy(self) -> str:
+        """dist.strategy as asked (run.json ``strategy``); records from before the strategies ran DDP."""
+        return str(self.run.get("strategy") or self.config.get("dist.strategy") or "ddp")
+
+    @property
+    def memory_model(self) -> dict[str, Any]:
+        """run.json ``memory_model`` (predicted model state per rank); empty in records from before it."""
+        value = self.run.get("memory_model")
+        return value if isinstance(value, dict) else {}
+
+    def model_state_bytes(self) -> float | None:
+        """memory.max.model_state, or (older records) its parts: parameters, gradients, optimizer state."""
+        value = self.memory_max.get("model_state")
+        if isinstance(value, (int, float)):
+            return float(value)
+        parts = [self.memory_max.get(k) for k in ("params", "grads", "optimizer_state")]
+        return float(sum(parts)) if all(isinstance(v, (int, float)) for v in parts) else None
+
     def number(self, key: str) -> float | None:
         """A summary value, or None where it is absent or null (comm keys at world size 1)."""
         value = self.summary.get(key)
@@ -115,6 +142,12 @@ class StudyRecords:
     warnings: list[str] = field(default_factory=list)
     controls: list[RunRecord] = field(default_factory=list)
     """Single-process control points (solo-b<B>-r<R>), failed attempts included."""
+
+    @property
+    def strategy(self) -> str:
+        """The dist.strategy of the study's runs (the most common, completed runs first)."""
+        runs = [r for r in self.runs if r.completed] or self.runs
+        return Counter(r.strategy for r in runs).most_common(1)[0][0] if runs else "ddp"
 
     def solo_runs(self, batch_per_rank: int | None) -> list[RunRecord]:
         """Completed single-process runs at this per-rank batch: control points, and the study's own
@@ -291,3 +324,14 @@ def common_straggler(runs: Sequence[RunRecord]) -> dict[str, Any] | None:
     phases = Counter(s.get("phase") for s in same if s.get("phase")).most_common()
     return {"rank": rank, "phase": phases[0][0] if phases else None,
             "lost_s": statistics.median(lost) if lost else None, "runs": len(same), "of": len(runs)}
+
+
+def collectives(strategy: str) -> str:
+    """The collectives a strategy communicates with, in words: "all-reduce", "all-gather and reduce-scatter"."""
+    names = list(dict.fromkeys(KIND_NAMES[k] for k in STRATEGY_KINDS.get(strategy, ("allreduce",))))
+    return " and ".join(names)
+
+
+def kinds_of(strategy: str) -> tuple[str, ...]:
+    """The ``comm_<kind>`` kinds a strategy's records hold (COMM_KINDS order)."""
+    return tuple(k for k in COMM_KINDS if k in STRATEGY_KINDS.get(strategy, ()))

@@ -12,7 +12,9 @@ from typing import Any
 
 from scaling.report import commbench, waterfall
 from scaling.report.configdiff import KeyDiff, common_settings
+from scaling.report.findings import mib
 from scaling.report.metrics import Spread, StudyStats
+from scaling.report.records import KIND_LABELS
 from scaling.report.table import COLUMNS
 from scaling.records.schema import SHARES
 
@@ -22,8 +24,9 @@ HOW_TO_READ = [
     "Strong scaling (global batch fixed): speedup = T(b)/T(N), efficiency = speedup x b/N. Weak scaling (per-rank "
     "batch fixed): efficiency = T(b)/T(N), scaled speedup = efficiency x N/b. b is the smallest world size.",
     "Where the step goes: compute; exposed communication (all-reduce still running after backward's last "
-    "gradient was ready); data loading; framework overhead. Hidden = share of the all-reduce overlapped with "
-    "backward. The verdict names the largest share.",
+    "gradient was ready; under zero1 and fsdp every collective the training thread waited for: all-gathers, "
+    "reduce-scatters, ZeRO-1's broadcast); data loading; framework overhead. Hidden = share of the communication "
+    "overlapped with compute. The verdict names the largest share.",
     "Spread: tables show median (min-max) over repeats; the plots draw the same as error bars.",
     "Why efficiency is lost (waterfall): T(N) - T_ideal(N) split into terms that add up to it, in ms per step "
     "and in points of efficiency (100 x term / T(N)): smaller batch (one process at this per-rank batch, the "
@@ -93,7 +96,7 @@ def size_rows(studies: Sequence[StudyStats], bandwidth: Sequence[commbench.SizeC
     rows = []
     for st in studies:
         for s in st.sizes:
-            row = [st.name] if several else []
+            row = [st.label] if several else []
             row += [
                 str(s.world_size), str(s.batch_per_rank or "-"), str(s.global_batch or "-"),
                 f"{s.completed}/{s.completed + s.not_completed}",
@@ -107,6 +110,31 @@ def size_rows(studies: Sequence[StudyStats], bandwidth: Sequence[commbench.SizeC
                 row += [commbench.gbps(at.reference_GBps), _pct(at.fraction)] if at else ["-", "-"]
             rows.append(row)
     return headers, rows
+
+
+KIND_HEADERS = ("world size", "collective", "busy (ms)", "exposed (ms)", "on the wire per step")
+
+
+def kind_rows(studies: Sequence[StudyStats]) -> tuple[list[str], list[list[str]]]:
+    """Each kind of collective per study and world size (medians over repeats), where a study runs zero1 or
+    fsdp; none for DDP studies alone, whose one kind is the all-reduce of the scaling table."""
+    if all(st.strategy == "ddp" for st in studies):
+        return [], []
+    several = len(studies) > 1
+    headers = (["study"] if several else []) + list(KIND_HEADERS)
+    rows = []
+    for st in studies:
+        for s in st.sizes:
+            for kind, v in s.comm_kinds.items():
+                rows.append(([st.label] if several else []) + [
+                    str(s.world_size), KIND_LABELS[kind], f"{v['s'] * 1e3:.2f}", f"{v['exposed_s'] * 1e3:.2f}",
+                    mib(v["bytes"])])
+    return headers, rows
+
+
+KIND_INTRO = ("Busy and exposed time and bytes on the wire per step of each kind of collective the strategy issues "
+              "(results.csv: comm_<kind>_s, comm_<kind>_exposed_s, comm_<kind>_bytes); with comm_sync_s they add up "
+              "to the communication of the scaling table. Medians over repeats.")
 
 
 def waterfall_tables(doc: Document) -> list[tuple[StudyStats, list[str], list[list[str]]]]:
@@ -170,6 +198,9 @@ def console(doc: Document, out_dir: Path) -> str:
     headers, rows = size_rows(doc.studies, _bandwidth(doc))
     parts = [fixed_width(headers, rows) if rows else "no completed run to tabulate"]
     parts.append("  (median over repeats, min-max in brackets)")
+    headers, rows = kind_rows(doc.studies)
+    if rows:
+        parts += ["\ncommunication by kind (median over repeats)", fixed_width(headers, rows)]
     for st, headers, rows in waterfall_tables(doc):
         parts.append(f"\n{st.name}: why efficiency is lost (ms per step, points of efficiency in brackets)")
         parts.append(fixed_width(headers, rows))
@@ -211,6 +242,9 @@ def markdown(doc: Document, out_dir: Path) -> str:
         out += ["**Comparison**", ""] + [f"- {f}" for f in doc.comparison] + [""]
     headers, rows = size_rows(doc.studies, _bandwidth(doc))
     out += ["## Scaling table", "", "Median over repeats, min-max in brackets.", "", md_table(headers, rows), ""]
+    headers, rows = kind_rows(doc.studies)
+    if rows:
+        out += ["## Communication by kind", "", KIND_INTRO, "", md_table(headers, rows), ""]
     out += md_waterfall(doc)
     if doc.benches:
         out += md_commbench(doc, out_dir)
@@ -354,6 +388,9 @@ def html_page(doc: Document, out_dir: Path) -> str:
         parts.append("<h3>Comparison</h3><ul>" + "".join(f"<li>{_e(f)}</li>" for f in doc.comparison) + "</ul>")
     headers, rows = size_rows(doc.studies, _bandwidth(doc))
     parts += ["<h2>Scaling table</h2><p>Median over repeats, min-max in brackets.</p>", html_table(headers, rows)]
+    headers, rows = kind_rows(doc.studies)
+    if rows:
+        parts += ["<h2>Communication by kind</h2>", f"<p>{_e(KIND_INTRO)}</p>", html_table(headers, rows)]
     parts += html_waterfall(doc)
     if doc.benches:
         parts += html_commbench(doc, out_dir)

@@ -107,7 +107,7 @@ def draw_study(studies: Sequence[StudyStats], path: Path) -> Path | None:
         for run in st.records.runs:
             frac = run.summary.get("memory_frac")
             if run.completed and frac is not None:
-                series.setdefault((st.name, run.batch_per_rank), []).append((run.world_size, frac))
+                series.setdefault((st.label, run.batch_per_rank), []).append((run.world_size, frac))
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -11,8 +11,10 @@ from scaling.report.commbench import Bench, per_run
 from scaling.report.metrics import StudyStats
 from scaling.report.records import RunRecord
 from scaling.report.waterfall import TERMS, column
-from scaling.records.schema import SHARE_FRACS
+from scaling.records.schema import COMM_KINDS, KIND_SUFFIXES, SHARE_FRACS
 
+KIND_COLUMNS = tuple(f"comm_{kind}{suffix}" for kind in COMM_KINDS for suffix in KIND_SUFFIXES)
+"""The per-kind keys of the records (scaling.records.schema.kind_keys), under their own names."""
 COLUMNS = (
     "study", "kind", "world_size", "nodes", "batch_size_per_rank", "global_batch_size", "repeat",
     "step_s", "samples_per_s", "speedup", "efficiency",
@@ -21,6 +23,8 @@ COLUMNS = (
     "bound", "arithmetic_frac", "memory_frac", "compute_bound", "run_id", "status", "threads_per_process", "measured_steps", "error",
     "mean_bucket_bytes", "commbench_busbw_GBps", "busbw_vs_commbench", "commbench",
     "role", "world_step_s", "ideal_step_s", *(column(t) for t in TERMS), "loss_unsplit_s",
+    "strategy", "model_state_bytes", "predicted_model_state_bytes",
+    *KIND_COLUMNS,
 )
 """``step_s`` is the run's median step; ``speedup`` of a weak study is the scaled speedup
 (efficiency * N / b); ``peak_memory_bytes`` is run.json's memory.max.peak (max over ranks).
@@ -36,7 +40,12 @@ no peer; not a point of the scaling curve, so no speedup or efficiency).
 The loss columns (scaling.report.waterfall) are those of the run's world size, medians over its repeats:
 ``world_step_s`` = T(N), ``ideal_step_s`` = T_ideal(N), and ``loss_*_s`` the terms, which add up to
 ``world_step_s - ideal_step_s``; a term whose control is missing is empty and ``loss_unsplit_s`` holds
-what the empty ones add up to."""
+what the empty ones add up to.
+``strategy`` is run.json's dist.strategy (as asked; world size 1 trains unwrapped whatever it is);
+``model_state_bytes`` memory.max.model_state (parameters, gradients and optimizer state of the largest rank),
+``predicted_model_state_bytes`` run.json memory_model.max.model_state; ``comm_<kind>_s``, ``_exposed_s``,
+``_bytes`` the run's median per step of each kind of collective its strategy issues (all-reduce; FSDP's
+all-gathers in forward and backward and reduce-scatter; ZeRO-1's broadcast), empty for the kinds it does not."""
 
 
 def rows(studies: list[StudyStats], benches: Sequence[Bench] = ()) -> list[dict[str, Any]]:
@@ -79,6 +88,10 @@ def rows(studies: list[StudyStats], benches: Sequence[Bench] = ()) -> list[dict[
                 "commbench": str(versus[0].path) if versus else None,
                 "role": "control" if run.is_control else "point",
                 **loss_columns(stats, run),
+                "strategy": run.strategy,
+                "model_state_bytes": run.model_state_bytes() if run.completed else None,
+                "predicted_model_state_bytes": (run.memory_model.get("max") or {}).get("model_state"),
+                **{key: s.get(key) for key in KIND_COLUMNS},
             })
         for point in stats.records.missing_points:
             control = point.get("solo_batch") is not None

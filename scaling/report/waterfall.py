@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from scaling.report.records import RunRecord, StudyRecords, common_straggler
+from scaling.report.records import RunRecord, StudyRecords, collectives, common_straggler
 
 TERMS = ("batch", "contention", "data", "other", "interference", "comm_exposed", "comm_wait")
 """In waterfall order: from what one process at the smaller batch costs, through sharing the machine,
@@ -114,6 +114,9 @@ class SizeWaterfall:
     missing: tuple[str, ...] = ()
     """Why some terms are None: the controls the records lack."""
     straggler: dict[str, Any] | None = None
+    exposed_label: str = TERM_LABELS["comm_exposed"]
+    """The exposed-communication term named after the strategy's collectives ("exposed all-gather and
+    reduce-scatter" under fsdp)."""
 
     @property
     def step_s(self) -> float:
@@ -217,13 +220,22 @@ def size_waterfall(records: StudyRecords, world_size: int, baseline: int, t_base
     else:
         if inputs.solo_step_s is None:
             missing.append(solo_missing(records, batch))
-        if inputs.nocomm_step_s is None:
+        if inputs.nocomm_step_s is None and records.strategy == "fsdp":
+            missing.append(f"no no-communication control steps at {world_size} processes: fsdp gathers its "
+                           "parameters in every step, so no step runs without communication")
+        elif inputs.nocomm_step_s is None:
             missing.append(f"no no-communication control steps at {world_size} processes "
                            "(instrument.control_steps=0, or records from before the controls)")
         if inputs.comm_exposed_s is None and world_size > 1:
             missing.append(f"no exposed communication recorded at {world_size} processes "
                            "(instrument.enabled=false)")
-    return SizeWaterfall(world_size, batch, inputs, terms, tuple(missing), common_straggler(done))
+    return SizeWaterfall(world_size, batch, inputs, terms, tuple(missing), common_straggler(done),
+                         exposed_label(records.strategy))
+
+
+def exposed_label(strategy: str) -> str:
+    """The exposed-communication term in words: DDP's all-reduce, or the strategy's own collectives."""
+    return TERM_LABELS["comm_exposed"] if strategy == "ddp" else f"exposed {collectives(strategy)}"
 
 
 def study_waterfall(records: StudyRecords) -> StudyWaterfall:
@@ -275,7 +287,7 @@ def term_label(term: str, size: SizeWaterfall) -> str:
     if term == "comm_wait" and size.straggler:
         phase = f", slow in {size.straggler['phase']}" if size.straggler.get("phase") else ""
         return f"waiting for rank {size.straggler['rank']}{phase}"
-    return TERM_LABELS[term]
+    return size.exposed_label if term == "comm_exposed" else TERM_LABELS[term]
 
 
 def sentence(size: SizeWaterfall) -> str:
@@ -329,7 +341,8 @@ def table(waterfall: StudyWaterfall) -> tuple[list[str], list[list[str]]]:
     sizes = waterfall.shown()
     headers = ["", *(procs(s.world_size) for s in sizes)]
     rows = [["ideal step T_ideal", *(f"{ms(s.ideal_step_s, ms_decimals(s.step_s) + 1)} ms" for s in sizes)]]
-    rows += [[f"+ {TERM_LABELS[t]}", *(cell(s, s.terms_s[t]) for s in sizes)] for t in TERMS]
+    labels = {**TERM_LABELS, "comm_exposed": sizes[0].exposed_label if sizes else TERM_LABELS["comm_exposed"]}
+    rows += [[f"+ {labels[t]}", *(cell(s, s.terms_s[t]) for s in sizes)] for t in TERMS]
     if any(s.unsplit_s is not None for s in sizes):
         rows.append(["+ not split (control missing)", *(cell(s, s.unsplit_s) for s in sizes)])
     rows.append(["= measured step T", *(f"{ms(s.step_s, ms_decimals(s.step_s) + 1)} ms" for s in sizes)])

@@ -17,6 +17,11 @@ per-rank batch B. A world-size-1 point of the study at batch B already is that
 control, so none is run for B then. The report splits the lost efficiency with
 it (scaling.report.waterfall).
 
+``study.strategies=[ddp,fsdp]`` compares data-parallel strategies: with one entry it is
+``dist.strategy``; with several the study runs as the sweep ``-m dist.strategy=ddp,fsdp``
+(scaling.sweep: one study per strategy in one sweep folder, the same resume, and one
+comparison report in ``<sweep>/compare/``).
+
 A signal stops the study cleanly: Ctrl-C (SIGINT), SIGTERM, or Slurm's early-stop
 SIGUSR1 is passed once to the running job, which records it, and the study exits
 (130, or ``EXIT_STOPPED`` for SIGUSR1 and for any stop under srun).
@@ -216,6 +221,48 @@ def _positive(key: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{key} must be an integer >= 1 (got {value!r})")
     return value
+
+
+def study_strategies(cfg: DictConfig) -> tuple[str, ...] | None:
+    """``study.strategies``, checked: None (the points run ``dist.strategy``), or each of ddp|zero1|fsdp once."""
+    study = cfg.get("study")
+    value = study.get("strategies") if study is not None else None
+    if value is None:
+        return None
+    valid = "|".join(config.STRATEGIES)
+    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if not items:
+        raise ConfigError(f"study.strategies is empty; list the strategies to compare, e.g. "
+                          f"study.strategies=[ddp,fsdp] (each one of {valid}), or leave it null")
+    for item in items:
+        if item not in config.STRATEGIES:
+            raise ConfigError(f"study.strategies has {item!r}; each entry must be one of {valid}, "
+                              "e.g. study.strategies=[ddp,fsdp]")
+    twice = next((item for item in items if items.count(item) > 1), None)
+    if twice is not None:
+        raise ConfigError(f"study.strategies lists {twice} twice; give each strategy once")
+    return tuple(items)
+
+
+def strategy_overrides(argv: Sequence[str], strategies: Sequence[str]) -> list[str]:
+    """``study.strategies`` as ``dist.strategy``: one value (a study), or a comma list (a sweep, one study each)."""
+    if any(override_key(o) == "dist.strategy" for o in argv):
+        raise ConfigError("study.strategies and dist.strategy are both given; give the strategies once "
+                          "(study.strategies=[ddp,fsdp] runs a study for each)")
+    kept = [o for o in argv if override_key(o) != "study.strategies"]
+    return [*kept, "study.strategies=null", f"dist.strategy={','.join(strategies)}"]
+
+
+def strategies_sweep_dir(cfg: DictConfig, argv: Sequence[str]) -> list[str]:
+    """Under Slurm, the sweep folder of ``study.strategies`` is named as the scripts name a SWEEP's (STUDY, or
+    ``<kind>-sweep-j<job>``): a requeued job finds it again, and its resubmission (STUDY=that folder) too."""
+    study = cfg.study
+    if (any(override_key(o) == "hydra.sweep.dir" for o in argv) or not slurm.in_allocation()
+            or study.get("launcher", "auto") == "torchrun"):
+        return []
+    named = any(override_key(o) == "study.name" for o in argv)
+    name = str(study.name) if named else f"{study.get('kind')}-sweep-j{slurm.job_id()}"
+    return [f"hydra.sweep.dir={Path(str(cfg.paths.root)).absolute() / name}"]
 
 
 def spec_from_config(cfg: DictConfig, user_overrides: Sequence[str]) -> StudySpec:
@@ -723,8 +770,24 @@ def stopped(spec: StudySpec, signum: int, completed: Sequence[str], sweep: Path 
     return EXIT_STOPPED
 
 
-def main(cfg: DictConfig, argv: Sequence[str], sweep: Path | None = None) -> int:
-    """One study; ``sweep``: the folder of the sweep it belongs to (what a stopped job continues)."""
+def main(cfg: DictConfig, argv: Sequence[str], sweep: Path | None = None,
+         multirun: Callable[[Sequence[str]], int] | None = None) -> int:
+    """One study; ``sweep``: the folder of the sweep it belongs to (what a stopped job continues).
+
+    ``study.strategies`` with one entry runs this study under that ``dist.strategy``; with several, the
+    sweep over ``dist.strategy`` (``multirun``, the command's ``-m``)."""
+    strategies = study_strategies(cfg)
+    if strategies is not None:
+        argv = strategy_overrides(argv, strategies)
+        if len(strategies) > 1:
+            if multirun is None:
+                raise ConfigError("study.strategies with several strategies runs as a sweep over dist.strategy; "
+                                  "start it with python -m scaling.study")
+            argv = [*argv, *strategies_sweep_dir(cfg, argv)]
+            say(f"study.strategies=[{','.join(strategies)}]: one study per strategy, run as the sweep "
+                f"python -m scaling.study -m {shlex.join(argv)}")
+            return int(multirun(argv) or 0)
+        cfg = cli.compose_config(argv)
     spec = spec_from_config(cfg, argv)
     if not spec.name:
         spec = replace(spec, name=slurm.claim_study_name(spec.kind, spec.root, say))
@@ -764,5 +827,5 @@ def entry(argv: Sequence[str] | None = None, multirun: Callable[[Sequence[str]],
         overrides, _ = cli.split_flags(args)
     except ConfigError:
         overrides = []  # cli.run reports the flag
-    return cli.run("scaling.study", lambda cfg: main(cfg, overrides), argv=args, multirun=multirun)
+    return cli.run("scaling.study", lambda cfg: main(cfg, overrides, multirun=multirun), argv=args, multirun=multirun)
 
