@@ -93,9 +93,9 @@ class RunRecord:
         """memory.max.model_state, or (older records) its parts: parameters, gradients, optimizer state."""
         value = self.memory_max.get("model_state")
         if isinstance(value, (int, float)):
-            return float(value)
+            return value
         parts = [self.memory_max.get(k) for k in ("params", "grads", "optimizer_state")]
-        return float(sum(parts)) if all(isinstance(v, (int, float)) for v in parts) else None
+        return sum(parts) if all(isinstance(v, (int, float)) for v in parts) else None
 
     def number(self, key: str) -> float | None:
         """A summary value, or None where it is absent or null (comm keys at world size 1)."""

@@ -17,12 +17,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scaling.report.configdiff import BOOKKEEPING_KEYS, KeyDiff
+from scaling.report.configdiff import KeyDiff
 from scaling.report.findings import mib, pct, procs
 from scaling.report.metrics import SizeStats, StudyStats
 
 STRATEGY_KEY = "dist.strategy"
 REFERENCE = "ddp"
+UNMEASURED_KEYS = ("logger.", "run.git_commit")
 
 
 def differ(studies: Sequence[StudyStats]) -> bool:
@@ -48,7 +49,9 @@ class Group:
 
 
 def other_keys(diffs: Sequence[KeyDiff]) -> list[KeyDiff]:
-    return [d for d in diffs if d.key != STRATEGY_KEY and not d.key.startswith(BOOKKEEPING_KEYS)]
+    """Keys that change what is measured besides the strategy: the hosts (another link) count, the logger and
+    the git commit do not."""
+    return [d for d in diffs if d.key != STRATEGY_KEY and not d.key.startswith(UNMEASURED_KEYS)]
 
 
 def groups(studies: Sequence[StudyStats], diffs: Sequence[KeyDiff]) -> list[Group]:
@@ -70,10 +73,24 @@ def _speed(t: float, reference: float) -> str:
     return f"{ratio:.2f}x slower" if ratio >= 1 else f"{1 / ratio:.2f}x faster"
 
 
-def _predicted(size: SizeStats) -> str:
-    if size.predicted_model_state_bytes is None or not size.predicted_ddp_model_state_bytes:
-        return ""
-    return f" (predicted {pct(size.predicted_model_state_bytes / size.predicted_ddp_model_state_bytes)})"
+def memory_text(size: SizeStats, reference: SizeStats | None, name: str | None) -> str | None:
+    """"holds 50% of ddp's model state per rank (predicted 50%)": measured against the reference study's
+    (``name``), or without one against the DDP replica memory_model predicts."""
+    if size.model_state_bytes is None:
+        return None
+    notes = []
+    if reference is not None and name is not None:
+        if not reference.model_state_bytes:
+            return None
+        share, whose = size.model_state_bytes / reference.model_state_bytes, f"{name}'s"
+    elif size.predicted_ddp_model_state_bytes:
+        share, whose = size.model_state_bytes / size.predicted_ddp_model_state_bytes, "a DDP replica's"
+        notes.append(f"the replica {mib(size.predicted_ddp_model_state_bytes)} by memory_model")
+    else:
+        return None
+    if size.predicted_model_state_bytes is not None and size.predicted_ddp_model_state_bytes:
+        notes.append(f"predicted {pct(size.predicted_model_state_bytes / size.predicted_ddp_model_state_bytes)}")
+    return f"holds {pct(share)} of {whose} model state per rank" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def size_sentence(studies: Sequence[StudyStats], n: int) -> str | None:
@@ -81,22 +98,14 @@ def size_sentence(studies: Sequence[StudyStats], n: int) -> str | None:
     reference = next((st for st in studies if st.strategy == REFERENCE), None)
     base = reference or studies[0]
     base_size = base.size(n)
+    if base_size is None:
+        return None
     parts = []
     for st in studies:
-        if st is reference:
-            continue
         size = st.size(n)
-        if size is None or base_size is None:
+        if st is reference or size is None:
             continue
-        memory = None
-        if size.model_state_bytes is not None:
-            if reference is not None and base_size.model_state_bytes:
-                memory = (f"holds {pct(size.model_state_bytes / base_size.model_state_bytes)} of "
-                          f"{reference.strategy}'s model state per rank{_predicted(size)}")
-            elif reference is None and size.predicted_ddp_model_state_bytes:
-                memory = (f"holds {pct(size.model_state_bytes / size.predicted_ddp_model_state_bytes)} of the "
-                          f"model state per rank of a DDP replica ({mib(size.predicted_ddp_model_state_bytes)} "
-                          f"by memory_model){_predicted(size)}")
+        memory = memory_text(size, base_size if reference else None, reference.strategy if reference else None)
         speed = None
         if st is not base:
             speed = (f"runs {_speed(size.step_s.median, base_size.step_s.median)} than {base.strategy} "
