@@ -58,6 +58,8 @@ class InferConfig:
     """How long the oldest waiting query holds back a partial batch."""
     server_queries: int = 1000
     """Poisson queries per tried rate (>= P99_MIN_QUERIES)."""
+    server_search_step: float = 0.25
+    """The rates tried are capacity x (1 + step)**k: the answer and the next rate up are this far apart."""
     seed: int = 0
     """Arrivals and service-time draws of the server scenario."""
     server_replay: bool = True
@@ -85,6 +87,7 @@ class InferConfig:
                                   f"measured (largest {max(sizes)}); add it to infer.batch_sizes")
         _positive_number("infer.server_timeout_ms", self.server_timeout_ms, allow_zero=True)
         _int_at_least("infer.server_queries", self.server_queries, P99_MIN_QUERIES)
+        _positive_number("infer.server_search_step", self.server_search_step)
         _int_at_least("infer.seed", self.seed, 0)
         for key in ("ops", "server_replay"):
             if not isinstance(getattr(self, key), bool):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 PLATEAU = 0.9
@@ -65,17 +66,36 @@ def _curve(batches: list[dict[str, Any]], budget_ms: float) -> str:
 
 
 def _server(server: dict[str, Any], budget: str) -> str:
-    setup = (f"server, simulated on the measured service times (Poisson arrivals, batches of up to "
-             f"{server['max_batch']}, {server['timeout_ms']:g} ms time-out, at least {server['queries']} queries "
+    setup = (f"server, simulated on service times measured in the serving loop (Poisson arrivals, batches of up to "
+             f"{server['max_batch']}, {server['timeout_ms']:g} ms time-out, rates {100 * server['step']:.3g}% apart "
+             f"from the capacity of {_rate(server['capacity_qps'])} queries/s, at least {server['queries']} queries "
              f"and 100 budgets of arrivals per rate)")
     if server["rate_qps"] is None:
         return f"{setup}: no query rate meets {budget}; even a trickle sees {_ms(server['next_p99_s'])} p99"
     return (f"{setup}: {_rate(server['rate_qps'])} queries/s within {budget} "
-            f"(p99 {_ms(server['p99_s'])}, mean batch {server['mean_batch']:.1f}); "
+            f"({server['capacity_share']:.2f} of capacity, p99 {_ms(server['p99_s'])}, "
+            f"mean batch {server['mean_batch']:.1f}); "
             f"{_rate(server['next_rate_qps'])} queries/s misses it (p99 {_ms(server['next_p99_s'])})")
 
 
-def _replay(replay: dict[str, Any], budget: str, budget_s: float) -> str:
+def searched_medians(record: dict[str, Any]) -> dict[str, float]:
+    """Replica 0's service time per batch size in the serving loop, at the median: what the search drew from."""
+    return {str(p["batch_size"]): float(statistics.median(p["server_service_s"]))
+            for p in record["per_replica"][0]["batches"] if p.get("server_service_s")}
+
+
+def _service_drift(trial: dict[str, Any], searched: dict[str, float]) -> str:
+    """The batch size the live server ran most, its median service time live against the searched one."""
+    live = trial.get("service_s") or {}
+    common = [size for size in live if size in searched]
+    if not common:
+        return ""
+    size = max(common, key=lambda b: live[b]["batches"])
+    return (f"batches of {size} took {_ms(live[size]['p50'])} live at the median against "
+            f"{_ms(searched[size])} searched")
+
+
+def _replay(replay: dict[str, Any], budget: str, budget_s: float, searched: dict[str, float]) -> str:
     answer, above = replay["answer"], replay["next"]
 
     def served(trial: dict[str, Any], verb: str) -> str:
@@ -92,6 +112,9 @@ def _replay(replay: dict[str, Any], budget: str, budget_s: float) -> str:
     else:
         line += (f"the replay disagrees with the search: the live server still meets the budget at "
                  f"{_rate(above['rate_qps'])} queries/s")
+    drift = _service_drift(answer if not answer["budget_met"] else above, searched)
+    if not replay["agrees"] and drift:
+        line += f" ({drift})"
     lag = max(answer["issue_lag_p99_s"], above["issue_lag_p99_s"])
     if lag > 0.1 * budget_s:
         line += f"; queries were issued up to {_ms(lag)} late at p99, counted against the server"
@@ -107,7 +130,7 @@ def findings(record: dict[str, Any]) -> list[str]:
     if server:
         lines.append(_server(server, budget))
         if server.get("replay"):
-            lines.append(_replay(server["replay"], budget, budget_s))
+            lines.append(_replay(server["replay"], budget, budget_s, searched_medians(record)))
     if record.get("replicas", 1) > 1:
         one = record["per_replica"][0]["batches"]
         by_size = {p["batch_size"]: p for p in one}

@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from omegaconf import DictConfig
@@ -44,6 +45,10 @@ from scaling.train import failure
 from scaling.train.data import build_dataset
 from scaling.train.faults import Injector
 from scaling.train.models import build_model
+
+
+SERVICE_ROUNDS = 4
+"""Rounds over the batch sizes when the server's service times are measured."""
 
 
 def ceilings(run: InferRun, device: torch.device, points: list[Point], concurrent: int) -> dict[str, Any]:
@@ -74,7 +79,17 @@ def point_record(point: Point, hardware: dict[str, Any] | None) -> dict[str, Any
         record["ops_time_s"] = sum(r["time_s"] for r in rows)
     if samples:
         record["latency_samples_s"] = samples
+    if point.server_service_s is not None:
+        record["server_service_s"] = point.server_service_s
+        record["server_issue_lag_s"] = point.server_issue_lag_s
     return record
+
+
+def searched_service(batches: list[dict[str, Any]]) -> serving.ServiceTimes:
+    """What the search simulates on: each batch size's service times in the serving loop, the generator's lags."""
+    served = [p for p in batches if p.get("server_service_s")]
+    return serving.ServiceTimes({p["batch_size"]: p["server_service_s"] for p in served},
+                                [lag for p in served for lag in p["server_issue_lag_s"]])
 
 
 def server_result(run: InferRun, batches: list[dict[str, Any]], server: Server, ctx: group.Context,
@@ -83,11 +98,16 @@ def server_result(run: InferRun, batches: list[dict[str, Any]], server: Server, 
     up served live (every replica at once), unless ``infer.server_replay=false``."""
     infer = run.infer
     budget_s = infer.latency_budget_ms / 1e3
-    service = serving.ServiceTimes({p["batch_size"]: p["latency_samples_s"] for p in batches})
+    service = searched_service(batches)
     found = serving.search(service, budget_s, infer.server_queries, infer.max_batch, infer.server_timeout_ms / 1e3,
-                           infer.seed)
+                           infer.seed, infer.server_search_step)
     result = {"max_batch": infer.max_batch, "timeout_ms": infer.server_timeout_ms, "queries": infer.server_queries,
               "seed": infer.seed, **found, "replay": None}
+    if found["rate_qps"] is not None:
+        log.info(f"server: simulated, {found['rate_qps']:,.0f} queries/s ({found['capacity_share']:.2f} of the "
+                 f"{found['capacity_qps']:,.0f} queries/s capacity) meets {infer.latency_budget_ms:g} ms p99 "
+                 f"(p99 {found['p99_s'] * 1e3:.3f} ms), {found['next_rate_qps']:,.0f} misses it "
+                 f"(p99 {found['next_p99_s'] * 1e3:.3f} ms)")
     if not infer.server_replay:
         return result
     replayed: dict[str, Any] = {}
@@ -173,6 +193,30 @@ def sweep(run: InferRun, ctx: group.Context, model: torch.nn.Module, pool: torch
         raise failure.RecordedFailure(files.logs / f"rank{ctx.rank}.error.json") from exc
 
 
+def measure_service(run: InferRun, server: Server, points: list[Point], log: logging.Logger) -> None:
+    """Each batch size the batcher may run, served back to back by the serving loop (``live.service_times``),
+    just before the search: ``SERVICE_ROUNDS`` rounds over the sizes, ``infer.queries`` batches of each in all,
+    so that every size sees the machine as it is then, not as it was when the sweep reached it."""
+    spec = run.infer
+    served_up_to = min(b for b in spec.batch_sizes if b >= spec.max_batch)  # the batcher pads up to this size
+    served = [p for p in points if p.batch_size <= served_up_to]
+    service: dict[int, list[float]] = {p.batch_size: [] for p in served}
+    lags: dict[int, list[float]] = {p.batch_size: [] for p in served}
+    for round_ in range(SERVICE_ROUNDS):
+        for point in served:
+            batches = spec.queries // SERVICE_ROUNDS + (round_ < spec.queries % SERVICE_ROUNDS)
+            if batches:
+                times, late = live.service_times(server, point.batch_size, batches,
+                                                 float(np.median(point.latency_samples_s)),
+                                                 spec.server_timeout_ms / 1e3, spec.seed + round_)
+                service[point.batch_size] += times
+                lags[point.batch_size] += late
+    for point in served:
+        point.server_service_s, point.server_issue_lag_s = service[point.batch_size], lags[point.batch_size]
+    log.info("server: service time in the serving loop, median: "
+             + ", ".join(f"batch {b} {float(np.median(t)) * 1e3:.3f} ms" for b, t in service.items()))
+
+
 def measure_all(run: InferRun, ctx: group.Context, model: torch.nn.Module, pool: torch.Tensor,
                 log: logging.Logger, files: records.RankFiles, header: dict[str, Any], device: str) -> dict[str, Any]:
     cfg, spec = run.run, run.infer
@@ -190,6 +234,9 @@ def measure_all(run: InferRun, ctx: group.Context, model: torch.nn.Module, pool:
         files.append_batch(point_record(point, None))
         progress(log, index, len(spec.batch_sizes), point_record(point, None))
     hardware = ceilings(run, ctx.device, points, ctx.launch.local_world_size) if spec.ops else None
+    if spec.runs_server:
+        torch.distributed.barrier(group=ctx.meta_group)  # the replicas serve together
+        measure_service(run, server, points, log)
     mine = [point_record(p, hardware) for p in points]
     found = server_result(run, mine, server, ctx, log) if spec.runs_server else None
     gathered: list[Any] = [None] * ctx.world_size

@@ -1,21 +1,32 @@
 """The server scenario served for real: Poisson queries in real time, a dynamic batcher, the model on its device.
 
-The search (``scaling.infer.server``) finds its rate on a simulated queue; this
-replays a rate live. A generator thread issues each query at its seeded
-arrival time (the very stream the search simulated, stretched to the rate)
-into a queue. The batcher, on the calling thread, takes the oldest waiting
-query, then waits for more until ``max_batch`` wait or the oldest has waited
-``timeout_s`` since it was issued (a server that was busy sends what has piled
-up as soon as it is free), pads the batch to the smallest measured batch size that holds it (fixed
+A generator thread issues each query at its seeded arrival time into a queue.
+The batcher, on the calling thread, takes the oldest waiting query, then waits
+for more until ``max_batch`` wait or the oldest has waited ``timeout_s`` since
+it was issued (a server that was busy sends what has piled up as soon as it is
+free), pads the batch to the smallest measured batch size that holds it (fixed
 shapes, as the search assumes), runs the model and synchronises the device.
 
 A query's latency is its batch's completion minus its scheduled arrival, so a
 generator that falls behind counts against the server, as a request accepted
-late does; ``issue_lag_p99_s`` says by how much it fell behind.
+late does. Each batch's service time in the loop is its completion minus the
+later of the previous completion and the moment the batcher's rules let it go
+(its oldest query's time-out, or its ``max_batch``-th query issued): what the
+simulated queue calls a service time, with everything the loop adds to the
+forward (hand-off through the queue, waking the batcher, the interpreter lock
+shared with the generator, the loop's own bookkeeping).
 
-Keys of one replayed rate: ``rate_qps``, ``queries``, ``duration_s`` (first
-arrival to last completion), ``p50_s``, ``p99_s``, ``max_s``, ``mean_batch``,
-``budget_met`` (p99 <= budget), ``issue_lag_p99_s``.
+Two uses:
+
+* ``service_times``: one batch size served with more queries than it can
+  serve, so the batcher always finds a full batch waiting: the service times
+  and the generator's lateness the search simulates on (``scaling.infer.server``).
+* ``replay``: a rate the search chose, served with the search's own arrivals.
+  Keys: ``rate_qps``, ``queries``, ``duration_s`` (first arrival to last
+  completion), ``p50_s``, ``p99_s``, ``max_s``, ``mean_batch``, ``budget_met``
+  (p99 <= budget), ``issue_lag_p99_s`` (how late the generator issued, counted
+  in the latencies), ``service_s`` (per padded batch size: ``batches``, ``p50``,
+  ``p99`` of the service times in the loop, against the searched ones).
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,7 +50,25 @@ LEAD_S = 0.05
 """The generator starts this long after the inputs are ready, so that the first arrival is not already late."""
 SWITCH_INTERVAL_S = 0.0005
 """Python hands the interpreter lock between threads every 5 ms by default: a query arriving while the
-batcher runs Python code could wait that long to be issued. During a replay, 0.5 ms."""
+batcher runs Python code could wait that long to be issued. During serving, 0.5 ms."""
+OVERLOAD = 1.5
+"""``service_times`` issues queries this many times faster than the single-stream median serves them."""
+
+
+@dataclass(frozen=True)
+class Served:
+    """What one live run recorded (seconds)."""
+
+    latency_s: np.ndarray
+    """Per query: its batch's completion minus its scheduled arrival."""
+    issue_lag_s: np.ndarray
+    """Per query: issued minus scheduled arrival."""
+    batches: list[int]
+    """Queries per batch, in the order sent."""
+    padded: list[int]
+    """The batch size each batch ran at."""
+    service_s: np.ndarray
+    """Per batch: completion minus the later of the previous completion and the moment the batch could go."""
 
 
 def _issue(arrive_at: np.ndarray, waiting: queue.SimpleQueue, issued_at: np.ndarray) -> None:
@@ -50,20 +80,16 @@ def _issue(arrive_at: np.ndarray, waiting: queue.SimpleQueue, issued_at: np.ndar
         waiting.put(i)
 
 
-def serve(server: Server, sizes: Sequence[int], arrive_s: np.ndarray, max_batch: int,
-          timeout_s: float) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Serve queries arriving ``arrive_s`` seconds after the start.
-
-    Returns per query the latency (completion minus scheduled arrival) and the
-    issue lag (issue minus scheduled arrival), and the size of each batch sent.
-    """
+def serve(server: Server, sizes: Sequence[int], arrive_s: np.ndarray, max_batch: int, timeout_s: float) -> Served:
+    """Serve queries arriving ``arrive_s`` seconds after the start."""
     shapes = sorted(sizes)
     inputs = {size: server.batch(size) for size in shapes[:bisect.bisect_left(shapes, max_batch) + 1]}
     queries = len(arrive_s)
     waiting: queue.SimpleQueue[int] = queue.SimpleQueue()
     issued_at = np.zeros(queries)
     done_at = np.zeros(queries)
-    batches: list[int] = []
+    batches: list[list[int]] = []
+    batch_done: list[float] = []
     pending: deque[int] = deque()
     server.sync()
     arrive_at = time.perf_counter() + LEAD_S + np.asarray(arrive_s)
@@ -93,13 +119,48 @@ def serve(server: Server, sizes: Sequence[int], arrive_s: np.ndarray, max_batch:
             take = [pending.popleft() for _ in range(min(max_batch, len(pending)))]
             server.forward(inputs[shapes[bisect.bisect_left(shapes, len(take))]])
             server.sync()
-            done_at[take] = time.perf_counter()
-            batches.append(len(take))
+            batch_done.append(time.perf_counter())
+            batches.append(take)
             served += len(take)
     finally:
         sys.setswitchinterval(previous)
     generator.join()
-    return done_at - arrive_at, issued_at - arrive_at, batches
+    service = np.empty(len(batches))
+    free_at = -np.inf
+    for n, (take, done) in enumerate(zip(batches, batch_done)):
+        done_at[take] = done
+        full = take[0] + max_batch - 1  # queries are taken in the order issued
+        ready = issued_at[take[0]] + timeout_s
+        if full < queries:
+            ready = min(ready, issued_at[full])
+        service[n] = done - max(free_at, ready)
+        free_at = done
+    return Served(done_at - arrive_at, issued_at - arrive_at, [len(t) for t in batches],
+                  [shapes[bisect.bisect_left(shapes, len(t))] for t in batches], service)
+
+
+def service_times(server: Server, size: int, batches: int, single_stream_s: float, timeout_s: float,
+                  seed: int) -> tuple[list[float], list[float]]:
+    """Batches of ``size`` served back to back by the serving loop: each one's service time, and how late the
+    generator issued one query per batch.
+
+    Queries arrive (Poisson) ``OVERLOAD`` times faster than batches of ``size``
+    taking ``single_stream_s`` serve them, so once the queue has filled a full
+    batch is always waiting: the last ``batches`` batches are kept (the first,
+    and any sent part-full by a time-out while the queue filled, are not).
+    """
+    rate = OVERLOAD * size / single_stream_s
+    run = serve(server, [size], serving.arrivals(size * (batches + 1), rate, seed), size, timeout_s)
+    return [float(s) for s in run.service_s[-batches:]], [float(lag) for lag in run.issue_lag_s[size::size]]
+
+
+def _service_summary(run: Served) -> dict[str, dict[str, float]]:
+    out = {}
+    for size in sorted(set(run.padded)):
+        times = run.service_s[np.asarray(run.padded) == size]
+        out[str(size)] = {"batches": int(len(times)), "p50": float(np.percentile(times, 50)),
+                          "p99": float(np.percentile(times, 99))}
+    return out
 
 
 def replay(server: Server, sizes: Sequence[int], rate_qps: float, queries: int, max_batch: int, timeout_s: float,
@@ -107,9 +168,10 @@ def replay(server: Server, sizes: Sequence[int], rate_qps: float, queries: int, 
     """One rate served live: the search's arrivals (``queries_at`` queries), the batcher, the model."""
     count = serving.queries_at(rate_qps, queries, budget_s)
     arrive_s = serving.arrivals(count, rate_qps, seed)
-    latency, lag, batches = serve(server, sizes, arrive_s, max_batch, timeout_s)
+    run = serve(server, sizes, arrive_s, max_batch, timeout_s)
+    latency = run.latency_s
     p99 = float(np.percentile(latency, 99))
     return {"rate_qps": rate_qps, "queries": count, "duration_s": float(np.max(arrive_s + latency) - arrive_s[0]),
             "p50_s": float(np.percentile(latency, 50)), "p99_s": p99, "max_s": float(latency.max()),
-            "mean_batch": float(np.mean(batches)), "budget_met": p99 <= budget_s,
-            "issue_lag_p99_s": float(np.percentile(lag, 99))}
+            "mean_batch": float(np.mean(run.batches)), "budget_met": p99 <= budget_s,
+            "issue_lag_p99_s": float(np.percentile(run.issue_lag_s, 99)), "service_s": _service_summary(run)}

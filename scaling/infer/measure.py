@@ -92,6 +92,10 @@ class Point:
     offline: Offline | None
     memory: dict[str, int]
     ops: ops_mod.OpMeasurement | None
+    server_service_s: list[float] | None = None
+    """Server scenario: each batch's service time in the serving loop (``scaling.infer.live.service_times``)."""
+    server_issue_lag_s: list[float] | None = None
+    """Server scenario: how late the serving loop's generator issued one query per batch."""
 
 
 class Server:

@@ -27,16 +27,20 @@ from scaling.records.files import write_json
 from scaling.train import failure
 
 
+PER_REPLICA_ONLY = ("latency_samples_s", "server_service_s", "server_issue_lag_s")
+
+
 def pooled(replicas: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """The node's view: samples pooled, throughput summed, memory summed, bounds of replica 0.
 
-    Each replica's ``latency_samples_s`` stay in ``per_replica``; the node's
-    batches carry the summaries only.
+    Each replica's samples (``latency_samples_s``, ``server_service_s``,
+    ``server_issue_lag_s``) stay in ``per_replica``; the node's batches carry
+    the summaries only.
     """
     out = []
     for same in zip(*replicas):
         first = same[0]
-        point = {k: v for k, v in first.items() if k != "latency_samples_s"}
+        point = {k: v for k, v in first.items() if k not in PER_REPLICA_ONLY}
         if len(same) > 1:
             point["memory"] = {k: sum(p["memory"][k] for p in same) for k in first["memory"]}
             point["samples_per_s"] = sum(p["samples_per_s"] for p in same)

@@ -12,7 +12,10 @@ batch sizes every replica finished, kept in ``batches``), ``run_id``, ``exp``,
 ``scenario``, ``latency_budget_ms``, ``hardware`` (the roofline ceilings),
 ``batches`` (the node: every replica's samples pooled, throughput summed),
 ``per_replica`` (each replica's own ``batches``, with its per-query
-``latency_samples_s``), ``server`` and ``findings``.
+``latency_samples_s`` and, for the server scenario, ``server_service_s`` and
+``server_issue_lag_s``: each batch's service time in the serving loop and the
+generator's lateness, what the search simulates on), ``server`` and
+``findings``.
 
 Per batch size: ``batch_size``; single stream (null when the scenario is
 offline alone): ``queries``, ``latency_s`` (``p50``, ``p90``, ``p99``,
@@ -23,13 +26,15 @@ ran): ``queries``, ``batch_size``, ``total_s``, ``samples_per_s``;
 bytes), ``compute_bound``, ``memory_frac``, ``arithmetic_frac``.
 
 ``server`` (replica 0's, simulated on its service times): ``max_batch``,
-``timeout_ms``, ``queries``, ``seed``, ``rate_qps`` and ``p99_s`` (the largest
-rate within the budget), ``next_rate_qps`` and ``next_p99_s`` (the next rate
-up, which misses it), ``mean_batch``, ``capacity_qps``, ``replicas_rate_qps``,
-``node_rate_qps``; ``replay`` (null when not replayed): ``answer`` and
-``next``, each served live (``scaling.infer.live``: ``rate_qps``, ``queries``,
-``p50_s``, ``p99_s``, ``max_s``, ``mean_batch``, ``budget_met``,
-``issue_lag_p99_s``, ``duration_s``), and ``agrees`` (the answer meets the
+``timeout_ms``, ``queries``, ``seed``, ``step`` (rates tried are
+``capacity_qps x (1 + step)**k``), ``rate_qps`` and ``p99_s`` (the largest
+rate within the budget), ``capacity_share`` (``rate_qps / capacity_qps``),
+``next_rate_qps`` and ``next_p99_s`` (the next rate up, which misses it),
+``mean_batch``, ``capacity_qps``, ``replicas_rate_qps``, ``node_rate_qps``;
+``replay`` (null when not replayed): ``answer`` and ``next``, each served live
+(``scaling.infer.live``: ``rate_qps``, ``queries``, ``p50_s``, ``p99_s``,
+``max_s``, ``mean_batch``, ``budget_met``, ``issue_lag_p99_s``,
+``duration_s``, ``service_s``), and ``agrees`` (the answer meets the
 budget live and the next rate up does not); with replicas,
 ``replicas_replay_agrees`` (each replica's ``agrees``, null where it had no
 rate to replay).
