@@ -23,10 +23,12 @@ STALL_S = 0.005
 STALLED = {"SCALING_INJECT_STALL": f"forward:{STALL_S}"}
 SLEEP_SLACK_S = 0.001
 """How late a 5 ms sleep (and a forward of the tiny model) may end at the median on 2 busy cores."""
-SERVED_STEP = 0.3
-"""The served run's rates are 30% apart: the answer just below the capacity (1.3**-0.5 = 0.88 of it) and the next
-rate up over it (1.14), far enough apart that a live p99 on busy cores, within a few ms of the simulated one,
-cannot change either verdict."""
+SERVED_STEP = 0.5
+"""The served run's rates are 50% apart: the answer below the capacity (1.5**-0.5 = 0.82 of it) and the next rate
+up over it (1.22). Live, the service times drift a few % from the searched ones on busy cores (up to +4% over
+eight runs here, the answer's live p99 then 36 ms against a simulated 24 ms at 0.88 of capacity, a 30% step):
+at 0.82 of capacity the simulated p99 stays under the budget for a service 10% slower, and the next rate up
+overloads the server for one 10% faster."""
 # A 40 ms budget is eight forwards: the answer's p99 (about 25 ms, five forwards) has room for a busy machine's
 # stalls; each live rate runs 100 budgets, 4 s.
 SERVED = ["infer.batch_sizes=[1,4]", "infer.queries=100", "infer.warmup_queries=3", "infer.scenario=server",
@@ -168,7 +170,7 @@ def test_server_search_is_consistent_on_its_own_service_times(served):
 
 def test_server_answer_meets_the_budget_live_and_the_next_rate_up_does_not(served):
     """The issue's sentence on a real job: the capacity is four queries per injected 5 ms forward, the search's
-    answer just below it meets the 40 ms p99 live and the next rate up, just above it, does not."""
+    answer below it meets the 40 ms p99 live and the next rate up, above it, does not."""
     _, record = served
     found, budget = record["server"], record["latency_budget_ms"] / 1e3
     # The capacity the grid is anchored at is the injected service time's: 4 queries per forward of 5 ms and a bit.

@@ -68,7 +68,7 @@ def _curve(batches: list[dict[str, Any]], budget_ms: float) -> str:
 def _server(server: dict[str, Any], budget: str) -> str:
     setup = (f"server, simulated on service times measured in the serving loop (Poisson arrivals, batches of up to "
              f"{server['max_batch']}, {server['timeout_ms']:g} ms time-out, rates {100 * server['step']:.3g}% apart "
-             f"from the capacity of {_rate(server['capacity_qps'])} queries/s, at least {server['queries']} queries "
+             f"around the capacity of {_rate(server['capacity_qps'])} queries/s, at least {server['queries']} queries "
              f"and 100 budgets of arrivals per rate)")
     if server["rate_qps"] is None:
         return f"{setup}: no query rate meets {budget}; even a trickle sees {_ms(server['next_p99_s'])} p99"

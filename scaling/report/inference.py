@@ -52,6 +52,10 @@ def _server_markdown(server: dict[str, Any], budget_ms: float) -> list[str]:
         else:
             live = f"- | - | - | {'yes' if p99 <= budget_ms / 1e3 else 'no'} (simulated)"
         lines.append(f"| {name} | {rate:,.1f} | {_ms(p99)} | {live} |")
+    if server.get("step") is not None:
+        share = f", the answer at {server['capacity_share']:.2f} of it" if server["rate_qps"] is not None else ""
+        lines += ["", f"Rates tried {100 * server['step']:.3g}% apart around the capacity of "
+                      f"{server['capacity_qps']:,.1f} queries/s{share}; service times measured in the serving loop."]
     if replay:
         lines += ["", f"Live replay {'agrees' if replay['agrees'] else 'disagrees'} with the search."]
     return lines + [""]
