@@ -164,8 +164,10 @@ class StudyWaterfall:
         return next((s for s in self.sizes if s.world_size == world_size), None)
 
     def shown(self) -> list[SizeWaterfall]:
-        """The sizes worth drawing: all but a baseline of 1 process, whose terms are 0 by definition."""
-        return [s for s in self.sizes if not (s.world_size == self.baseline == 1)]
+        """The sizes worth drawing: all but the baseline, whose efficiency is 100 % by definition (nothing
+        lost to split; at a baseline of several processes its terms against the solo controls would only
+        be cancelled by an equal "not split" remainder)."""
+        return [s for s in self.sizes if s.world_size != self.baseline]
 
 
 # -- from the records -------------------------------------------------------------------------

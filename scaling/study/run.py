@@ -30,7 +30,6 @@ SIGUSR1 is passed once to the running job, which records it, and the study exits
 from __future__ import annotations
 
 import fcntl
-import json
 import math
 import os
 import shlex
