@@ -166,35 +166,45 @@ def ring_all_reduce_s(grad_bytes: float, world_size: int, rate_bit_s: int) -> fl
     return 2 * (world_size - 1) / world_size * grad_bytes * 8 / rate_bit_s
 
 
-@needs_netns
-def test_resnet_turns_communication_bound_as_the_link_slows(tmp_path: Path) -> None:
-    # The three jobs run at the same time, each on its own emulated cluster, which keeps the
-    # test within a minute or so: their start-up (imports, rendezvous) is most of each job's
-    # time. Sharing the CPUs slows the compute and the unshaped all-reduce of every job; on
-    # the shaped links the wire stays the bottleneck.
+def run_on_links(tmp_path: Path, rates, job: list[str], prefix: str, timeout_s: float) -> list[subprocess.Popen[str]]:
+    """The same job on one emulated 2-host cluster per link rate, all at once (study ``<prefix>-<rate>``).
+
+    Each cluster's start-up (imports, rendezvous) is most of its job's time, so running them
+    side by side keeps a test near a minute; a cluster still running at the end is stopped,
+    which removes its namespaces.
+    """
     procs: dict[str, subprocess.Popen[str]] = {}
-    logs = {rate: tmp_path / f"{rate}.log" for rate in LINK_RATES}
+    logs = {rate: tmp_path / f"{rate}.log" for rate in rates}
     try:
         for rate, log in logs.items():
             with log.open("w") as out:
                 procs[rate] = subprocess.Popen(
                     [sys.executable, TOOL, "--hosts", "2", "--rate", rate, "--mtu", "9000", "--torchrun", "--",
-                     *RESNET_JOB, f"paths.root={tmp_path}", f"study.name=link-{rate}"],
+                     *job, f"paths.root={tmp_path}", f"study.name={prefix}-{rate}"],
                     cwd=REPO, env=job_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + timeout_s
         for rate, proc in procs.items():
             code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
             assert code == 0, f"{rate}: exit {code}\n{logs[rate].read_text()[-4000:]}"
     finally:
         for proc in procs.values():
             if proc.poll() is None:
-                proc.terminate()  # the tool stops its hosts and removes its namespaces
+                proc.terminate()
                 try:
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-    for proc in procs.values():
+    return list(procs.values())
+
+
+@needs_netns
+def test_resnet_turns_communication_bound_as_the_link_slows(tmp_path: Path) -> None:
+    # The three jobs run at the same time, each on its own emulated cluster, which keeps the
+    # test within a minute or so: their start-up (imports, rendezvous) is most of each job's
+    # time. Sharing the CPUs slows the compute and the unshaped all-reduce of every job; on
+    # the shaped links the wire stays the bottleneck.
+    for proc in run_on_links(tmp_path, LINK_RATES, RESNET_JOB, "link", timeout_s=300):
         assert namespaces_of(proc.pid) == []
 
     runs = {rate: read_json(only_run_dir(tmp_path / f"link-{rate}") / "run.json") for rate in LINK_RATES}
@@ -258,28 +268,7 @@ FSDP_KINDS = ("allgather_fwd", "allgather_bwd", "reducescatter")
 @needs_netns
 def test_fsdp_collectives_wait_on_a_slower_link(tmp_path: Path) -> None:
     rates = {"unlimited": None, "100mbit": 100_000_000}
-    procs: dict[str, subprocess.Popen[str]] = {}
-    logs = {rate: tmp_path / f"{rate}.log" for rate in rates}
-    try:
-        for rate, log in logs.items():
-            with log.open("w") as out:
-                procs[rate] = subprocess.Popen(
-                    [sys.executable, TOOL, "--hosts", "2", "--rate", rate, "--mtu", "9000", "--torchrun", "--",
-                     *FSDP_JOB, f"paths.root={tmp_path}", f"study.name=fsdp-{rate}"],
-                    cwd=REPO, env=job_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 240
-        for rate, proc in procs.items():
-            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            assert code == 0, f"{rate}: exit {code}\n{logs[rate].read_text()[-4000:]}"
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    run_on_links(tmp_path, rates, FSDP_JOB, "fsdp", timeout_s=240)
     summary = {rate: read_json(only_run_dir(tmp_path / f"fsdp-{rate}") / "run.json")["summary"] for rate in rates}
     print(json.dumps({rate: {k: s[k] for k in ("step_s", "comm_s", "comm_exposed_s", "busbw_GBps", "bound",
                                                 *(f"comm_{kind}_exposed_s" for kind in FSDP_KINDS))}
