@@ -88,23 +88,21 @@ torch.manual_seed(0)
 model = DDP(torchvision.models.resnet18(weights=None, num_classes=10))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 times, it = [], iter(loader)
-# First the synchronised steps the framework's job runs before its controls (warm-up and measured).
-for _ in range(synced):
+def train_step():
+    global it
     try:
         x, y = next(it)
     except StopIteration:
         it = iter(loader); x, y = next(it)
     F.cross_entropy(model(x), y).backward()
     optimizer.step(); optimizer.zero_grad()
+# First the synchronised steps the framework's job runs before its controls (warm-up and measured).
+for _ in range(synced):
+    train_step()
 with model.no_sync():
     for step in range(3 + steps):
         start = time.perf_counter()
-        try:
-            x, y = next(it)
-        except StopIteration:
-            it = iter(loader); x, y = next(it)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step(); optimizer.zero_grad()
+        train_step()
         times.append(time.perf_counter() - start)
 local = torch.tensor([statistics.median(times[3:])], dtype=torch.float64)
 gathered = [torch.zeros_like(local) for _ in range(world)]
