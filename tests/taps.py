@@ -4,7 +4,8 @@ The job runs unchanged (the same hook, chosen by ``comm.hook``, the same
 autocast); the taps only look, and write under ``SCALING_TEST_TAP_DIR``:
 
 - ``rank{R}.bucket{I}.pt``: for one step (``SCALING_TEST_TAP_STEP``, default 0),
-  each gradient bucket as this rank handed it to the comm hook (``local``), what
+  each gradient bucket as this rank computed it (``local``: as handed to the comm
+  hook, times N where the job folded the mean's 1/N into the loss), what
   the hook made of it (``reduced``), and the shapes of the parameters in it.
   Taken around whatever hook the job registers with DDP, so around the timed one.
 - ``rank{R}.dtypes.json``: per module class (Linear, Conv2d), how many forward
@@ -43,6 +44,10 @@ def tap_buckets(out: Path, target_step: int) -> None:
                 return hook(state, bucket)
             index = bucket.index()
             local = bucket.buffer().detach().clone()
+            if getattr(hook, "__name__", "") == "timed_sum_allreduce":
+                # Its buckets hold the gradients of loss / N (the job folds the mean's 1/N into the loss):
+                # the rank's own gradient is N times that, exactly for N a power of two.
+                local *= torch.distributed.get_world_size()
             shapes = [tuple(p.shape) for p in bucket.parameters()]
 
             def seen(fut):

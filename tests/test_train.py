@@ -173,6 +173,20 @@ def test_instrumentation_off_keeps_only_the_wall_clock(root):
     assert run["memory"]["max"]["activations"] is None and run["memory"]["max"]["params"] > 0
 
 
+def test_instrumented_and_bare_jobs_train_the_same_weights(tmp_path):
+    """Instrumented, DDP's all-reduce is the framework's timed hook, which sums the buckets while the
+    loop folds the mean's 1/N into the loss; bare, it is DDP's own reducer, which divides. Same data,
+    same seeds, N = 2 (a power of two: the scaling is exact): the same loss after every update."""
+    losses = {}
+    for instrumented in ("true", "false"):
+        root = tmp_path / instrumented
+        check_ok(torchrun(2, [*TINY["mlp"], "train.steps=6", "train.warmup_steps=1", "train.log_every=3",
+                              "instrument.flops=false", "instrument.ops=false", "instrument.control_steps=0",
+                              f"instrument.enabled={instrumented}", f"paths.root={root}"]))
+        losses[instrumented] = load_run(only_run_dir(root))[0]["final_loss"]
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-6, abs=0)
+
+
 def powersgd_wire_bytes(overrides: list[str], rank: int) -> int:
     """The bytes PowerSGD all-reduces for the model, worked out from its shapes (min compression rate 2)."""
     job = prepare(config.parse(cli.compose_config(overrides)))

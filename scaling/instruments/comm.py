@@ -192,6 +192,33 @@ class CommTimer:
         timed_hook.__name__ = f"timed_{getattr(hook, '__name__', 'hook')}"
         return timed_hook
 
+    def timed_sum_allreduce(self) -> Hook:
+        """DDP's plain all-reduce as one timed hook: each bucket summed, nothing else done to it.
+
+        The mean's ``1/N`` is not a pass over the bucket here: the loop folds it into the
+        loss (``Parallel.loss_scale``), as DDP's built-in reducer folds it into its copy of
+        each gradient into the bucket. ``allreduce_hook`` divides the bucket in a pass of
+        its own (1.6 ms for resnet18's 45 MB on one core here, 0.9 % of its step).
+        """
+
+        def timed_sum_allreduce(state, bucket):
+            buffer = bucket.buffer()
+            nbytes = buffer.numel() * buffer.element_size()
+            launch = self.clock.mark()
+            work = dist.all_reduce(buffer, group=state if state is not None else dist.group.WORLD, async_op=True)
+            event = BucketEvent(bucket.index(), nbytes, nbytes, launch, returned=self.clock.mark(),
+                                backward_start=self._backward_start)
+            with self._lock:
+                self.events.append(event)
+
+            def completed(fut: torch.futures.Future) -> Any:
+                event.done = self.clock.mark()
+                return fut.value()[0]
+
+            return work.get_future().then(completed)
+
+        return timed_sum_allreduce
+
     def sync(self, collective: Callable[[], Any]) -> None:
         """Run a collective outside the hook (it blocks the step) and time it."""
         start = self.clock.mark()

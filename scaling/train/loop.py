@@ -151,7 +151,7 @@ class Trainer:
                 self.faults.stall("data", step)
             self.timer.mark("data")
             if self.sync_buffers:
-                self.comm.sync(self._broadcast_buffers)
+                self.comm.sync(lambda: strategy.broadcast_buffers(self.buffers))
             if self.faults:
                 self.faults.stall("forward", step)
             with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -162,7 +162,7 @@ class Trainer:
                     loss = self.loss_fn(self.model(inputs), targets)
             self.timer.mark("forward")
             self.comm.begin_backward(self.clock.mark())
-            loss.backward()
+            self.parallel.backward(loss)
             self.timer.mark("backward")
             if self.faults:
                 self.faults.stall("optimizer", step)
@@ -182,19 +182,6 @@ class Trainer:
         self.memory["peak"] = mem.peak_bytes(self.ctx.device, self.rss_at_start)
         self.memory["rss_peak"] = mem.rss_peak_bytes()
         self._profile_ops()
-
-    def _broadcast_buffers(self) -> None:
-        """What DDP's broadcast_buffers does: rank 0's buffers to every rank, one flat tensor per dtype."""
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for buffer in self.buffers:
-            by_dtype.setdefault(buffer.dtype, []).append(buffer)
-        for group in by_dtype.values():
-            flat = torch.cat([b.reshape(-1) for b in group])
-            torch.distributed.broadcast(flat, src=0)
-            offset = 0
-            for buffer in group:
-                buffer.copy_(flat[offset:offset + buffer.numel()].view_as(buffer))
-                offset += buffer.numel()
 
     def _run_controls(self, first_step: int) -> None:
         """``instrument.control_steps`` more steps with no communication at all: the counterfactual.
@@ -217,7 +204,7 @@ class Trainer:
                     self.faults.stall("forward", step)
                 with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     loss = self.loss_fn(self.model(inputs), targets)
-                loss.backward()
+                self.parallel.backward(loss)
                 if self.faults:
                     self.faults.stall("optimizer", step)
                 self.optimizer.step()
@@ -244,12 +231,12 @@ class Trainer:
         def step(phase) -> None:
             inputs, targets = self.batches.next()
             if self.sync_buffers:
-                self._broadcast_buffers()
+                strategy.broadcast_buffers(self.buffers)
             with phase("forward"), torch.autocast(self.ctx.device.type, dtype=self.amp_dtype,
                                                   enabled=self.amp_dtype is not None):
                 loss = self.loss_fn(self.model(inputs), targets)
             with phase("backward"):
-                loss.backward()
+                self.parallel.backward(loss)
             with phase("optimizer"):
                 self.optimizer.step()
                 self.optimizer.zero_grad()

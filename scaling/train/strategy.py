@@ -106,6 +106,11 @@ class Parallel:
     blocks: list[str] = field(default_factory=list)
     tracker: Any = None
     note: str | None = None
+    loss_scale: float = 1.0
+    """What the loss is multiplied by before backward: ``1/N`` where the comm hook sums the gradients."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -193,7 +198,12 @@ def build(module: nn.Module, cfg: RunConfig, hook: hooks.HookChoice, ctx: Contex
                 bucket_cap_mb=cfg.dist.bucket_cap_mb, gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,
                 **forward_buffer_sync(not sync_buffers))
     state = hooks.make_state(hook, cfg.comm)
-    if instrumented:
+    loss_scale = 1.0
+    if instrumented and hook.builtin_reducer:
+        # Summed buckets, the mean's 1/N in the loss: no pass over the buckets beyond the built-in reducer's.
+        model.register_comm_hook(state, comm.timed_sum_allreduce())
+        loss_scale = 1.0 / ctx.world_size
+    elif instrumented:
         model.register_comm_hook(state, comm.wrap(hook.hook, wire_count(hook.name)))
     elif not hook.builtin_reducer:
         model.register_comm_hook(state, hook.hook)
@@ -203,7 +213,8 @@ def build(module: nn.Module, cfg: RunConfig, hook: hooks.HookChoice, ctx: Contex
                                                            **kwargs)
     else:
         optimizer = make_optimizer(cfg.optim, model.parameters())
-    return Parallel(requested, requested, model, optimizer, sync_buffers=sync_buffers, specs=specs)
+    return Parallel(requested, requested, model, optimizer, sync_buffers=sync_buffers, specs=specs,
+                    loss_scale=loss_scale)
 
 
 def _fsdp(module: nn.Module, cfg: RunConfig, ctx: Context, comm: CommTimer, instrumented: bool,
@@ -229,3 +240,17 @@ def _fsdp(module: nn.Module, cfg: RunConfig, ctx: Context, comm: CommTimer, inst
     optimizer = make_optimizer(cfg.optim, module.parameters())
     return Parallel("fsdp", "fsdp", module, optimizer, specs=specs, blocks=[name for name, _ in blocks],
                     tracker=tracker, note=NO_CONTROLS_FSDP if cfg.instrument.control_steps else None)
+
+
+def broadcast_buffers(buffers: list[torch.Tensor]) -> None:
+    """What DDP's broadcast_buffers does: rank 0's buffers to every rank, one flat tensor per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buffer in buffers:
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    for group in by_dtype.values():
+        flat = torch.cat([b.reshape(-1) for b in group])
+        torch.distributed.broadcast(flat, src=0)
+        offset = 0
+        for buffer in group:
+            buffer.copy_(flat[offset:offset + buffer.numel()].view_as(buffer))
+            offset += buffer.numel()
