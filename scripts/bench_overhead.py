@@ -102,6 +102,10 @@ def main() -> None:
         paired = statistics.median(x / y for x, y in zip(results[a], results[b]))
         verdict = "(no target)" if not target else "ok" if min(ratio, paired) >= target else "MISSED"
         print(f"  {a + ' / ' + b:<22} {ratio:10.3f}   {paired:20.3f}   >= {target:.2f}  {verdict}")
+    if spread > 0.03:
+        print(f"\n  One variant's runs spread by {100 * spread:.0f}%: these whole-job ratios cannot resolve the 1-2 % the\n"
+              "  targets are about on this machine now. The pieces of the measuring, paired inside one process pair:\n"
+              "    torchrun --standalone --nproc_per_node=2 scripts/bench_pieces.py")
 
 
 if __name__ == "__main__":
