@@ -261,40 +261,48 @@ print(3 * p.numel() * p.element_size() / best)  # read p and g, write p
 def test_a_bandwidth_hog_slows_memory_bound_operators_more(tmp_path):
     """The job on one core, a STREAM-like copy loop on the other: they share the memory system, not the core.
 
-    The premise is checked first, on the job's own update (a 67 MB weight and its gradient): where one
-    core cannot load the memory system (a server socket has many times one core's bandwidth) or the
-    arrays sit in a large cache, the hog slows nothing and the test says so instead of asserting on
-    noise. What is compared is the ratio of memory-bound to arithmetic-bound time within each run (a
-    slower host moves both), over three interleaved quiet/loud pairs, by its median.
+    Whether they share much of it depends on where the two virtual cores sit: on one last-level
+    cache the hog evicts the job's 67 MB update and slows it by 15-45 %, on two it slows it by a few
+    percent, and the placement can change between runs. So each quiet/loud pair is bracketed by a
+    probe of the job's own update (``p += -lr * g`` on core 0) without the hog, and with it before
+    and after the loud run: a pair counts only where both loud probes show the hog slowing the
+    update; two such pairs are taken from at most four, and with none the test skips, saying what the
+    probes saw. Compared is the ratio of memory-bound to arithmetic-bound time within each run (a
+    slower host moves both).
     """
     if len(os.sched_getaffinity(0)) < 2 or shutil.which("taskset") is None:
         pytest.skip("needs two cores and taskset")
     core0 = ["taskset", "-c", "0"]
     overrides = ["+exp=mlp", *UPDATE, "model.layers=1", "train.batch_size=32", "data.num_samples=256", *RUN,
                  "instrument.ops_steps=10"]
-    probe, rises = [], []
-    for round_ in range(3):
+    probes, counted = [], []
+    for round_ in range(4):
+        if len(counted) == 2:
+            break
         quiet_Bps = update_Bps(core0)
         quiet = job(tmp_path / f"quiet{round_}", overrides, prefix=core0)[2]
         hog = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", HOG], stdout=subprocess.PIPE, text=True)
         try:
             assert hog.stdout.readline().strip() == "copying"  # its arrays allocated and touched
-            loud_Bps = update_Bps(core0)
+            before = update_Bps(core0)
             loud = job(tmp_path / f"loud{round_}", overrides, prefix=core0)[2]
+            after = update_Bps(core0)
         finally:
             hog.kill()
             hog.wait()
         assert time_of(quiet, "memory") > 0.05 * time_of(quiet, "arithmetic")  # both kinds present
-        probe.append(quiet_Bps / loud_Bps)
-        # Within a run, memory-bound against arithmetic-bound time: a slower or busier host moves both.
-        rises.append((time_of(loud, "memory") / time_of(loud, "arithmetic"))
-                     / (time_of(quiet, "memory") / time_of(quiet, "arithmetic")))
-    bandwidth_slowdown = statistics.median(probe)
-    if bandwidth_slowdown < 1.05:
-        pytest.skip(f"a copy loop on core 1 slows the job's update on core 0 by only {bandwidth_slowdown:.2f}x "
-                    f"(median of {', '.join(f'{p:.2f}' for p in probe)}): the memory system is not shared-limited here")
-    # Memory-bound operators slow by a good part of what the probe felt, beyond what the arithmetic felt.
-    assert statistics.median(rises) - 1 > max(0.03, 0.3 * (bandwidth_slowdown - 1)), (rises, probe)
+        slowdown = quiet_Bps / max(before, after)  # the smaller of the two slowdowns
+        probes.append(slowdown)
+        if slowdown >= 1.1:
+            rise = ((time_of(loud, "memory") / time_of(loud, "arithmetic"))
+                    / (time_of(quiet, "memory") / time_of(quiet, "arithmetic")))
+            counted.append((slowdown, rise))
+    if not counted:
+        pytest.skip("a copy loop on core 1 did not slow the job's update on core 0 by 10 % throughout any loud run "
+                    f"(slowdowns {', '.join(f'{p:.2f}' for p in probes)}): the memory system is not shared-limited here")
+    # Memory-bound operators slow clearly more than arithmetic-bound ones: in counted pairs on a 2-core
+    # machine their time against the arithmetic-bound operators' rose by 4-24 %, a median of two pairs by 11-14 %.
+    assert statistics.median(r for _, r in counted) > 1.03, (counted, probes)
 
 
 HOG = """
