@@ -45,7 +45,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from scaling import cli, config
 from scaling.config import ConfigError
-from scaling.records.files import flatten, read_json, write_json
+from scaling.records.files import flatten, previous_json, read_json, write_json
 
 SWEEP_JSON = "sweep.json"
 COMMANDS = ("train", "study")
@@ -195,12 +195,8 @@ def plan(command: str, args: Sequence[str]) -> tuple[Sweep, list[DictConfig]]:
 
 
 def check_folder(sweep: Sweep) -> None:
-    path = sweep.dir / SWEEP_JSON
-    if not path.exists():
-        return
-    try:
-        previous = read_json(path)
-    except ValueError:
+    previous = previous_json(sweep.dir / SWEEP_JSON)
+    if previous is None:
         return
     if previous.get("command") not in (None, sweep.command):
         raise ConfigError(f"{sweep.dir} holds a sweep of scaling.{previous.get('command')}; "
@@ -212,10 +208,7 @@ def check_folder(sweep: Sweep) -> None:
 
 def earlier_combinations(sweep: Sweep) -> list[dict[str, Any]]:
     """Combinations an earlier run of the sweep folder listed and this one does not (a sweep may be extended)."""
-    try:
-        previous = read_json(sweep.dir / SWEEP_JSON).get("combinations") or []
-    except ValueError:
-        return []
+    previous = (previous_json(sweep.dir / SWEEP_JSON) or {}).get("combinations") or []
     names = {c.name for c in sweep.combinations}
     return [c for c in previous if isinstance(c, dict) and c.get("name") not in names]
 

@@ -89,6 +89,7 @@ def serve(server: Server, sizes: Sequence[int], arrive_s: np.ndarray, max_batch:
     issued_at = np.zeros(queries)
     done_at = np.zeros(queries)
     batches: list[list[int]] = []
+    padded: list[int] = []
     batch_done: list[float] = []
     pending: deque[int] = deque()
     server.sync()
@@ -117,10 +118,12 @@ def serve(server: Server, sizes: Sequence[int], arrive_s: np.ndarray, max_batch:
                 except queue.Empty:
                     break
             take = [pending.popleft() for _ in range(min(max_batch, len(pending)))]
-            server.forward(inputs[shapes[bisect.bisect_left(shapes, len(take))]])
+            size = shapes[bisect.bisect_left(shapes, len(take))]
+            server.forward(inputs[size])
             server.sync()
             batch_done.append(time.perf_counter())
             batches.append(take)
+            padded.append(size)
             served += len(take)
     finally:
         sys.setswitchinterval(previous)
@@ -135,8 +138,7 @@ def serve(server: Server, sizes: Sequence[int], arrive_s: np.ndarray, max_batch:
             ready = min(ready, issued_at[full])
         service[n] = done - max(free_at, ready)
         free_at = done
-    return Served(done_at - arrive_at, issued_at - arrive_at, [len(t) for t in batches],
-                  [shapes[bisect.bisect_left(shapes, len(t))] for t in batches], service)
+    return Served(done_at - arrive_at, issued_at - arrive_at, [len(t) for t in batches], padded, service)
 
 
 def service_times(server: Server, size: int, batches: int, single_stream_s: float, timeout_s: float,

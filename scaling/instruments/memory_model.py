@@ -77,6 +77,11 @@ def padded_rows(dim0: int, world_size: int) -> int:
     return -(-dim0 // world_size)
 
 
+def shard_numel(spec: ParamSpec, world_size: int) -> int:
+    """Elements of one rank's FSDP shard of a parameter: dim 0 split evenly, padded up."""
+    return padded_rows(spec.dim0, world_size) * (spec.numel // max(spec.dim0, 1))
+
+
 def zero_partition(specs: list[ParamSpec], world_size: int) -> list[list[int]]:
     """Indices of the tensors each rank owns: largest first, each to the rank with the fewest elements."""
     sizes = [0] * world_size
@@ -92,8 +97,7 @@ def gathered_bytes(specs: list[ParamSpec], world_size: int, gather_element_size:
                    reshard_after_forward: bool) -> int:
     """The most parameter bytes FSDP holds gathered at once (dim-0 padding included)."""
     def unit(block: int | None) -> int:
-        return sum(padded_rows(s.dim0, world_size) * (s.numel // max(s.dim0, 1)) * world_size * gather_element_size
-                   for s in specs if s.block == block)
+        return sum(shard_numel(s, world_size) * world_size * gather_element_size for s in specs if s.block == block)
 
     blocks = sorted({s.block for s in specs if s.block is not None})
     sizes = [unit(b) for b in blocks]
@@ -112,7 +116,7 @@ def predict(strategy: str, world_size: int, specs: list[ParamSpec], optimizer: s
     owned = zero_partition(specs, n) if strategy == "zero1" else None
     for rank in range(n):
         if strategy == "fsdp":
-            shard = [padded_rows(s.dim0, n) * (s.numel // max(s.dim0, 1)) * s.element_size for s in specs]
+            shard = [shard_numel(s, n) * s.element_size for s in specs]
             params = grads = sum(shard)
             optimizer_state = sum(rule.bytes(chunk_rows(s.dim0, n, rank) * (s.numel // max(s.dim0, 1)), s.element_size)
                                   for s in specs)

@@ -59,6 +59,14 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def previous_json(path: Path) -> dict[str, Any] | None:
+    """What an earlier run left in ``path``, or None where it left nothing readable (then it is rewritten)."""
+    try:
+        return read_json(path)
+    except ValueError:
+        return None
+
+
 def write_run(path: Path, run: dict[str, Any]) -> None:
     """run.json, replaced atomically. Every writer of run.json goes through here."""
     write_json(path, run)

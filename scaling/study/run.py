@@ -49,7 +49,7 @@ from omegaconf import DictConfig, ListConfig
 from scaling import cli, config
 from scaling.config import ConfigError
 from scaling.launch.threads import available_cores, resolve_threads
-from scaling.records.files import flatten, mark_failed, read_json, write_json
+from scaling.records.files import flatten, mark_failed, previous_json, read_json, write_json
 from scaling.study import slurm
 
 KINDS = ("strong", "weak")
@@ -394,13 +394,9 @@ def comparable(raw: dict[str, Any]) -> dict[str, Any]:
 
 def check_resumable(spec: StudySpec, settings: dict[str, Any]) -> None:
     """A study resumed under its name must have the same settings, or its points would mix."""
-    path = spec.dir / STUDY_JSON
-    if not path.exists():
-        return
-    try:
-        previous = read_json(path)
-    except ValueError:
-        return  # an unreadable study.json is rewritten; the run folders decide what is done
+    previous = previous_json(spec.dir / STUDY_JSON)
+    if previous is None:
+        return  # none, or unreadable: study.json is rewritten; the run folders decide what is done
     before = previous.get("settings") or {}
     changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
     if previous.get("kind") not in (None, spec.kind):
