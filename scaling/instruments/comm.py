@@ -160,11 +160,7 @@ class CommTimer:
         if work is None:
             event.done = event.returned
         else:
-            def completed(fut: torch.futures.Future) -> Any:
-                event.done = self.clock.mark()
-                return fut.value()
-
-            work.get_future().then(completed)
+            self._stamp_done(event, work.get_future())
         with self._lock:
             self.collectives.append(event)
         return work
@@ -178,16 +174,8 @@ class CommTimer:
             buffer = bucket.buffer()
             launch = self.clock.mark()
             future, wire = count(state, buffer, lambda: hook(state, bucket))
-            event = BucketEvent(bucket.index(), buffer.numel() * buffer.element_size(), wire, launch,
-                                returned=self.clock.mark(), backward_start=self._backward_start)
-            with self._lock:
-                self.events.append(event)
-
-            def completed(fut: torch.futures.Future) -> Any:
-                event.done = self.clock.mark()
-                return fut.value()
-
-            return future.then(completed)
+            event = self._bucket_launched(bucket.index(), buffer.numel() * buffer.element_size(), wire, launch)
+            return self._stamp_done(event, future)
 
         timed_hook.__name__ = f"timed_{getattr(hook, '__name__', 'hook')}"
         return timed_hook
@@ -206,18 +194,29 @@ class CommTimer:
             nbytes = buffer.numel() * buffer.element_size()
             launch = self.clock.mark()
             work = dist.all_reduce(buffer, group=state if state is not None else dist.group.WORLD, async_op=True)
-            event = BucketEvent(bucket.index(), nbytes, nbytes, launch, returned=self.clock.mark(),
-                                backward_start=self._backward_start)
-            with self._lock:
-                self.events.append(event)
-
-            def completed(fut: torch.futures.Future) -> Any:
-                event.done = self.clock.mark()
-                return fut.value()[0]
-
-            return work.get_future().then(completed)
+            event = self._bucket_launched(bucket.index(), nbytes, nbytes, launch)
+            return self._stamp_done(event, work.get_future(), first=True)
 
         return timed_sum_allreduce
+
+    def _bucket_launched(self, index: int, nbytes: int, wire: int, launch: Any) -> BucketEvent:
+        """A bucket's event, its hook having just returned: recorded for this step."""
+        event = BucketEvent(index, nbytes, wire, launch, returned=self.clock.mark(),
+                            backward_start=self._backward_start)
+        with self._lock:
+            self.events.append(event)
+        return event
+
+    def _stamp_done(self, event: BucketEvent | CollectiveEvent, future: torch.futures.Future,
+                    first: bool = False) -> torch.futures.Future:
+        """``future`` with the completion stamped on ``event``; its value, or (``first``) its value's first tensor
+        (a collective's work future holds a list)."""
+
+        def completed(fut: torch.futures.Future) -> Any:
+            event.done = self.clock.mark()
+            return fut.value()[0] if first else fut.value()
+
+        return future.then(completed)
 
     def sync(self, collective: Callable[[], Any]) -> None:
         """Run a collective outside the hook (it blocks the step) and time it."""
