@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from scaling.instruments.clock import HostClock
 from scaling.instruments.comm import CommTimer, wire_count
 from scaling.instruments.timing import StepTimer
-from scaling.train.strategy import broadcast_buffers, forward_buffer_sync
+from scaling.train.strategy import broadcast_buffers, forward_buffer_sync, scaled_backward
 
 VARIANTS = ("builtin", "hook", "wrapped", "buffers", "all")
 WARMUP = 5
@@ -86,7 +86,7 @@ class Variant:
         self.mark("forward")
         if self.comm is not None:
             self.comm.begin_backward(self.clock.mark())
-        (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
+        scaled_backward(loss, self.loss_scale)
         self.mark("backward")
         self.optimizer.step()
         self.optimizer.zero_grad()

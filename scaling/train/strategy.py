@@ -57,6 +57,11 @@ def make_optimizer(optim: OptimConfig, params) -> torch.optim.Optimizer:
     return cls(params, **kwargs)
 
 
+def scaled_backward(loss: torch.Tensor, scale: float) -> None:
+    """Backward from ``loss * scale`` (from ``loss`` itself where the scale is 1: no extra operator)."""
+    (loss * scale if scale != 1.0 else loss).backward()
+
+
 def forward_buffer_sync(enabled: bool) -> dict[str, bool]:
     """DDP's switch for the buffer broadcast before forward, by the name this torch knows.
 
@@ -110,7 +115,7 @@ class Parallel:
     """What the loss is multiplied by before backward: ``1/N`` where the comm hook sums the gradients."""
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
+        scaled_backward(loss, self.loss_scale)
 
     @property
     def kinds(self) -> tuple[str, ...]:
