@@ -187,10 +187,7 @@ def sweep(run: InferRun, ctx: group.Context, model: torch.nn.Module, pool: torch
     except BaseException as exc:
         guard.handling = True
         cause = records.write_failed(files, exc, ctx.world_size, header)
-        if cause:
-            log.error(f"run failed: {cause}")
-            print(f"scaling.infer: run failed: {cause} (records in {files.dir})", file=sys.stderr)
-        raise failure.RecordedFailure(files.logs / f"rank{ctx.rank}.error.json") from exc
+        raise failure.recorded("scaling.infer", cause, log, files.dir, files.logs, ctx.rank) from exc
 
 
 def measure_service(run: InferRun, server: Server, points: list[Point], log: logging.Logger) -> None:

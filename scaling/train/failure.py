@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import signal
 import sys
@@ -39,6 +40,16 @@ class RecordedFailure(Exception):
     def __init__(self, error_file: Path) -> None:
         super().__init__(str(error_file))
         self.error_file = error_file
+
+
+def recorded(prog: str, cause: str | None, log: logging.Logger, run_dir: Path, logs: Path,
+             rank: int) -> RecordedFailure:
+    """What a job raises once its records say it failed: the cause said (on the rank that found it) in the
+    log and on stderr, and the rank's traceback file named."""
+    if cause:
+        log.error(f"run failed: {cause}")
+        print(f"{prog}: run failed: {cause} (records in {run_dir})", file=sys.stderr)
+    return RecordedFailure(logs / f"rank{rank}.error.json")
 
 
 def exit_status(prog: str, body: Callable[[], object]) -> int:

@@ -129,10 +129,8 @@ def run_job(job: Job, ctx: distsetup.Context, log: logging.Logger, guard: failur
         cause = failure.finalize_failed(files, exc, ctx.world_size, job.global_batch, job.step_keys, job.null_keys)
         for sink in trainer.sinks if trainer is not None else []:  # rank 0 alone has sinks
             sink.on_end(failed_run(files, run, cause))
-        if cause:
-            log.error(f"run failed: {cause}")
-            print(f"scaling.train: run failed: {cause} (records in {files.dir})", file=sys.stderr)
-        raise failure.RecordedFailure(files.logs / f"rank{ctx.rank}.error.json") from exc
+        raise failure.recorded("scaling.train", cause, log, files.dir, files.logs,
+                               ctx.rank) from exc
     if ctx.is_main:
         if ops is not None:
             write_json(files.dir / OPS_JSON, ops)
