@@ -206,7 +206,7 @@ def size_stats(kind: str, world_size: int, runs: list[RunRecord], t_base: float 
         arithmetic_frac=_median([r.summary.get("arithmetic_frac") for r in done]),
         memory_frac=_median([r.summary.get("memory_frac") for r in done]),
         model_state_bytes=_median([r.model_state_bytes() for r in done]),
-        predicted_model_state_bytes=_median([(r.memory_model.get("max") or {}).get("model_state") for r in done]),
+        predicted_model_state_bytes=_median([r.predicted_model_state_bytes() for r in done]),
         predicted_ddp_model_state_bytes=_median([r.memory_model.get("ddp_model_state") for r in done]),
         comm_kinds=kind_medians(done),
     )

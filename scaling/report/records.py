@@ -97,6 +97,10 @@ class RunRecord:
         parts = [self.memory_max.get(k) for k in ("params", "grads", "optimizer_state")]
         return sum(parts) if all(isinstance(v, (int, float)) for v in parts) else None
 
+    def predicted_model_state_bytes(self) -> float | None:
+        """run.json memory_model.max.model_state: the model state per rank predicted for the strategy that ran."""
+        return (self.memory_model.get("max") or {}).get("model_state")
+
     def number(self, key: str) -> float | None:
         """A summary value, or None where it is absent or null (comm keys at world size 1)."""
         value = self.summary.get(key)
