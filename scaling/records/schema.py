@@ -17,7 +17,7 @@ Plain Python: importing it never imports torch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +73,12 @@ def kind_keys(strategy: str) -> tuple[str, ...]:
     Per step, the kinds' busy times plus ``comm_sync_s`` add up to ``comm_s``, their exposed times plus
     ``comm_sync_s`` to ``comm_exposed_s``.
     """
-    return tuple(f"comm_{kind}{suffix}" for kind in STRATEGY_KINDS.get(strategy, ()) for suffix in KIND_SUFFIXES)
+    return keys_of_kinds(STRATEGY_KINDS.get(strategy, ()))
+
+
+def keys_of_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
+    """``comm_<kind>_s``, ``comm_<kind>_exposed_s``, ``comm_<kind>_bytes`` of each kind, in order."""
+    return tuple(f"comm_{kind}{suffix}" for kind in kinds for suffix in KIND_SUFFIXES)
 
 
 STEP_METRICS += tuple(Metric(f"comm_{kind}{suffix}", unit, f"{what}: {meaning}")

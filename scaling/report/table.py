@@ -11,10 +11,10 @@ from scaling.report.commbench import Bench, per_run
 from scaling.report.metrics import StudyStats
 from scaling.report.records import RunRecord
 from scaling.report.waterfall import TERMS, column
-from scaling.records.schema import COMM_KINDS, KIND_SUFFIXES, SHARE_FRACS
+from scaling.records.schema import COMM_KINDS, SHARE_FRACS, keys_of_kinds
 
-KIND_COLUMNS = tuple(f"comm_{kind}{suffix}" for kind in COMM_KINDS for suffix in KIND_SUFFIXES)
-"""The per-kind keys of the records (scaling.records.schema.kind_keys), under their own names."""
+KIND_COLUMNS = keys_of_kinds(COMM_KINDS)
+"""The per-kind keys of every strategy's records, under their own names."""
 COLUMNS = (
     "study", "kind", "world_size", "nodes", "batch_size_per_rank", "global_batch_size", "repeat",
     "step_s", "samples_per_s", "speedup", "efficiency",
@@ -90,7 +90,7 @@ def rows(studies: list[StudyStats], benches: Sequence[Bench] = ()) -> list[dict[
                 **loss_columns(stats, run),
                 "strategy": run.strategy,
                 "model_state_bytes": run.model_state_bytes() if run.completed else None,
-                "predicted_model_state_bytes": (run.memory_model.get("max") or {}).get("model_state"),
+                "predicted_model_state_bytes": run.predicted_model_state_bytes(),
                 **{key: s.get(key) for key in KIND_COLUMNS},
             })
         for point in stats.records.missing_points:
