@@ -45,6 +45,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from scaling import cli, config
 from scaling.config import ConfigError
+from scaling.launch.lifetime import end_with_parent
 from scaling.records.files import flatten, previous_json, read_json, write_json
 
 SWEEP_JSON = "sweep.json"
@@ -284,7 +285,7 @@ def run_job(sweep: Sweep, combo: Combination, stamp: str) -> tuple[str, str]:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=end_with_parent())
         try:
             returncode = proc.wait()
         except KeyboardInterrupt:

@@ -1,68 +1,180 @@
-"""Shared helpers: real jobs launched the way a user launches them."""
+"""The suite's rules, in one place: the real components a test needs, and no process left behind.
+
+Markers (registered in pyproject.toml):
+
+- ``slurm``, ``netns``, ``mpi``: the test needs that real component (a Slurm cluster the tests
+  start, network namespaces with tc, an MPI). Where it is missing the test is skipped with the
+  reason; under ``CI=true`` it fails instead, since CI installs every one of them and a missing one
+  is a broken set-up, not a reason to pass.
+- ``gpu``: needs a CUDA device. Skipped with the reason where there is none, CI included (CI's
+  machines have no accelerator; ``scripts/gpu_check.sh`` runs these checks on one).
+- ``slow``: over about 20 s on two cores; ``-m "not slow"`` leaves them out of a quick loop.
+
+Processes: the test run is made the "child subreaper" of everything it starts (Linux), so a
+process whose parent died is adopted by the run instead of by init and stays visible. After each
+test, anything the test started that is still there after a short grace is killed and the test
+errors; at the end of the run, anything left makes the run fail with the list.
+"""
 
 from __future__ import annotations
 
-import json
+import ctypes
 import os
+import shutil
 import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.slurm_fixture"]
 
-# wandb has tests of its own; elsewhere its start-up would only slow the jobs down.
-NO_WANDB = "logger.wandb.mode=disabled"
-# Small enough for a 2-core machine, large enough that every instrument has work.
-TINY = {
-    "mlp": ["+exp=mlp", "model.hidden=256", "model.in_features=64", "model.layers=2", "train.batch_size=4",
-            "data.num_samples=256", NO_WANDB],
-    "resnet": ["+exp=resnet", "data.image_size=16", "train.batch_size=4", "data.num_samples=64", NO_WANDB],
-    "transformer": ["+exp=transformer", "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.d_ff=128",
-                    "model.vocab_size=256", "data.seq_len=16", "train.batch_size=4", "data.num_samples=64", NO_WANDB],
-}
-QUICK = ["train.steps=4", "train.warmup_steps=1", "train.log_every=2", "instrument.flops=false"]
+LEFTOVER_GRACE_S = 15.0  # a job's own teardown (torchrun reaping its ranks, slurmstepd) may take seconds
+PR_SET_CHILD_SUBREAPER = 36
 
 
-def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)  # XDG_CACHE_HOME included: the session's own cache folder (see ``own_cache``)
-    env.pop("HYDRA_FULL_ERROR", None)
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    env["OMP_NUM_THREADS"] = "1"  # explicit, whatever an earlier in-process job left in os.environ
-    env.update(extra or {})
-    return env
+# -- real components -----------------------------------------------------------------------------
 
 
-def torchrun(nproc: int, overrides: list[str], env: dict[str, str] | None = None, timeout: float = 300,
-             module: str = "scaling.train", cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """A real ``torchrun --standalone`` job."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", module, *overrides]
-    return subprocess.run(cmd, cwd=cwd, env=job_env(env), capture_output=True, text=True, timeout=timeout)
+def _slurm_missing() -> str | None:
+    from tests.slurm_cluster import why_unusable
+
+    return why_unusable()
 
 
-def single(overrides: list[str], env: dict[str, str] | None = None, timeout: float = 300,
-           module: str = "scaling.train", cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """``python -m scaling.train`` with no launcher."""
-    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd, env=job_env(env),
-                          capture_output=True, text=True, timeout=timeout)
+def _netns_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        return "needs iproute2 (ip, tc): apt-get install iproute2"
+    probe = f"sncprobe{os.getpid()}"
+    if subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode != 0:
+        return "`ip netns add` is not permitted here (needs CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
 
 
-def only_run_dir(root: Path, study: str = "adhoc") -> Path:
-    runs = [p for p in (root / study).iterdir() if p.is_dir()]
-    assert len(runs) == 1, f"expected one run folder under {root / study}, found {runs}"
-    return runs[0]
+def _mpi_missing() -> str | None:
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return "mpi4py is not installed: pip install -e '.[test]' installs it with MPICH"
+    from tests.jobs import mpiexec
+
+    try:
+        mpiexec()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
 
 
-def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
-    run = json.loads((run_dir / "run.json").read_text())
-    steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines() if line.strip()]
-    return run, steps
+def _gpu_missing() -> str | None:
+    import torch
+
+    return None if torch.cuda.is_available() else "needs a CUDA device: torch.cuda.is_available() is false here"
 
 
-def check_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+COMPONENTS = {"slurm": _slurm_missing, "netns": _netns_missing, "mpi": _mpi_missing, "gpu": _gpu_missing}
+REQUIRED_UNDER_CI = {"slurm", "netns", "mpi"}
+_missing: dict[str, str | None] = {}
+
+
+def missing(component: str) -> str | None:
+    """Why ``component`` cannot be used here, or None; asked once per run."""
+    if component not in _missing:
+        _missing[component] = COMPONENTS[component]()
+    return _missing[component]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for component in COMPONENTS:
+        if item.get_closest_marker(component) is None:
+            continue
+        reason = missing(component)
+        if reason is None:
+            continue
+        if component in REQUIRED_UNDER_CI and os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true, and CI installs {component} for these tests, but: {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
+# -- no process left -----------------------------------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: orphans go to init and only the direct children are checked
+
+
+def _descendants() -> dict[int, psutil.Process]:
+    try:
+        return {p.pid: p for p in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        return {}
+
+
+def _describe(procs: list[psutil.Process]) -> str:
+    lines = []
+    for p in procs:
+        try:
+            lines.append(f"  pid {p.pid}: {' '.join(p.cmdline())[:200]}")
+        except psutil.Error:
+            lines.append(f"  pid {p.pid}: (gone)")
+    return "\n".join(lines)
+
+
+def _reap(procs: list[psutil.Process], grace_s: float) -> list[psutil.Process]:
+    """Wait up to ``grace_s`` for ``procs`` to end by themselves; kill and return those that did not."""
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    return alive
+
+
+@pytest.fixture(autouse=True)
+def no_process_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Everything a test started has ended when it ends (processes of session fixtures, such as the
+    Slurm daemons, and what runs below them are theirs, not the test's)."""
+    before = _descendants()
+    yield
+    keys = {(pid, p.create_time()) for pid, p in before.items() if p.is_running()}
+    new = []
+    for pid, p in _descendants().items():
+        try:
+            if (pid, p.create_time()) in keys or any(a.pid in before for a in p.parents()):
+                continue
+        except psutil.Error:
+            continue
+        new.append(p)
+    if new:
+        left = _reap(new, LEFTOVER_GRACE_S)
+        if left:
+            pytest.fail(f"{request.node.nodeid} left {len(left)} process(es) running (now killed):\n"
+                        f"{_describe(left)}", pytrace=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    left = list(_descendants().values())
+    if not left:
+        return
+    killed = _reap(left, LEFTOVER_GRACE_S)
+    if killed:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = f"the test run left {len(killed)} process(es) running (now killed):\n{_describe(killed)}"
+        if reporter is not None:
+            reporter.write_line(message, red=True, bold=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# -- shared fixtures -----------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -71,10 +183,10 @@ def root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def own_cache(tmp_path_factory: pytest.TempPathFactory):
-    """A cache folder of the test session's own, for the jobs it starts and for in-process tests.
+def own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A cache folder of the test run's own, for the jobs it starts and for in-process tests.
 
-    The FLOP/s probe caches its result per host under ``$XDG_CACHE_HOME/scaling``:
+    The FLOP/s and bandwidth probes cache their results per host under ``$XDG_CACHE_HOME/scaling``:
     a test must neither read a figure a user's job measured nor leave its own behind.
     """
     cache = tmp_path_factory.mktemp("xdg-cache")
@@ -83,12 +195,13 @@ def own_cache(tmp_path_factory: pytest.TempPathFactory):
         yield cache
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+@pytest.fixture(autouse=True)
+def torch_threads_restored() -> Iterator[None]:
+    """A test that changes torch's thread count in this process gives it back."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is false on this machine")
-    for item in items:
-        if item.get_closest_marker("gpu") is not None:
-            item.add_marker(skip)
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NO_WANDB, REPO, TINY, check_ok, job_env, load_run, only_run_dir, torchrun
+from tests.jobs import NO_WANDB, REPO, TINY, check, job_env, load_run, only_run_dir, torchrun
 
 STALL_ENV = "SCALING_INJECT_STALL"
 # Little compute and a small all-reduce: a 100 ms stall dwarfs everything else.
@@ -25,8 +25,8 @@ SMALL_MLP = [*TINY["mlp"], "train.log_every=3", "instrument.flops=false"]
 
 
 def run_job(root: Path, overrides: list[str], nproc: int = 2, **env: str) -> tuple[dict, list[dict]]:
-    check_ok(torchrun(nproc, [*overrides, f"paths.root={root}"], env=env))
-    return load_run(only_run_dir(root))
+    check(torchrun(nproc, [*overrides, f"paths.root={root}"], env=env))
+    return load_run(only_run_dir(root / "adhoc"))
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_the_no_comm_control_matches_a_plain_no_sync_loop(tmp_path):
         out = tmp_path / f"plain{attempt}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
                str(out), "30", str(batch), str(size), "4"]
-        check_ok(subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300))
+        check(subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300))
         plain.append(json.loads(out.read_text())["nocomm_step_s"])
     ratio = statistics.median(framework) / statistics.median(plain)
     print(f"no-comm control {framework}, plain no_sync loop {plain}: ratio of medians {ratio:.3f}")

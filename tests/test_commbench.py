@@ -11,7 +11,7 @@ import pytest
 
 from scaling import cli
 from scaling.bench import commbench
-from tests.launch import check, only_run_dir, read_json, run_mpi, run_torchrun
+from tests.jobs import check, only_run_dir, read_json, run_mpi, run_torchrun
 
 # nccl-tests' bus-bandwidth factors, written out here rather than taken from the code under test.
 BUS_FACTOR = {

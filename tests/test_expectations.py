@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import NO_WANDB, TINY, check_ok, load_run, only_run_dir, single
+from tests.jobs import NO_WANDB, TINY, check, load_run, only_run_dir, single
 
 MLP = {"in_features": 64, "hidden": 256, "layers": 2, "num_classes": 10}  # TINY["mlp"]; 10 classes from the data
 MLP_BATCH = 4
@@ -36,8 +36,8 @@ def mlp_job(root, *extra: str) -> dict:
     """One process, as ``python -m scaling.train`` runs it: 2 warm-up + 2 measured steps."""
     proc = single([*TINY["mlp"], f"train.batch_size={MLP_BATCH}", "train.steps=2", "train.warmup_steps=1",
                    "train.log_every=2", f"paths.root={root}", *extra])
-    check_ok(proc)
-    return load_run(only_run_dir(root))[0]
+    check(proc)
+    return load_run(only_run_dir(root / "adhoc"))[0]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,8 @@ def test_resnet18_flops_per_sample_from_the_published_count(tmp_path):
     proc = single(["+exp=resnet", f"data.image_size={image}", f"data.num_classes={classes}", "train.batch_size=2",
                    "data.num_samples=16", "train.steps=1", "train.warmup_steps=1", "train.log_every=1",
                    "instrument.control_steps=0", NO_WANDB, f"paths.root={tmp_path}"])
-    check_ok(proc)
-    run = load_run(only_run_dir(tmp_path))[0]
+    check(proc)
+    run = load_run(only_run_dir(tmp_path / "adhoc"))[0]
     # 224 -> 112 (conv1) -> 56 (max-pool) -> 56, 28, 14, 7; at 32: 16 -> 8 -> 8, 4, 2, 1. Every
     # conv feature map is 1/7 of the 224 one per side, so conv MACs scale by 1/49. The FC layer
     # (512 x classes) does not scale with the image.

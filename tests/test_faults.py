@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, TINY, job_env, load_run, only_run_dir, torchrun
+from tests.jobs import REPO, TINY, job_env, load_run, only_run_dir, torchrun
 
 LONG = [*TINY["mlp"], "train.steps=200", "train.warmup_steps=1", "train.log_every=4", "instrument.flops=false"]
 FAULT_AFTER = 40  # buckets reduced on the faulty rank before it fails (a few per step)
@@ -31,7 +31,7 @@ def faulty_run(root, hook, extra=(), timeout=120):
     assert stamp.exists(), f"the fault never fired\n{proc.stderr[-3000:]}"
     since_fault = ended - float(stamp.read_text())
     print(f"{hook}: the launcher exited {since_fault:.2f} s after the fault")
-    run_dir = only_run_dir(root)
+    run_dir = only_run_dir(root / "adhoc")
     run, steps = load_run(run_dir)
     return proc, since_fault, run_dir, run, steps
 
@@ -91,7 +91,7 @@ def test_ctrl_c_ends_cleanly_and_keeps_the_records(root):
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the whole foreground group
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0
-    run_dir = only_run_dir(root)
+    run_dir = only_run_dir(root / "adhoc")
     run, steps = load_run(run_dir)
     assert run["status"] == "failed"
     assert "interrupted" in run["error"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY, check_ok, load_run, only_run_dir, single, torchrun
+from tests.jobs import TINY, check, load_run, only_run_dir, single, torchrun
 
 FP32, BF16 = 4, 2
 # (in, out) of each Linear of TINY["mlp"]: 64 -> 256 -> 256 -> 10 classes.
@@ -58,8 +58,8 @@ def tapped_job(base: Path, overrides: list[str], step: int = 0) -> Tapped:
                         f"train.steps={max(step, 1)}", "train.log_every=1", "instrument.flops=false",
                         "instrument.control_steps=0", f"paths.root={root}", *overrides],
                     env={"SCALING_TEST_TAP_DIR": str(tap), "SCALING_TEST_TAP_STEP": str(step)}, module="tests.taps")
-    check_ok(proc)
-    run, steps = load_run(only_run_dir(root))
+    check(proc)
+    run, steps = load_run(only_run_dir(root / "adhoc"))
     buckets = {r: sorted((torch.load(p) for p in tap.glob(f"rank{r}.bucket*.pt")), key=lambda b: b["index"])
                for r in (0, 1)}
     assert buckets[0] and len(buckets[0]) == len(buckets[1])
@@ -175,11 +175,11 @@ def test_bf16_autocast_computes_activations_in_bf16(jobs, tmp_path):
     proc = single([*TINY["mlp"], f"train.batch_size={BATCH}", "train.steps=2", "train.warmup_steps=1",
                    "train.log_every=2", "train.amp=bf16", f"paths.root={root}"],
                   env={"SCALING_TEST_TAP_DIR": str(tap)}, module="tests.taps")
-    check_ok(proc)
+    check(proc)
     dtypes = json.loads((tap / "rank0.dtypes.json").read_text())
     assert set(dtypes["Linear"]) == {"torch.bfloat16"}
     assert set(jobs("allreduce").dtypes["Linear"]) == {"torch.float32"}  # the same model without autocast
-    memory = load_run(only_run_dir(root))[0]["memory"]["max"]
+    memory = load_run(only_run_dir(root / "adhoc"))[0]["memory"]["max"]
     # Autograd saves the bf16 copy of a weight that autocast made for the matmul where it needs
     # it for the gradient of the layer's input: every layer but the first (the data needs none).
     # Biases are not saved at all.

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, TINY, check_ok, job_env, single
+from tests.jobs import REPO, TINY, check, job_env, single
 from scaling.infer import server as serving
 from scaling.infer.config import P99_MIN_QUERIES
 
@@ -52,7 +52,7 @@ def infer_record(root: Path) -> tuple[Path, dict]:
 def mlp(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("infer") / "runs"
     proc = single([*TINY["mlp"], *SWEEP, "infer.server_replay=false", f"paths.root={root}"], module="scaling.infer")
-    check_ok(proc)
+    check(proc)
     return infer_record(root)
 
 
@@ -61,7 +61,7 @@ def served(tmp_path_factory) -> tuple[Path, dict]:
     """The server scenario with a 2 ms service time injected into every forward, its answer replayed live."""
     root = tmp_path_factory.mktemp("served") / "runs"
     proc = single([*TINY["mlp"], *SERVED, f"paths.root={root}"], env=STALLED, module="scaling.infer")
-    check_ok(proc)
+    check(proc)
     return infer_record(root)
 
 
@@ -294,7 +294,7 @@ def test_two_replicas_started_without_a_launcher(tmp_path):
                    "infer.latency_budget_ms=10", "infer.server_timeout_ms=1", "infer.ops=false",
                    "data.num_samples=64", f"paths.root={root}"], env={"SCALING_INJECT_STALL": "forward:0.002"},
                   module="scaling.infer")
-    check_ok(proc)
+    check(proc)
     _, record = infer_record(root)
     assert record["replicas"] == 2 and [r["rank"] for r in record["per_replica"]] == [0, 1]
     for point, one, two in zip(record["batches"], *(r["batches"] for r in record["per_replica"])):
@@ -311,7 +311,7 @@ def test_two_replicas_started_without_a_launcher(tmp_path):
 
 
 def test_replicas_must_match_the_processes_launched(tmp_path):
-    from tests.conftest import torchrun
+    from tests.jobs import torchrun
 
     root = tmp_path / "runs"
     proc = torchrun(2, [*TINY["mlp"], "infer.replicas=3", f"paths.root={root}"], module="scaling.infer")

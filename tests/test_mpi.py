@@ -11,7 +11,7 @@ import pytest
 from scaling.config import ConfigError
 from scaling.launch import mpi
 from scaling.launch.layout import Launch
-from tests.launch import check, only_run_dir, read_json, run, run_mpi
+from tests.jobs import check, only_run_dir, read_json, run, run_mpi
 
 # Each rank writes its own file: ranks' lines on a shared stdout can interleave.
 DISCOVER = """

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import REPO, check, job_env, only_run_dir, read_json, run
+from tests.jobs import REPO, check, job_env, only_run_dir, read_json, run
 
 TOOL = str(REPO / "scripts" / "netns_cluster.py")
 RATE_BIT_S = 200_000_000  # slow enough that 16 MiB messages take a measurable 0.7 s, fast enough to stay short

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from scaling.instruments import flops as flops_mod, membw, ops, roofline
-from tests.conftest import NO_WANDB, REPO, TINY, check_ok, job_env, load_run, only_run_dir, single, torchrun
+from tests.jobs import NO_WANDB, REPO, TINY, check, job_env, load_run, only_run_dir, single, torchrun
 
 CPU = torch.device("cpu")
 FP32 = 4
@@ -171,9 +171,9 @@ def job(root, overrides: list[str], prefix: list[str] | None = None) -> tuple[di
                               cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
     else:
         proc = single([*overrides, f"paths.root={root}"])
-    check_ok(proc)
+    check(proc)
     assert "profiler_st" not in proc.stderr  # the profiler's own log lines stay out of the job's output
-    run_dir = only_run_dir(root)
+    run_dir = only_run_dir(root / "adhoc")
     run, steps = load_run(run_dir)
     ops_json = run_dir / "ops.json"
     return run, steps, json.loads(ops_json.read_text()) if ops_json.exists() else None
@@ -241,7 +241,7 @@ def update_Bps(prefix: list[str]) -> float:
     """Bytes per second of the job's own SGD update, ``p += -lr * g`` over a 4096 x 4096 fp32 weight, on one thread."""
     proc = subprocess.run([*prefix, sys.executable, "-c", UPDATE_PROBE], cwd=REPO, env=job_env(), capture_output=True,
                           text=True, timeout=120)
-    check_ok(proc)
+    check(proc)
     return float(proc.stdout.split()[-1])
 
 
@@ -321,8 +321,8 @@ def test_the_report_draws_rooflines_and_carries_the_shares(tmp_path):
     from scaling.report import roofline as roofline_plot
 
     common = [*TINY["mlp"], *RUN, f"paths.root={tmp_path}", "study.name=mix"]
-    check_ok(single(common))
-    check_ok(torchrun(2, common))
+    check(single(common))
+    check(torchrun(2, common))
     report = build_report([tmp_path / "mix"])
     runs = [p for p in (tmp_path / "mix").iterdir() if (p / "run.json").exists()]
     assert len(runs) == 2 and all((p / "roofline.png").stat().st_size > 10_000 for p in runs)

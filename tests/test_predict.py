@@ -16,7 +16,7 @@ from scaling.predict import events
 from scaling.predict.events import Link, Period, busy_periods, fit_link, rebucket, simulate
 from scaling.predict.model import Target, extrapolation_warning, predict
 from scaling.predict.runs import find_points
-from tests.conftest import NO_WANDB, REPO, check_ok, job_env, only_run_dir, torchrun
+from tests.jobs import NO_WANDB, REPO, check, job_env, only_run_dir, torchrun
 from tests.test_netns import TOOL, needs_netns, netns  # noqa: F401  (the fixture needs_netns uses)
 
 MiB = 1024 * 1024
@@ -228,8 +228,8 @@ def test_a_real_job_records_its_bucket_timeline(tmp_path: Path) -> None:
     overrides = ["+exp=mlp", "model.in_features=512", "model.hidden=512", "model.layers=2", "dist.bucket_cap_mb=0.5",
                  "train.steps=12", "train.warmup_steps=2", "train.log_every=4", "instrument.flops=false",
                  "instrument.ops=false", "instrument.control_steps=2", NO_WANDB, f"paths.root={tmp_path}"]
-    check_ok(torchrun(2, overrides))
-    run_dir = only_run_dir(tmp_path)
+    check(torchrun(2, overrides))
+    run_dir = only_run_dir(tmp_path / "adhoc")
     run = json.loads((run_dir / "run.json").read_text())
     timeline = json.loads((run_dir / "buckets.json").read_text())["buckets"]
     # 512·512 + 512·512 + 512·10 weights and their biases, in fp32, all in the buckets.

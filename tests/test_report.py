@@ -1,6 +1,6 @@
 """``python -m scaling.report``: the numbers it writes are the SPEC definitions applied to the records.
 
-Uses the real studies of tests/study_runs.py (shared with test_study.py).
+Uses the real studies of tests/shared_runs.py (shared with test_study.py).
 """
 
 from __future__ import annotations
@@ -19,30 +19,13 @@ import pytest
 
 from scaling.report.__main__ import main as report_main
 from scaling.report.waterfall import TERMS
-from tests.study_runs import (HTML_TAG, PNG_SIGNATURE, REPO, copy_study, env, explain, png_size, read_run,
-                              run_report, strong_study, weak_study, weak_study_failed)
+from tests.jobs import PNG_SIGNATURE, REPO, explain, job_env, png_size, read_run, report as run_report, run
+from tests.shared_runs import HTML_TAG, copy_study
 
 PLOTS = ("throughput.png", "efficiency.png", "breakdown.png", "memory.png", "communication.png", "waterfall.png",
          "roofline.png")
 SUMMARY_COLUMNS = ("step_s", "samples_per_s", "compute_frac", "comm_exposed_frac", "data_frac", "other_frac",
                    "comm_s", "comm_exposed_s", "overlap", "busbw_GBps")
-
-
-@pytest.fixture(scope="module")
-def strong(tmp_path_factory):
-    return strong_study(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def weak_failed(tmp_path_factory):
-    """tiny-weak after its first invocation: the 1-process point failed."""
-    return weak_study_failed(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def weak(weak_failed, tmp_path_factory):
-    """tiny-weak after the same command again: the failed point reran, the study is complete."""
-    return weak_study(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -261,8 +244,7 @@ def test_report_never_imports_torch(strong, tmp_path):
     study = copy_study(strong.dir, tmp_path / "s")
     code = ("import sys\nfrom scaling.report.__main__ import main\nassert main([sys.argv[1]]) == 0\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(study)], cwd=REPO, env=env(), capture_output=True,
-                          text=True, timeout=300)
+    proc = run([sys.executable, "-c", code, str(study)], 300)
     assert proc.returncode == 0, explain(proc)
 
 

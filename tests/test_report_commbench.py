@@ -1,7 +1,7 @@
 """``python -m scaling.report STUDY --commbench PATH``: the study's all-reduce as a share of commbench's.
 
 The arithmetic is checked on numbers worked out by hand; the command end to end on a
-real 2-rank commbench (torchrun, gloo) and the real tiny strong study of tests/study_runs.py.
+real 2-rank commbench (torchrun, gloo) and the real tiny strong study of tests/shared_runs.py.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from scaling.bench import fit as commfit
 from scaling.report import commbench
 from scaling.report.__main__ import main as report_main
 from scaling.report.records import RunRecord
-from tests.launch import check, only_run_dir, run_torchrun
-from tests.study_runs import PNG_SIGNATURE, REPO, copy_study, env, explain, read_run, strong_study
+from tests.jobs import PNG_SIGNATURE, REPO, check, explain, job_env, only_run_dir, read_run, run, torchrun
+from tests.shared_runs import copy_study
 
 POINTS = ((524288, 0.4), (1048576, 0.8), (2097152, 0.9))
 
@@ -142,16 +142,11 @@ def test_a_missing_commbench_path_is_one_line(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def strong(tmp_path_factory):
-    return strong_study(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def bench_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cb")
-    check(run_torchrun(2, ["-m", "scaling.commbench", f"paths.root={root}", "commbench.ops=[all_reduce]",
-                           "commbench.min_bytes=1024", "commbench.max_bytes=4194304", "commbench.iters=5",
-                           "commbench.warmup_iters=2"]))
+    check(torchrun(2, [f"paths.root={root}", "commbench.ops=[all_reduce]", "commbench.min_bytes=1024",
+                       "commbench.max_bytes=4194304", "commbench.iters=5", "commbench.warmup_iters=2"],
+                   module="scaling.commbench"))
     return only_run_dir(root / "commbench")
 
 
@@ -167,8 +162,7 @@ def test_report_states_the_share_of_commbench_bandwidth_reached(strong, bench_di
     code = ("import sys\nfrom scaling.report.__main__ import main\n"
             "code = main([sys.argv[1], '--commbench', sys.argv[2]])\n"
             "assert 'torch' not in sys.modules, 'torch imported'\nsys.exit(code)\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(study), str(bench_dir)], cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = run([sys.executable, "-c", code, str(study), str(bench_dir)], 300)
     assert proc.returncode == 0, explain(proc)
 
     record = json.loads((bench_dir / "commbench.json").read_text())

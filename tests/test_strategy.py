@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from scaling.records import schema
-from tests.conftest import NO_WANDB, check_ok, load_run, only_run_dir, single, torchrun
+from tests.jobs import NO_WANDB, check, load_run, only_run_dir, single, torchrun
 
 # Four 256x256 linear layers and a 256->5 head: every tensor splits evenly over 2 ranks except the head,
 # whose 5 rows FSDP pads to 6 (3 per rank).
@@ -51,8 +51,8 @@ def runs(tmp_path_factory) -> dict[str, tuple[dict, list[dict], Path]]:
         procs = dict(zip([*RUNS, "solo"], pool.map(launch, [*RUNS, "solo"])))
     out = {}
     for name, proc in procs.items():
-        check_ok(proc)
-        run_dir = only_run_dir(root, name)
+        check(proc)
+        run_dir = only_run_dir(root / name)
         out[name] = (*load_run(run_dir), run_dir)
     return out
 

@@ -15,7 +15,7 @@ from scaling import sweep
 from scaling.records.schema import COMM_KINDS
 from scaling.report.__main__ import main as report_main
 from scaling.study.run import entry
-from tests.conftest import check_ok, single
+from tests.jobs import check, single
 from tests.slurm_fixture import slurm_cluster  # noqa: F401  (the fixture)
 from tests.test_slurm import REPO, TINY as SLURM_TINY, assert_ok, job_env, needs_report
 from tests.study_runs import PNG_SIGNATURE, png_size
@@ -34,7 +34,7 @@ TEXTBOOK_SHARE = {"zero1": 0.75, "fsdp": 0.5}
 def compared(tmp_path_factory) -> tuple[Path, object]:
     root = tmp_path_factory.mktemp("strategy-study") / "runs"
     proc = single([*STUDY, f"paths.root={root}"], module="scaling.study", timeout=600)
-    check_ok(proc)
+    check(proc)
     return root / "cmp-sweep-strategy", proc
 
 
@@ -155,7 +155,7 @@ def test_the_same_command_again_skips_every_study(compared) -> None:
     folder, _ = compared
     before = started_at(folder)
     again = single([*STUDY, f"paths.root={folder.parent}"], module="scaling.study", timeout=300)
-    check_ok(again)
+    check(again)
     assert again.stdout.count("completed earlier, skipped") == 3
     assert "cmp-sweep-strategy: 0 run, 3 completed earlier and skipped" in again.stdout
     assert started_at(folder) == before

@@ -1,6 +1,6 @@
 """``python -m scaling.study``: real studies of a tiny MLP, each point a real torchrun job.
 
-The studies are made once (tests/study_runs.py) and shared with test_report.py.
+The studies are made once (tests/shared_runs.py) and shared with test_report.py.
 """
 
 from __future__ import annotations
@@ -16,25 +16,8 @@ import psutil
 import pytest
 
 from scaling.study import run as study
-from tests.study_runs import (FAILING_HOOK, REPO, STRONG, TINY, env, explain, read_run, run_study, strong_study,
-                              weak_study, weak_study_failed)
-
-
-@pytest.fixture(scope="module")
-def strong(tmp_path_factory):
-    return strong_study(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def weak_failed(tmp_path_factory):
-    """tiny-weak after its first invocation: the 1-process point failed."""
-    return weak_study_failed(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def weak(weak_failed, tmp_path_factory):
-    """tiny-weak after the same command again: the failed point reran, the study is complete."""
-    return weak_study(tmp_path_factory)
+from tests.jobs import STUDY_TINY as TINY, end_tree, explain, read_run, start, study as run_study, tree, wait_for
+from tests.shared_runs import FAILING_HOOK, STRONG
 
 
 # -- input ------------------------------------------------------------------------------------
@@ -209,37 +192,62 @@ def test_fail_fast_stops_at_the_first_failed_point(tmp_path):
     assert points == {"n1-r0": "failed", "n2-r0": "pending", "solo-b4-r0": "pending"}
 
 
+def start_long_study(root: Path, ready_file: str) -> tuple[subprocess.Popen, list[psutil.Process], Path]:
+    """A study whose one point trains for a very long time, once ``ready_file`` exists in its run folder;
+    the study's process and every process of its job."""
+    cmd = [sys.executable, "-m", "scaling.study", *TINY, f"paths.root={root}", "study=weak", "study.name=cc",
+           "study.nprocs=[2]", "train.steps=100000", "train.log_every=1000"]
+    proc = start(cmd)
+    run_dir = root / "cc" / "n2-r0"
+    ready = run_dir / ready_file
+    try:
+        wait_for(lambda: (ready.exists() and ready.stat().st_size > 0) or proc.poll() is not None, 120)
+        assert ready.exists(), "the job never started"
+        job = tree(proc.pid)[1:]
+        assert len([p for p in job if "scaling.train" in " ".join(p.cmdline())]) >= 2, "no ranks found"
+    except BaseException:
+        end_tree(proc)
+        raise
+    return proc, job, run_dir
+
+
 @pytest.mark.parametrize("when", ["at start-up", "while training"])
 def test_ctrl_c_stops_the_running_job_and_every_rank(tmp_path, when):
     """SIGINT to the study ends torchrun and both ranks, and the point's run.json says failed, interrupted
-    (README: "Ctrl-C ends the job the same way, with `interrupted` as the cause"): whether the job is still
+    (docs: "Ctrl-C ends the job the same way, with `interrupted` as the cause"): whether the job is still
     setting up (run.json just written) or training (steps being recorded)."""
-    cmd = [sys.executable, "-m", "scaling.study", *TINY, f"paths.root={tmp_path}", "study=weak", "study.name=cc",
-           "study.nprocs=[2]", "train.steps=100000", "train.log_every=1000"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run_dir = tmp_path / "cc" / "n2-r0"
-    ready = run_dir / ("run.json" if when == "at start-up" else "logs/rank1.steps.jsonl")
+    proc, job, run_dir = start_long_study(tmp_path, "run.json" if when == "at start-up" else "logs/rank1.steps.jsonl")
     try:
-        for _ in range(1200):  # until the job is there (or the study has ended by itself)
-            if (ready.exists() and ready.stat().st_size > 0) or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert ready.exists(), "the job never started"
-        ranks = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])
-                 and p.pid != proc.pid]
-        assert ranks, "no job process found"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        end_tree(proc)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Run the same command again" in err
-    _, alive = psutil.wait_procs(ranks, timeout=30)
+    _, alive = psutil.wait_procs(job, timeout=30)
     assert not alive, f"left running: {[p.pid for p in alive]}"
     run = read_run(run_dir)
     assert run["status"] == "failed" and "interrupted" in run["error"], run.get("error")
     if when == "while training":
         assert "interrupted (Ctrl-C / SIGINT)" in run["error"], "the ranks themselves record the Ctrl-C"
     assert json.loads((tmp_path / "cc" / "study.json").read_text())["status"] == "interrupted"
+
+
+def test_a_study_killed_outright_leaves_no_job_running(tmp_path):
+    """SIGKILL (what the OOM killer sends) gives the study no chance to stop its job: the job must end by
+    itself, ranks included, and record why."""
+    proc, job, run_dir = start_long_study(tmp_path, "logs/rank1.steps.jsonl")
+    try:
+        proc.kill()
+        proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(job, timeout=60)
+        assert not alive, f"left running after the study was killed: {[' '.join(p.cmdline()) for p in alive]}"
+    finally:
+        end_tree(proc)
+        for p in job:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+    run = read_run(run_dir)
+    assert run["status"] == "failed" and "SIGTERM" in run["error"], run.get("error")

@@ -14,7 +14,7 @@ import pytest
 
 from scaling import cli, sweep
 from scaling.report.__main__ import main as report_main
-from tests.conftest import QUICK, REPO, TINY, check_ok, job_env, load_run, single
+from tests.jobs import QUICK, REPO, TINY, check, job_env, load_run, single
 
 SHORT = [*TINY["mlp"], *QUICK, "instrument.ops=false", "instrument.control_steps=0"]
 TRAIN_SWEEP = [*(o for o in SHORT if not o.startswith("train.batch_size=")), "train.batch_size=2,4",
@@ -30,7 +30,7 @@ def started_at(folder: Path) -> dict[str, float]:
 
 def test_train_sweep_runs_every_combination_once_and_reports_along_the_axis(root: Path) -> None:
     proc = single(["-m", *TRAIN_SWEEP, f"paths.root={root}"])
-    check_ok(proc)
+    check(proc)
     folder = root / "mlp-sweep-batch_size-hook"
     runs = {p.name: load_run(p)[0] for p in folder.iterdir() if (p / "run.json").exists()}
     assert set(runs) == TRAIN_NAMES
@@ -50,7 +50,7 @@ def test_train_sweep_runs_every_combination_once_and_reports_along_the_axis(root
 
     before = started_at(folder)
     again = single(["-m", *TRAIN_SWEEP, f"paths.root={root}"])
-    check_ok(again)
+    check(again)
     assert again.stdout.count("completed earlier, skipped") == 4
     assert "0 run, 4 completed earlier and skipped" in again.stdout
     assert started_at(folder) == before
@@ -67,7 +67,7 @@ def test_study_sweep_makes_a_study_per_combination_and_one_comparison(root: Path
     overrides = [*(o for o in SHORT if not o.startswith("train.batch_size=")), "study=weak", "study.nprocs=[1]",
                  "train.batch_size=2,4", "dist.bucket_cap_mb=1,25", f"paths.root={root}"]
     proc = single(["-m", *overrides], module="scaling.study", timeout=600)
-    check_ok(proc)
+    check(proc)
     folder = root / "mlp-weak-sweep-batch_size-bucket_cap_mb"
     studies = sorted(p.name for p in folder.iterdir() if (p / "study.json").exists())
     assert studies == ["batch_size-2+bucket_cap_mb-1", "batch_size-2+bucket_cap_mb-25",
@@ -87,7 +87,7 @@ def test_study_sweep_makes_a_study_per_combination_and_one_comparison(root: Path
 
     before = started_at(folder)
     again = single(["-m", *overrides], module="scaling.study", timeout=600)
-    check_ok(again)
+    check(again)
     assert again.stdout.count("completed earlier, skipped") == 4
     assert started_at(folder) == before
 
@@ -149,7 +149,7 @@ def test_a_stopped_train_sweep_records_the_stop_and_continues_where_it_stopped(r
     # Run again (shorter): the cut-short job is moved aside and run again, then the other one.
     quick = [o if not o.startswith("train.steps=") else "train.steps=4" for o in overrides]
     again = single(quick)
-    check_ok(again)
+    check(again)
     assert "seed-0: an earlier attempt failed or was cut short; moved aside, running again" in again.stdout
     assert [load_run(folder / f"seed-{s}")[0]["status"] for s in (0, 1)] == ["completed", "completed"]
     assert len(list(folder.glob("seed-0.failed-*"))) == 1

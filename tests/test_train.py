@@ -11,7 +11,7 @@ import yaml
 from scaling import cli, config
 from scaling.records import schema
 from scaling.train.loop import prepare
-from tests.conftest import QUICK, TINY, check_ok, load_run, only_run_dir, single, torchrun
+from tests.jobs import QUICK, TINY, check, load_run, only_run_dir, single, torchrun
 
 COMM_KEYS = [*schema.COMM_KEYS, *schema.CROSS_RANK_KEYS]
 STEP_KEYS = [*schema.PHASE_KEYS, *COMM_KEYS]
@@ -36,8 +36,8 @@ def two_rank_run(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(exp) / "runs"
     overrides = [*TINY[exp], "train.steps=5", "train.warmup_steps=2", "train.log_every=2", f"paths.root={root}"]
     proc = torchrun(2, overrides, env={"GLOO_SOCKET_IFNAME": "lo", "GLOO_SECRET_KEY": "hunter2"})
-    check_ok(proc)
-    run_dir = only_run_dir(root)
+    check(proc)
+    run_dir = only_run_dir(root / "adhoc")
     run, steps = load_run(run_dir)
     two_rank_dirs[run["run_id"]] = run_dir
     return exp, overrides, run_dir, run, steps, proc
@@ -150,8 +150,8 @@ def test_console_shows_progress_and_the_table(two_rank_run):
 
 def test_single_process_from_another_directory(tmp_path):
     proc = single([*TINY["mlp"], *QUICK, "paths.root=runs", "study.name=solo"], cwd=tmp_path)
-    check_ok(proc)
-    run, steps = load_run(only_run_dir(tmp_path / "runs", "solo"))
+    check(proc)
+    run, steps = load_run(only_run_dir(tmp_path / "runs" / "solo"))
     assert (run["launcher"], run["world_size"], run["status"]) == ("single", 1, "completed")
     assert len(steps) == 4
     # No peer: no DDP, and no communication numbers at all (null, not 0).
@@ -165,8 +165,8 @@ def test_single_process_from_another_directory(tmp_path):
 
 def test_instrumentation_off_keeps_only_the_wall_clock(root):
     proc = torchrun(2, [*TINY["mlp"], *QUICK, "instrument.enabled=false", f"paths.root={root}"])
-    check_ok(proc)
-    run, steps = load_run(only_run_dir(root))
+    check(proc)
+    run, steps = load_run(only_run_dir(root / "adhoc"))
     assert run["instrumented"] is False and run["status"] == "completed"
     assert len(steps) == 4 and "comm_s" not in steps[0] and steps[0]["step_s"] > 0
     assert "bound" not in run["summary"] and run["summary"]["samples_per_s"] > 0
@@ -180,10 +180,10 @@ def test_instrumented_and_bare_jobs_train_the_same_weights(tmp_path):
     losses = {}
     for instrumented in ("true", "false"):
         root = tmp_path / instrumented
-        check_ok(torchrun(2, [*TINY["mlp"], "train.steps=6", "train.warmup_steps=1", "train.log_every=3",
+        check(torchrun(2, [*TINY["mlp"], "train.steps=6", "train.warmup_steps=1", "train.log_every=3",
                               "instrument.flops=false", "instrument.ops=false", "instrument.control_steps=0",
                               f"instrument.enabled={instrumented}", f"paths.root={root}"]))
-        losses[instrumented] = load_run(only_run_dir(root))[0]["final_loss"]
+        losses[instrumented] = load_run(only_run_dir(root / "adhoc"))[0]["final_loss"]
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-6, abs=0)
 
 
@@ -202,8 +202,8 @@ def powersgd_wire_bytes(overrides: list[str], rank: int) -> int:
 def test_torch_comm_hooks_are_timed_by_what_they_send(hook, root):
     overrides = [*TINY["mlp"], "train.steps=4", "train.warmup_steps=2", "train.log_every=2", "instrument.flops=false",
                  f"comm.hook={hook}", "comm.powersgd_rank=2"]
-    check_ok(torchrun(2, [*overrides, f"paths.root={root}"]))
-    run, steps = load_run(only_run_dir(root))
+    check(torchrun(2, [*overrides, f"paths.root={root}"]))
+    run, steps = load_run(only_run_dir(root / "adhoc"))
     assert run["comm_hook"] == hook
     model = model_bytes(overrides)
     # fp16/bf16 send a 2-byte copy of each 4-byte gradient; PowerSGD the P and Q factors.
@@ -212,7 +212,7 @@ def test_torch_comm_hooks_are_timed_by_what_they_send(hook, root):
     for s in steps:
         assert s["comm_s"] > 0 and s["comm_bytes"] == model
         assert s["comm_wire_bytes"] == expected
-    rank_steps = (only_run_dir(root) / "logs/rank0.steps.jsonl").read_text().splitlines()
+    rank_steps = (only_run_dir(root / "adhoc") / "logs/rank0.steps.jsonl").read_text().splitlines()
     for s in map(json.loads, rank_steps):
         assert s["algbw_GBps"] == pytest.approx(expected / (s["comm_s"] - s["comm_sync_s"]) / 1e9, rel=1e-6)
 
@@ -229,10 +229,10 @@ def test_imagefolder_data(tmp_path):
             Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
     proc = single(["+exp=resnet", "data=imagefolder", f"data.root={tmp_path / 'images'}", "data.image_size=16",
                    "train.batch_size=4", *QUICK, f"paths.root={tmp_path / 'runs'}"])
-    check_ok(proc)
-    run, steps = load_run(only_run_dir(tmp_path / "runs"))
+    check(proc)
+    run, steps = load_run(only_run_dir(tmp_path / "runs" / "adhoc"))
     assert run["status"] == "completed" and len(steps) == 4
-    cfg = yaml.safe_load((only_run_dir(tmp_path / "runs") / "config.yaml").read_text())
+    cfg = yaml.safe_load((only_run_dir(tmp_path / "runs" / "adhoc") / "config.yaml").read_text())
     assert cfg["data"]["root"] == str(tmp_path / "images")
     # 3 classes found in the folder: the head has 3 outputs.
     assert run["memory"]["max"]["params"] == model_bytes(["+exp=resnet", "data.num_classes=3"])
@@ -240,7 +240,7 @@ def test_imagefolder_data(tmp_path):
 
 def test_bf16_autocast_runs(root):
     proc = single([*TINY["mlp"], *QUICK, "train.amp=bf16", f"paths.root={root}"])
-    check_ok(proc)
-    run, _ = load_run(only_run_dir(root))
+    check(proc)
+    run, _ = load_run(only_run_dir(root / "adhoc"))
     assert run["amp"] == "bf16" and run["status"] == "completed"
     assert math.isfinite(run["summary"]["step_s"])

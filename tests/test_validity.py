@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import NO_WANDB, TINY, check_ok, load_run, only_run_dir, torchrun
+from tests.jobs import NO_WANDB, TINY, check, load_run, only_run_dir, torchrun
 
 DELAYED = "comm.hook=tests.comm_hooks:delayed_allreduce"
 
 
 def summary_with_delay(root, overrides, delay_s):
     proc = torchrun(2, [*overrides, DELAYED, f"paths.root={root}"], env={"SCALING_TEST_DELAY_S": str(delay_s)})
-    check_ok(proc)
-    return load_run(only_run_dir(root))[0]["summary"]
+    check(proc)
+    return load_run(only_run_dir(root / "adhoc"))[0]["summary"]
 
 
 def test_a_known_delay_per_bucket_shows_up_as_communication(tmp_path):
@@ -49,8 +49,8 @@ def test_mlp_exposes_more_communication_than_resnet(tmp_path):
         root = tmp_path / exp
         proc = torchrun(2, [f"+exp={exp}", "train.steps=3", "train.warmup_steps=1", "train.log_every=3",
                             "instrument.flops=false", NO_WANDB, f"paths.root={root}"])
-        check_ok(proc)
-        shares[exp] = load_run(only_run_dir(root))[0]["summary"]
+        check(proc)
+        shares[exp] = load_run(only_run_dir(root / "adhoc"))[0]["summary"]
     assert shares["mlp"]["comm_exposed_frac"] > shares["resnet"]["comm_exposed_frac"] + 0.1
     assert shares["resnet"]["bound"] == "compute"
 
@@ -60,8 +60,8 @@ def test_a_blocking_hook_hides_nothing(tmp_path):
     overrides = [*TINY["mlp"], "model.layers=4", "dist.bucket_cap_mb=0.05", "train.steps=4", "train.warmup_steps=1",
                  "train.log_every=2", "instrument.flops=false", "comm.hook=tests.comm_hooks:blocking_allreduce",
                  f"paths.root={tmp_path}"]
-    check_ok(torchrun(2, overrides))
-    run, steps = load_run(only_run_dir(tmp_path))
+    check(torchrun(2, overrides))
+    run, steps = load_run(only_run_dir(tmp_path / "adhoc"))
     for step in steps:
         assert step["comm_buckets"] >= 3
         assert step["comm_exposed_s"] == pytest.approx(step["comm_s"], rel=0.02)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUICK, TINY, check_ok, job_env, load_run, only_run_dir, single, torchrun
+from tests.jobs import QUICK, TINY, check, job_env, load_run, only_run_dir, single, torchrun
 
 pytest.importorskip("wandb")
 pytest.importorskip("wandb_workspaces")
@@ -108,8 +108,8 @@ def test_two_process_job_writes_one_offline_run_with_the_records(tmp_path):
     root = tmp_path / "runs"
     proc = torchrun(2, [*JOB, f"paths.root={root}", "study.name=wb2", "paths.run_id=n2-r0",
                         "logger.wandb.tags=[cpu,tiny]"], cwd=tmp_path)
-    check_ok(proc)
-    run_dir = only_run_dir(root, "wb2")
+    check(proc)
+    run_dir = only_run_dir(root / "wb2")
     run, steps = load_run(run_dir)
 
     files = wandb_files(tmp_path)
@@ -147,8 +147,8 @@ def test_two_process_job_writes_one_offline_run_with_the_records(tmp_path):
 def test_disabled_writes_nothing(tmp_path):
     root = tmp_path / "runs"
     proc = single([*JOB, f"paths.root={root}", "logger.wandb.mode=disabled"], cwd=tmp_path)
-    check_ok(proc)
-    records_complete(only_run_dir(root), 4)
+    check(proc)
+    records_complete(only_run_dir(root / "adhoc"), 4)
     assert not [p for p in tmp_path.rglob("*") if "wandb" in p.name], "mode=disabled must not write wandb files"
     assert "wandb" not in proc.stdout + proc.stderr
 
@@ -165,8 +165,8 @@ def test_wandb_that_cannot_start_does_not_break_training(tmp_path, case):
     }[case]
     (tmp_path / "tmp").mkdir()
     proc = single([*JOB, f"paths.root={root}"], env=env, cwd=tmp_path)
-    check_ok(proc)
-    run_dir = only_run_dir(root)
+    check(proc)
+    run_dir = only_run_dir(root / "adhoc")
     records_complete(run_dir, 4)
     output = proc.stdout + proc.stderr
     assert "Traceback" not in output
@@ -199,11 +199,11 @@ def test_hung_wandb_service_does_not_trip_the_other_ranks(tmp_path):
         server.close()
         for conn in accepted:
             conn.close()
-    check_ok(proc)
+    check(proc)
     assert accepted, "the job never tried the service"
     output = proc.stdout + proc.stderr
     assert output.count(WARNING) == 1 and "did not start within 10 s" in output, output[-3000:]
-    records_complete(only_run_dir(root), 4)
+    records_complete(only_run_dir(root / "adhoc"), 4)
     assert not wandb_files(tmp_path)
 
 
@@ -215,8 +215,8 @@ def study(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("wbstudy")
     root = base / "runs"
     common = [*JOB, f"paths.root={root}", "study.name=wbcmp", "logger.console=false"]
-    check_ok(single([*common, "paths.run_id=n1-r0"], cwd=base))
-    check_ok(torchrun(2, [*common, "paths.run_id=n2-r0"], cwd=base))
+    check(single([*common, "paths.run_id=n1-r0"], cwd=base))
+    check(torchrun(2, [*common, "paths.run_id=n2-r0"], cwd=base))
     folder = root / "wbcmp"
     if importlib.util.find_spec("scaling.report") is not None:
         proc = subprocess.run([sys.executable, "-m", "scaling.report", str(folder), "--wandb"], cwd=base,
@@ -226,7 +226,7 @@ def study(tmp_path_factory) -> Path:
         proc = subprocess.run([sys.executable, "-c", f"from scaling.report.wandb import publish; "
                                f"publish([{str(folder)!r}])"], cwd=base, env=job_env(),
                               capture_output=True, text=True, timeout=300)
-    check_ok(proc)
+    check(proc)
     (folder / "publish.out").write_text(proc.stdout + proc.stderr)
     return folder
 
@@ -332,7 +332,7 @@ def test_online_without_credentials_saves_nothing_and_exits_cleanly(study, tmp_p
     code = (f"from scaling.report.wandb import publish; "
             f"r = publish([{str(study)!r}], mode='online'); print('URL', r.url)")
     proc = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, timeout=120)
-    check_ok(proc)
+    check(proc)
     assert "URL None" in proc.stdout and "not saved (no wandb credentials)" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
     # the study run waits offline for `wandb sync`, and the command names it

@@ -48,6 +48,7 @@ from omegaconf import DictConfig, ListConfig
 
 from scaling import cli, config
 from scaling.config import ConfigError
+from scaling.launch.lifetime import end_with_parent
 from scaling.launch.threads import available_cores, resolve_threads
 from scaling.records.files import flatten, mark_failed, previous_json, read_json, write_json
 from scaling.study import slurm
@@ -535,9 +536,10 @@ def run_point(spec: StudySpec, point: Point, index: int = 0) -> Outcome:
     with open(log_path, "w") as log:
         log.write(f"$ OMP_NUM_THREADS={spec.threads_per_process} {shlex.join(cmd)}\n")
         log.flush()
-        # A session of its own: Ctrl-C reaches the study alone, which then ends the whole job.
+        # A session of its own: Ctrl-C reaches the study alone, which then ends the whole job; and
+        # the job is sent SIGTERM if the study dies without doing so (killed outright).
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=job_env(spec, index), start_new_session=True)
+                                env=job_env(spec, index), start_new_session=True, preexec_fn=end_with_parent())
         try:
             returncode = proc.wait()
         except KeyboardInterrupt:
