@@ -26,6 +26,7 @@ from typing import Any
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
+NETNS_TOOL = str(REPO / "scripts" / "netns_cluster.py")  # emulated hosts and links (network namespaces)
 
 # Variables by which a launcher around pytest itself (torchrun, srun, mpiexec) or a user's shell
 # would leak into the jobs started here.
@@ -50,6 +51,14 @@ QUICK = ["train.steps=4", "train.warmup_steps=1", "train.log_every=2", "instrume
 # The studies' points: an MLP whose 2-process job takes seconds.
 STUDY_TINY = ["+exp=mlp", "model.hidden=256", "model.in_features=64", "train.batch_size=4", "data.num_samples=64",
               "train.steps=3", "train.warmup_steps=1", "instrument.flops=false", NO_WANDB]
+# The strategies' MLP (tests/test_strategy.py derives its byte counts from these shapes): hidden width,
+# hidden layers, classes.
+STRATEGY_SHAPE = (256, 4, 5)
+STRATEGY_MLP = ["+exp=mlp", f"model.in_features={STRATEGY_SHAPE[0]}", f"model.hidden={STRATEGY_SHAPE[0]}",
+                f"model.layers={STRATEGY_SHAPE[1]}", f"data.num_classes={STRATEGY_SHAPE[2]}", "train.batch_size=4",
+                "data.num_samples=256", NO_WANDB, "optim=adamw", "optim.lr=0.01", "train.steps=4",
+                "train.warmup_steps=1", "train.log_every=2", "instrument.flops=false", "instrument.ops=false",
+                "instrument.control_steps=0"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -93,11 +102,11 @@ def tree(pid: int) -> list[psutil.Process]:
 
 
 def end_tree(proc: subprocess.Popen[str], grace_s: float = 0.0) -> None:
-    """End ``proc`` and everything below it: SIGTERM first where a grace is given, then SIGKILL."""
+    """End ``proc`` and everything below it. With a grace, ``proc`` alone is sent SIGTERM first and given
+    ``grace_s`` to stop what it started (as a scheduler would stop it); then whatever is left is killed."""
     family = tree(proc.pid)
-    if grace_s > 0:
-        for p in family:
-            _signal(p, signal.SIGTERM)
+    if grace_s > 0 and proc.poll() is None:
+        _signal(family[0], signal.SIGTERM)
         _, family = psutil.wait_procs(family, timeout=grace_s)
     for p in family:
         _signal(p, signal.SIGKILL)
@@ -115,7 +124,7 @@ def _signal(p: psutil.Process, sig: int) -> None:
         pass
 
 
-def run(cmd: Sequence[str], timeout_s: float = 300, env: dict[str, str] | None = None, cwd: Path = REPO,
+def run_command(cmd: Sequence[str], timeout_s: float = 300, env: dict[str, str] | None = None, cwd: Path = REPO,
         stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` to the end, its output captured. Past ``timeout_s`` it is killed with everything it
     started and the test fails with the tails of its output."""
@@ -138,13 +147,13 @@ def torchrun(nproc: int, overrides: Sequence[str], env: dict[str, str] | None = 
     target = ["-m", module] if module else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target,
            *overrides]
-    return run(cmd, timeout, env=job_env(env), cwd=cwd)
+    return run_command(cmd, timeout, env=job_env(env), cwd=cwd)
 
 
 def single(overrides: Sequence[str], env: dict[str, str] | None = None, timeout: float = 300,
            module: str = "scaling.train", cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     """``python -m scaling.train`` (or another module) with no launcher."""
-    return run([sys.executable, "-m", module, *overrides], timeout, env=job_env(env), cwd=cwd)
+    return run_command([sys.executable, "-m", module, *overrides], timeout, env=job_env(env), cwd=cwd)
 
 
 def mpiexec() -> str:
@@ -156,17 +165,17 @@ def mpiexec() -> str:
 
 
 def run_mpi(nprocs: int, args: Sequence[str], timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
-    return run([mpiexec(), "-n", str(nprocs), sys.executable, *args], timeout_s)
+    return run_command([mpiexec(), "-n", str(nprocs), sys.executable, *args], timeout_s)
 
 
 def study(root: Path, args: Sequence[str], timeout_s: float = 600, **extra_env: str) -> subprocess.CompletedProcess[str]:
     """``python -m scaling.study`` on the tiny MLP, its records under ``root``."""
     cmd = [sys.executable, "-m", "scaling.study", *STUDY_TINY, f"paths.root={root}", *args]
-    return run(cmd, timeout_s, env=job_env(extra_env))
+    return run_command(cmd, timeout_s, env=job_env(extra_env))
 
 
 def report(*args: str | Path, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
-    return run([sys.executable, "-m", "scaling.report", *map(str, args)], timeout_s)
+    return run_command([sys.executable, "-m", "scaling.report", *map(str, args)], timeout_s)
 
 
 def wait_for(condition, timeout_s: float, every_s: float = 0.1) -> bool:

@@ -11,7 +11,7 @@ import pytest
 
 from scaling import cli
 from scaling.bench import commbench
-from tests.jobs import check, only_run_dir, read_json, run_mpi, run_torchrun
+from tests.jobs import check, only_run_dir, read_json, run_mpi, torchrun
 
 # nccl-tests' bus-bandwidth factors, written out here rather than taken from the code under test.
 BUS_FACTOR = {
@@ -47,7 +47,7 @@ def table_rows(stdout: str) -> list[tuple[str, str, int]]:
 
 
 def test_torchrun_gloo_three_ranks(tmp_path: Path) -> None:
-    stdout = check(run_torchrun(3, bench_args(tmp_path)))
+    stdout = check(torchrun(3, bench_args(tmp_path), module=None))
     run_dir = only_run_dir(tmp_path / "commbench")
     record = read_json(run_dir / "commbench.json")
     assert (record["backend"], record["world_size"], record["nodes"], record["launcher"]) == ("gloo", 3, 1, "torchrun")
@@ -164,7 +164,7 @@ distsetup.teardown()
 def test_all_reduce_bus_bandwidth_agrees_with_a_timing_of_dist_all_reduce(tmp_path: Path) -> None:
     script, out = tmp_path / "side_by_side.py", tmp_path / "rounds.json"
     script.write_text(SIDE_BY_SIDE)
-    check(run_torchrun(2, [str(script), str(out), str(16 * 2**20)]))
+    check(torchrun(2, [str(script), str(out), str(16 * 2**20)], module=None))
     rounds = json.loads(out.read_text())
     for r in rounds:
         print(f"all_reduce 16 MiB on 2 ranks: commbench {r['commbench']:.3f} GB/s, timed here {r['timed']:.3f} GB/s")

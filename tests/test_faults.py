@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
-import pytest
 
-from tests.jobs import REPO, TINY, job_env, load_run, only_run_dir, torchrun
+from tests.jobs import TINY, end_tree, load_run, only_run_dir, start, torchrun
 
 LONG = [*TINY["mlp"], "train.steps=200", "train.warmup_steps=1", "train.log_every=4", "instrument.flops=false"]
 FAULT_AFTER = 40  # buckets reduced on the faulty rank before it fails (a few per step)
@@ -80,16 +78,18 @@ def test_a_rank_that_hangs_is_given_up_on_after_the_timeout(root):
 def test_ctrl_c_ends_cleanly_and_keeps_the_records(root):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scaling.train",
            *LONG, "train.steps=100000", f"paths.root={root}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until some steps are on disk
-        runs = list((root / "adhoc").glob("*/steps.jsonl")) if (root / "adhoc").exists() else []
-        if runs and len(runs[0].read_text().splitlines()) >= 8:
-            break
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the whole foreground group
-    out, _ = proc.communicate(timeout=60)
+    proc = start(cmd, merge_stderr=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait until some steps are on disk
+            runs = list((root / "adhoc").glob("*/steps.jsonl")) if (root / "adhoc").exists() else []
+            if runs and len(runs[0].read_text().splitlines()) >= 8:
+                break
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the whole foreground group
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        end_tree(proc)
     assert proc.returncode != 0
     run_dir = only_run_dir(root / "adhoc")
     run, steps = load_run(run_dir)

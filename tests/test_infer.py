@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.jobs import REPO, TINY, check, job_env, single
+from tests.jobs import TINY, check, end_tree, job_env, single, start
 from scaling.infer import server as serving
 from scaling.infer.config import P99_MIN_QUERIES
 
@@ -353,16 +353,18 @@ def test_sigterm_leaves_infer_json_failed_with_what_finished(tmp_path):
     root = tmp_path / "runs"
     cmd = [sys.executable, "-m", "scaling.infer", *TINY["mlp"], "infer.batch_sizes=[1,2,4]", "infer.queries=100",
            "infer.scenario=single_stream", "infer.ops=false", "data.num_samples=64", f"paths.root={root}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(STALLED), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = list(root.glob("infer/*/logs/rank0.batches.jsonl"))
-        if done and done[0].read_text().count("\n") >= 1:  # batch 1 finished; batch 2 takes 0.5 s or more
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)
+    proc = start(cmd, env=job_env(STALLED))
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = list(root.glob("infer/*/logs/rank0.batches.jsonl"))
+            if done and done[0].read_text().count("\n") >= 1:  # batch 1 finished; batch 2 takes 0.5 s or more
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        end_tree(proc)
     assert proc.returncode == 143, stderr[-3000:]
     _, record = infer_record(root)
     assert record["status"] == "failed"

@@ -11,7 +11,7 @@ import pytest
 from scaling.config import ConfigError
 from scaling.launch import mpi
 from scaling.launch.layout import Launch
-from tests.jobs import check, only_run_dir, read_json, run, run_mpi
+from tests.jobs import check, job_env, only_run_dir, read_json, run_command, run_mpi
 
 # Each rank writes its own file: ranks' lines on a shared stdout can interleave.
 DISCOVER = """
@@ -101,7 +101,7 @@ def test_missing_mpi4py_is_one_clear_line(tmp_path: Path) -> None:
     program = ("import sys; sys.modules['mpi4py'] = None\n"
                "from scaling import cli\nfrom scaling.bench import commbench\n"
                f"sys.exit(cli.run('scaling.commbench', commbench.main, 'commbench', argv=['paths.root={tmp_path}']))")
-    proc = run([sys.executable, "-c", program], PMI_SIZE="2", PMI_RANK="0")
+    proc = run_command([sys.executable, "-c", program], env=job_env(PMI_SIZE="2", PMI_RANK="0"))
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1, proc.stderr

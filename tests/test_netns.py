@@ -4,7 +4,6 @@ resnet job that turns communication-bound as its links slow."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -14,49 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobs import REPO, check, job_env, only_run_dir, read_json, run
+from tests.jobs import NETNS_TOOL, check, end_tree, only_run_dir, read_json, run_command, start
 
-TOOL = str(REPO / "scripts" / "netns_cluster.py")
+TOOL = NETNS_TOOL
 RATE_BIT_S = 200_000_000  # slow enough that 16 MiB messages take a measurable 0.7 s, fast enough to stay short
 
 
-def netns_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    if shutil.which("ip") is None or shutil.which("tc") is None:
-        return "needs iproute2 (ip, tc): apt-get install iproute2"
-    probe = f"sncprobe{os.getpid()}"
-    if subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode != 0:
-        return "`ip netns add` is not permitted here"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-REASON = netns_unavailable()
-
-
-@pytest.fixture
-def netns() -> None:
-    """Skips where namespaces are refused, except on CI as root, where their absence is a broken set-up."""
-    if REASON is None:
-        return
-    if os.environ.get("CI") == "true" and os.geteuid() == 0:
-        pytest.fail(f"CI runs as root, so these tests must run, but network namespaces are unavailable: {REASON}. "
-                    "They are the only tests of a real multi-host link (tc-shaped bandwidth, one address per "
-                    "host); give the CI container CAP_NET_ADMIN and CAP_SYS_ADMIN (e.g. docker --privileged) "
-                    "and install iproute2.", pytrace=False)
-    pytest.skip(REASON)
-
-
-needs_netns = pytest.mark.usefixtures("netns")
-
-
 def tool(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
-    return run([sys.executable, TOOL, *args], timeout_s)
+    return run_command([sys.executable, TOOL, *args], timeout_s)
 
 
 def namespaces_of(pid: int) -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    out = run_command(["ip", "netns", "list"]).stdout
     return [line.split()[0] for line in out.splitlines() if line.startswith(f"snc{pid}-")]
 
 
@@ -69,7 +37,7 @@ def test_refuses_when_not_root() -> None:
     if shutil.which("unshare") is None:
         pytest.skip("needs unshare (util-linux) to run as an unprivileged user")
     # In a new user namespace without a uid map, this process is `nobody` (uid 65534).
-    proc = run(["unshare", "--user", sys.executable, TOOL, "--hosts", "2", "--", "true"])
+    proc = run_command(["unshare", "--user", sys.executable, TOOL, "--hosts", "2", "--", "true"])
     if "unshare failed" in proc.stderr:
         pytest.skip(f"user namespaces are not permitted here: {proc.stderr.strip()}")
     assert proc.returncode == 2
@@ -77,7 +45,7 @@ def test_refuses_when_not_root() -> None:
                                    "(try: sudo python scripts/netns_cluster.py ...)")
 
 
-@needs_netns
+@pytest.mark.netns
 def test_hosts_have_their_own_names_addresses_and_shaped_links_and_nothing_else() -> None:
     probe = ("echo \"$NODE_RANK {nnodes} $(hostname) {addr} $MASTER_ADDR $GLOO_SOCKET_IFNAME\"; "
              "ip -4 -o addr show dev eth0 | wc -l; ip route; tc qdisc show dev eth0; cat /sys/class/net/eth0/mtu")
@@ -97,21 +65,20 @@ def test_hosts_have_their_own_names_addresses_and_shaped_links_and_nothing_else(
     assert namespaces_of(tool_pid) == []
 
 
-@needs_netns
+@pytest.mark.netns
 def test_a_failing_host_ends_the_job_with_its_exit_status() -> None:
-    start = time.monotonic()
+    began = time.monotonic()
     proc = tool("--hosts", "2", "--grace-s", "1", "--", "sh", "-c", 'if [ "$NODE_RANK" = 1 ]; then exit 3; fi; sleep 60')
     assert proc.returncode == 3
-    assert time.monotonic() - start < 30  # host0's sleep 60 was cut short
+    assert time.monotonic() - began < 30  # host0's sleep 60 was cut short
     assert "[netns] host1 exited with 3" in proc.stdout
 
 
-@needs_netns
+@pytest.mark.netns
 def test_ctrl_c_stops_the_hosts_and_removes_the_namespaces(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     command = f'echo $$ >> {pids}; exec sleep 120'
-    proc = subprocess.Popen([sys.executable, TOOL, "--hosts", "2", "--", "sh", "-c", command], env=job_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start([sys.executable, TOOL, "--hosts", "2", "--", "sh", "-c", command])
     try:
         deadline = time.monotonic() + 60
         while (not pids.exists() or len(pids.read_text().split()) < 2) and time.monotonic() < deadline:
@@ -120,8 +87,7 @@ def test_ctrl_c_stops_the_hosts_and_removes_the_namespaces(tmp_path: Path) -> No
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        end_tree(proc, grace_s=30)
     assert proc.returncode == 130
     assert "SIGINT: stopping the hosts and removing the namespaces" in stderr
     assert namespaces_of(proc.pid) == []
@@ -129,7 +95,7 @@ def test_ctrl_c_stops_the_hosts_and_removes_the_namespaces(tmp_path: Path) -> No
         assert not Path(f"/proc/{pid}").exists(), f"host process {pid} outlived the tool"
 
 
-@needs_netns
+@pytest.mark.netns
 def test_all_reduce_bus_bandwidth_matches_the_link_rate(tmp_path: Path) -> None:
     # Jumbo frames, as on most cluster Ethernet: with 1500-byte frames TCP/IP headers and ACKs
     # take about 10% of a tbf-shaped link both ways, which is the network's cost, not commbench's.
@@ -178,27 +144,20 @@ def run_on_links(tmp_path: Path, rates, job: list[str], prefix: str, timeout_s: 
     try:
         for rate, log in logs.items():
             with log.open("w") as out:
-                procs[rate] = subprocess.Popen(
-                    [sys.executable, TOOL, "--hosts", "2", "--rate", rate, "--mtu", "9000", "--torchrun", "--",
-                     *job, f"paths.root={tmp_path}", f"study.name={prefix}-{rate}"],
-                    cwd=REPO, env=job_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
+                procs[rate] = start([sys.executable, TOOL, "--hosts", "2", "--rate", rate, "--mtu", "9000", "--torchrun",
+                                     "--", *job, f"paths.root={tmp_path}", f"study.name={prefix}-{rate}"], stdout=out,
+                                    merge_stderr=True)
         deadline = time.monotonic() + timeout_s
         for rate, proc in procs.items():
             code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
             assert code == 0, f"{rate}: exit {code}\n{logs[rate].read_text()[-4000:]}"
     finally:
         for proc in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            end_tree(proc, grace_s=60)  # SIGTERM first: the tool removes its namespaces
     return list(procs.values())
 
 
-@needs_netns
+@pytest.mark.netns
 def test_resnet_turns_communication_bound_as_the_link_slows(tmp_path: Path) -> None:
     # The three jobs run at the same time, each on its own emulated cluster, which keeps the
     # test within a minute or so: their start-up (imports, rendezvous) is most of each job's
@@ -265,7 +224,7 @@ FSDP_JOB = ("-m", "scaling.train", "+exp=mlp", f"model.in_features={FSDP_WIDTH}"
 FSDP_KINDS = ("allgather_fwd", "allgather_bwd", "reducescatter")
 
 
-@needs_netns
+@pytest.mark.netns
 def test_fsdp_collectives_wait_on_a_slower_link(tmp_path: Path) -> None:
     rates = {"unlimited": None, "100mbit": 100_000_000}
     run_on_links(tmp_path, rates, FSDP_JOB, "fsdp", timeout_s=240)

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import statistics
-import subprocess
 import sys
 from contextlib import nullcontext
 
@@ -14,7 +10,8 @@ import pytest
 import torch
 
 from scaling.instruments import flops as flops_mod, membw, ops, roofline
-from tests.jobs import NO_WANDB, REPO, TINY, check, job_env, load_run, only_run_dir, single, torchrun
+from tests.jobs import NO_WANDB, TINY, check, load_run, only_run_dir, read_run, run_command, single
+from tests.shared_runs import copy_study
 
 CPU = torch.device("cpu")
 FP32 = 4
@@ -167,8 +164,7 @@ MATRIX_MATRIX = ["+exp=mlp", "model.in_features=1024", "model.hidden=1024", "mod
 def job(root, overrides: list[str], prefix: list[str] | None = None) -> tuple[dict, list[dict], dict | None]:
     """A real one-process job; run.json, steps.jsonl and ops.json (None when absent)."""
     if prefix:
-        proc = subprocess.run([*prefix, sys.executable, "-m", "scaling.train", *overrides, f"paths.root={root}"],
-                              cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
+        proc = run_command([*prefix, sys.executable, "-m", "scaling.train", *overrides, f"paths.root={root}"], 300)
     else:
         proc = single([*overrides, f"paths.root={root}"])
     check(proc)
@@ -200,24 +196,26 @@ def test_mlp_at_batch_1_is_memory_bound_and_at_batch_256_arithmetic(matrix_vecto
     assert large["summary"]["compute_bound"] == "arithmetic" and large["summary"]["arithmetic_frac"] > 0.7
     assert small["summary"]["memory_frac"] == pytest.approx(time_of(small_ops, "memory") / sum(
         r["time_s"] for r in small_ops["rows"]))
-    for ops in (small_ops, large_ops):
-        assert ops["hardware"]["peak_membw_source"] == ops["hardware"]["peak_flops_source"] == "probe"
-        assert ops["steps"] == 3 and {r["pass"] for r in ops["rows"]} == {"forward", "backward", "optimizer"}
+    for profile in (small_ops, large_ops):
+        assert profile["hardware"]["peak_membw_source"] == profile["hardware"]["peak_flops_source"] == "probe"
+        assert profile["steps"] == 3 and {r["pass"] for r in profile["rows"]} == {"forward", "backward", "optimizer"}
 
 
-def test_matrix_products_reach_half_the_probe_peak(matrix_matrix):
-    _, _, ops = matrix_matrix
-    for key in (("forward", "aten::addmm"), ("backward", "aten::mm")):
-        row = by_key(ops["rows"])[key]
-        assert row["kind"] == "arithmetic"
-        assert row["achieved_flops_per_s"] >= 0.5 * row["peak_flops_per_s"], row
-
-
-def test_elementwise_operators_of_a_bandwidth_heavy_job_reach_half_the_bandwidth(matrix_vector):
-    _, _, ops = matrix_vector
-    update = by_key(ops["rows"])[("optimizer", "aten::add_")]  # p += -lr * g over 67 MB: STREAM's add
+def test_achieved_rates_are_the_operators_work_over_their_time(matrix_matrix, matrix_vector):
+    """How fast this host ran an operator is a measurement (scripts/bench_*), not a test; what the record
+    derives from it is: achieved = work / time, and the share of the ceiling against the probe's figure."""
+    for _, _, profile in (matrix_matrix, matrix_vector):
+        for row in profile["rows"]:
+            if row["time_s"] <= 0:
+                continue
+            if row.get("achieved_flops_per_s") is not None:
+                assert row["achieved_flops_per_s"] == pytest.approx(row["flops"] / row["time_s"], rel=1e-9), row
+            if row.get("achieved_Bps") is not None:
+                assert row["achieved_Bps"] == pytest.approx(row["bytes"] / row["time_s"], rel=1e-9), row
+    update = by_key(matrix_vector[2]["rows"])[("optimizer", "aten::add_")]  # p += -lr * g over 67 MB
     assert update["kind"] == "memory" and update["flops_from"] == "elementwise"
-    assert update["achieved_Bps"] >= 0.5 * ops["hardware"]["peak_membw_Bps"], update
+    for key in (("forward", "aten::addmm"), ("backward", "aten::mm")):
+        assert by_key(matrix_matrix[2]["rows"])[key]["kind"] == "arithmetic"
 
 
 def test_operator_times_add_up_to_the_compute_time(matrix_matrix):
@@ -234,104 +232,22 @@ def test_profiled_steps_stay_out_of_the_step_records(matrix_matrix, tmp_path):
     assert none is None and "compute_bound" not in off["summary"] and off.get("hardware") is None
 
 
-UPDATE = "model.in_features=4096", "model.hidden=4096"
-
-
-def update_Bps(prefix: list[str]) -> float:
-    """Bytes per second of the job's own SGD update, ``p += -lr * g`` over a 4096 x 4096 fp32 weight, on one thread."""
-    proc = subprocess.run([*prefix, sys.executable, "-c", UPDATE_PROBE], cwd=REPO, env=job_env(), capture_output=True,
-                          text=True, timeout=120)
-    check(proc)
-    return float(proc.stdout.split()[-1])
-
-
-UPDATE_PROBE = """
-import time, torch
-torch.set_num_threads(1)
-p, g = torch.randn(4096, 4096), torch.randn(4096, 4096)
-best = float("inf")
-for _ in range(20):
-    t0 = time.perf_counter()
-    p.add_(g, alpha=-0.01)
-    best = min(best, time.perf_counter() - t0)
-print(3 * p.numel() * p.element_size() / best)  # read p and g, write p
-"""
-
-
-def test_a_bandwidth_hog_slows_memory_bound_operators_more(tmp_path):
-    """The job on one core, a STREAM-like copy loop on the other: they share the memory system, not the core.
-
-    Whether they share much of it depends on where the two virtual cores sit: on one last-level
-    cache the hog evicts the job's 67 MB update and slows it by 15-45 %, on two it slows it by a few
-    percent, and the placement can change between runs. So each quiet/loud pair is bracketed by a
-    probe of the job's own update (``p += -lr * g`` on core 0) without the hog, and with it before
-    and after the loud run: a pair counts only where both loud probes show the hog slowing the
-    update; two such pairs are taken from at most four, and with none the test skips, saying what the
-    probes saw. Compared is the ratio of memory-bound to arithmetic-bound time within each run (a
-    slower host moves both).
-    """
-    if len(os.sched_getaffinity(0)) < 2 or shutil.which("taskset") is None:
-        pytest.skip("needs two cores and taskset")
-    core0 = ["taskset", "-c", "0"]
-    overrides = ["+exp=mlp", *UPDATE, "model.layers=1", "train.batch_size=32", "data.num_samples=256", *RUN,
-                 "instrument.ops_steps=10"]
-    probes, counted = [], []
-    for round_ in range(4):
-        if len(counted) == 2:
-            break
-        quiet_Bps = update_Bps(core0)
-        quiet = job(tmp_path / f"quiet{round_}", overrides, prefix=core0)[2]
-        hog = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", HOG], stdout=subprocess.PIPE, text=True)
-        try:
-            assert hog.stdout.readline().strip() == "copying"  # its arrays allocated and touched
-            before = update_Bps(core0)
-            loud = job(tmp_path / f"loud{round_}", overrides, prefix=core0)[2]
-            after = update_Bps(core0)
-        finally:
-            hog.kill()
-            hog.wait()
-        assert time_of(quiet, "memory") > 0.05 * time_of(quiet, "arithmetic")  # both kinds present
-        slowdown = quiet_Bps / max(before, after)  # the smaller of the two slowdowns
-        probes.append(slowdown)
-        if slowdown >= 1.1:
-            rise = ((time_of(loud, "memory") / time_of(loud, "arithmetic"))
-                    / (time_of(quiet, "memory") / time_of(quiet, "arithmetic")))
-            counted.append((slowdown, rise))
-    if not counted:
-        pytest.skip("a copy loop on core 1 did not slow the job's update on core 0 by 10 % throughout any loud run "
-                    f"(slowdowns {', '.join(f'{p:.2f}' for p in probes)}): the memory system is not shared-limited here")
-    # Memory-bound operators slow clearly more than arithmetic-bound ones: in counted pairs on a 2-core
-    # machine their time against the arithmetic-bound operators' rose by 4-24 %, a median of two pairs by 11-14 %.
-    assert statistics.median(r for _, r in counted) > 1.03, (counted, probes)
-
-
-HOG = """
-import numpy as np
-a = np.ones(64 * 2**20, dtype=np.float32); b = np.zeros_like(a)
-np.copyto(b, a)
-print("copying", flush=True)
-while True:
-    np.copyto(b, a)
-"""
-
-
-def test_the_report_draws_rooflines_and_carries_the_shares(tmp_path):
+def test_the_report_draws_rooflines_and_carries_the_shares(strong, tmp_path):
     """A 1- and a 2-process run in one study: a roofline per run, the study's share plot, the csv columns."""
     from scaling.report import build_report
     from scaling.report import roofline as roofline_plot
 
-    common = [*TINY["mlp"], *RUN, f"paths.root={tmp_path}", "study.name=mix"]
-    check(single(common))
-    check(torchrun(2, common))
-    report = build_report([tmp_path / "mix"])
-    runs = [p for p in (tmp_path / "mix").iterdir() if (p / "run.json").exists()]
-    assert len(runs) == 2 and all((p / "roofline.png").stat().st_size > 10_000 for p in runs)
-    assert (tmp_path / "mix" / "plots" / "roofline.png") in report.files
+    study = copy_study(strong.dir, tmp_path / "mix")
+    report = build_report([study])
+    runs = [p for p in study.iterdir() if (p / "run.json").exists() and p.name.startswith("n")]
+    assert {read_run(p)["world_size"] for p in runs} == {1, 2}
+    assert all((p / "roofline.png").stat().st_size > 10_000 for p in runs)
+    assert (study / "plots" / "roofline.png") in report.files
     for row in report.rows:
-        ops_json = json.loads((tmp_path / "mix" / row["run_id"] / "ops.json").read_text())
+        ops_json = json.loads((study / row["run_id"] / "ops.json").read_text())
         assert row["memory_frac"] == ops_json["summary"]["memory_frac"]
         assert row["compute_bound"] == ops_json["summary"]["compute_bound"]
     two = next(r for r in report.rows if r["world_size"] == 2)
-    kinds = {r["kind"] for r in json.loads((tmp_path / "mix" / two["run_id"] / "ops.json").read_text())["rows"]}
+    kinds = {r["kind"] for r in json.loads((study / two["run_id"] / "ops.json").read_text())["rows"]}
     assert "communication" in kinds  # DDP's all-reduce launches, by name
     assert roofline_plot.main([str(runs[0])]) == 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,8 +15,7 @@ from scaling.predict import events
 from scaling.predict.events import Link, Period, busy_periods, fit_link, rebucket, simulate
 from scaling.predict.model import Target, extrapolation_warning, predict
 from scaling.predict.runs import find_points
-from tests.jobs import NO_WANDB, REPO, check, job_env, only_run_dir, torchrun
-from tests.test_netns import TOOL, needs_netns, netns  # noqa: F401  (the fixture needs_netns uses)
+from tests.jobs import NETNS_TOOL as TOOL, NO_WANDB, check, only_run_dir, run_command, torchrun
 
 MiB = 1024 * 1024
 
@@ -161,9 +159,8 @@ def test_strong_scaling_takes_compute_at_the_smaller_batch_from_the_solo_control
 
 
 def test_command_writes_json_and_png_and_states_its_limits(measured: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "scaling.predict", str(measured), "--nprocs", "2,4,32",
-                           "--link", "80mbit,0us"], cwd=REPO, env=job_env(), capture_output=True, text=True,
-                          timeout=120)
+    proc = run_command([sys.executable, "-m", "scaling.predict", str(measured), "--nprocs", "2,4,32",
+                           "--link", "80mbit,0us"], 120)
     assert proc.returncode == 0, proc.stderr
     record = json.loads((measured / "prediction.json").read_text())
     assert (measured / "prediction.png").stat().st_size > 10_000
@@ -193,10 +190,9 @@ def test_commbench_at_each_world_size_prices_that_world_size(measured: Path, tmp
     write_commbench(tmp_path / "cb" / "old-n2", 2, 1e6, 1_000_000)
     write_commbench(tmp_path / "cb" / "new-n2", 2, 10e6, 2_000_000)
     write_commbench(tmp_path / "cb4" / "run", 4, 5e6, 2_000_000)
-    proc = subprocess.run([sys.executable, "-m", "scaling.predict", str(measured), "--nprocs", "2,3,4,8",
+    proc = run_command([sys.executable, "-m", "scaling.predict", str(measured), "--nprocs", "2,3,4,8",
                            "--commbench", str(tmp_path / "cb"), "--commbench", str(tmp_path / "cb4" / "run"),
-                           "--out", str(tmp_path / "out")], cwd=REPO, env=job_env(), capture_output=True, text=True,
-                          timeout=120)
+                           "--out", str(tmp_path / "out")], 120)
     assert proc.returncode == 0, proc.stderr
     record = json.loads((tmp_path / "out" / "prediction.json").read_text())
     by_n = {p["world_size"]: p for p in record["predictions"]}
@@ -216,8 +212,7 @@ def test_commbench_at_each_world_size_prices_that_world_size(measured: Path, tmp
 
 
 def test_command_errors_name_the_problem(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "scaling.predict", str(tmp_path), "--link", "fast"], cwd=REPO,
-                          env=job_env(), capture_output=True, text=True, timeout=120)
+    proc = run_command([sys.executable, "-m", "scaling.predict", str(tmp_path), "--link", "fast"], 120)
     assert proc.returncode == 2
     assert "--link 'fast': rate 'fast'" in proc.stderr
 
@@ -244,8 +239,7 @@ def test_a_real_job_records_its_bucket_timeline(tmp_path: Path) -> None:
     assert timeline[-1]["ready_s"] >= timeline[0]["ready_s"]  # the first layer's gradient is ready last
 
     # The study report with a prediction section: the measured point is reproduced by the model fitted on it.
-    proc = subprocess.run([sys.executable, "-m", "scaling.report", str(tmp_path / "adhoc"), "--predict", "2,4"],
-                          cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
+    proc = run_command([sys.executable, "-m", "scaling.report", str(tmp_path / "adhoc"), "--predict", "2,4"], 120)
     assert proc.returncode == 0, proc.stderr
     assert "## Prediction" in (tmp_path / "adhoc" / "report.md").read_text()
     assert "Prediction</h2>" in (tmp_path / "adhoc" / "report.html").read_text()
@@ -268,20 +262,18 @@ CLUSTER_JOB = ["-m", "scaling.train", "+exp=mlp", "model.in_features=1024", "mod
 
 def cluster_run(root: Path, hosts: int, rate_mbit: int) -> Path:
     study = f"r{rate_mbit}-h{hosts}"
-    proc = subprocess.run([sys.executable, TOOL, "--hosts", str(hosts), "--rate", f"{rate_mbit}mbit", "--mtu", "9000",
-                           "--torchrun", "--", *CLUSTER_JOB, f"paths.root={root}", f"study.name={study}"],
-                          cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
+    proc = run_command([sys.executable, TOOL, "--hosts", str(hosts), "--rate", f"{rate_mbit}mbit", "--mtu", "9000",
+                           "--torchrun", "--", *CLUSTER_JOB, f"paths.root={root}", f"study.name={study}"], 300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root / study
 
 
-@needs_netns
+@pytest.mark.netns
 def test_fitted_at_one_rate_it_predicts_another_rate_and_host_count(tmp_path: Path) -> None:
     fit_dir = cluster_run(tmp_path, 2, 200)
     held_out = cluster_run(tmp_path, 3, 100)
-    proc = subprocess.run([sys.executable, "-m", "scaling.predict", str(fit_dir), "--nprocs", "3", "--link", "100mbit",
-                           "--measured-link", "200mbit", "--out", str(tmp_path / "out")], cwd=REPO, env=job_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = run_command([sys.executable, "-m", "scaling.predict", str(fit_dir), "--nprocs", "3", "--link", "100mbit",
+                           "--measured-link", "200mbit", "--out", str(tmp_path / "out")], 120)
     assert proc.returncode == 0, proc.stderr
     (predicted,) = json.loads((tmp_path / "out" / "prediction.json").read_text())["predictions"]
     (measured,) = find_points([held_out])

@@ -10,7 +10,6 @@ import html
 import json
 import re
 import statistics
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 
 from scaling.report.__main__ import main as report_main
 from scaling.report.waterfall import TERMS
-from tests.jobs import PNG_SIGNATURE, REPO, explain, job_env, png_size, read_run, report as run_report, run
+from tests.jobs import PNG_SIGNATURE, explain, png_size, read_run, report as run_report, run_command
 from tests.shared_runs import HTML_TAG, copy_study
 
 PLOTS = ("throughput.png", "efficiency.png", "breakdown.png", "memory.png", "communication.png", "waterfall.png",
@@ -244,7 +243,7 @@ def test_report_never_imports_torch(strong, tmp_path):
     study = copy_study(strong.dir, tmp_path / "s")
     code = ("import sys\nfrom scaling.report.__main__ import main\nassert main([sys.argv[1]]) == 0\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
-    proc = run([sys.executable, "-c", code, str(study)], 300)
+    proc = run_command([sys.executable, "-c", code, str(study)], 300)
     assert proc.returncode == 0, explain(proc)
 
 

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from scaling.bench import fit as commfit
 from scaling.report import commbench
 from scaling.report.__main__ import main as report_main
 from scaling.report.records import RunRecord
-from tests.jobs import PNG_SIGNATURE, REPO, check, explain, job_env, only_run_dir, read_run, run, torchrun
+from tests.jobs import PNG_SIGNATURE, check, explain, only_run_dir, read_run, run_command, torchrun
 from tests.shared_runs import copy_study
 
 POINTS = ((524288, 0.4), (1048576, 0.8), (2097152, 0.9))
@@ -162,7 +161,7 @@ def test_report_states_the_share_of_commbench_bandwidth_reached(strong, bench_di
     code = ("import sys\nfrom scaling.report.__main__ import main\n"
             "code = main([sys.argv[1], '--commbench', sys.argv[2]])\n"
             "assert 'torch' not in sys.modules, 'torch imported'\nsys.exit(code)\n")
-    proc = run([sys.executable, "-c", code, str(study), str(bench_dir)], 300)
+    proc = run_command([sys.executable, "-c", code, str(study), str(bench_dir)], 300)
     assert proc.returncode == 0, explain(proc)
 
     record = json.loads((bench_dir / "commbench.json").read_text())

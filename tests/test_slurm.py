@@ -8,7 +8,6 @@ report COMPLETED with nothing done.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -19,28 +18,15 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from tests.slurm_cluster import Job, SlurmCluster
-    from tests.slurm_fixture import slurm_cluster  # noqa: F401  (the fixture)
-except ImportError:
-    from slurm_cluster import Job, SlurmCluster
-    from slurm_fixture import slurm_cluster  # noqa: F401
+from tests.slurm_cluster import Job, SlurmCluster
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
 # Small enough that a two-rank run takes seconds on two shared cores.
 TINY = ("model.hidden=64 model.in_features=32 train.steps=3 train.warmup_steps=1 train.log_every=1 "
         "logger.wandb.mode=disabled hardware.peak_tflops=1")
 STEPS = 3
-
-
-def report_available() -> bool:
-    spec = importlib.util.find_spec("scaling.report")
-    return spec is not None and (spec.submodule_search_locations is None
-                                 or importlib.util.find_spec("scaling.report.__main__") is not None)
-
-
-needs_report = pytest.mark.skipif(not report_available(),
-                                   reason="python -m scaling.report is not available yet")
 
 
 def job_env(runs: Path, **extra: str) -> dict[str, str]:
@@ -164,7 +150,6 @@ def test_weak_scaling_runs_every_node_count(weak_study: tuple[Job, Path]) -> Non
     check_points(study, "weak", {1: (8, 8), 2: (8, 16)})
 
 
-@needs_report
 @pytest.mark.parametrize("which", ["strong", "weak"])
 def test_study_ends_with_its_report(which: str, request: pytest.FixtureRequest) -> None:
     job, study = request.getfixturevalue(f"{which}_study")
@@ -278,7 +263,6 @@ def test_early_stop_requeues_and_continues_the_same_study(slurm_cluster: SlurmCl
 
 
 # ----------------------------------------------------------------- sweeps
-@needs_report
 def test_a_study_sweep_runs_in_one_allocation_and_a_resubmission_skips_it(slurm_cluster: SlurmCluster,
                                                                           tmp_path: Path) -> None:
     """SWEEP: scaling.study -m inside the job, one study per combination, one comparison at the end."""
@@ -302,4 +286,28 @@ def test_a_study_sweep_runs_in_one_allocation_and_a_resubmission_skips_it(slurm_
                                   cwd=REPO, env=env)
     assert_ok(again)
     assert "buckets: 0 run, 2 completed earlier and skipped" in again.output
+    assert "[point" not in again.output
+
+
+def test_under_sbatch_the_strategies_sweep_runs_in_the_allocation_and_a_resubmission_finds_it(slurm_cluster,
+                                                                                               tmp_path) -> None:
+    """OVERRIDES="study.strategies=[ddp,fsdp]" to strong_scaling.sh: the sweep's folder is named as SWEEP's
+    (strong-sweep-j<job>), every point an srun step; submitted again with STUDY=<that folder>, nothing runs."""
+    runs = tmp_path / "runs"
+    env = job_env(runs, NODES="2", OVERRIDES=f"{TINY} study.controls=false study.strategies=[ddp,fsdp]")
+    job = slurm_cluster.run_job(REPO / "slurm" / "strong_scaling.sh", "--nodes=2", output=tmp_path / "job.out",
+                                cwd=REPO, env=env)
+    assert_ok(job)
+    folder = runs / f"strong-sweep-j{job.job_id}"
+    for strategy in ("ddp", "fsdp"):
+        run = read_run(folder / f"strategy-{strategy}" / "n2-r0")
+        assert (run["status"], run["launcher"], run["nodes"], run["strategy_effective"]) == (
+            "completed", "slurm", 2, strategy)
+    compare = (folder / "compare" / "report.md").read_text()
+    assert "At 2 processes fsdp holds 50% of ddp's model state per rank" in compare
+
+    again = slurm_cluster.run_job(REPO / "slurm" / "strong_scaling.sh", "--nodes=2", output=tmp_path / "again.out",
+                                  cwd=REPO, env={**env, "STUDY": folder.name})
+    assert_ok(again)
+    assert f"{folder.name}: 0 run, 2 completed earlier and skipped" in again.output
     assert "[point" not in again.output

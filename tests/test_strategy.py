@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from scaling.records import schema
-from tests.jobs import NO_WANDB, check, load_run, only_run_dir, single, torchrun
+from tests.jobs import STRATEGY_MLP as JOB, STRATEGY_SHAPE, check, load_run, only_run_dir, single, torchrun
 
 # Four 256x256 linear layers and a 256->5 head: every tensor splits evenly over 2 ranks except the head,
 # whose 5 rows FSDP pads to 6 (3 per rank).
-HIDDEN, LAYERS, CLASSES = 256, 4, 5
+HIDDEN, LAYERS, CLASSES = STRATEGY_SHAPE
 BLOCK = HIDDEN * HIDDEN + HIDDEN  # elements of one hidden layer (weight and bias)
 HEAD = HIDDEN * CLASSES + CLASSES
 PSI = LAYERS * BLOCK + HEAD  # 264,453 parameters
@@ -24,10 +24,6 @@ HEAD_PADDED = 6 * HIDDEN + 6  # the head gathered on 2 ranks: dim 0 padded to a 
 FP32 = 4
 STALL_S = 0.2
 
-JOB = ["+exp=mlp", f"model.in_features={HIDDEN}", f"model.hidden={HIDDEN}", f"model.layers={LAYERS}",
-       f"data.num_classes={CLASSES}", "train.batch_size=4", "data.num_samples=256", NO_WANDB, "optim=adamw",
-       "optim.lr=0.01", "train.steps=4", "train.warmup_steps=1", "train.log_every=2", "instrument.flops=false",
-       "instrument.ops=false", "instrument.control_steps=0"]
 # zero1: rank 1 stalls in its optimizer step, so rank 0 waits in ZeRO's broadcast; fsdp without resharding:
 # rank 1 stalls before forward, so rank 0 waits in the first all-gather. Neither changes the arithmetic.
 RUNS = {"ddp": (["dist.strategy=ddp"], None),

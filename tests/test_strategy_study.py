@@ -15,11 +15,7 @@ from scaling import sweep
 from scaling.records.schema import COMM_KINDS
 from scaling.report.__main__ import main as report_main
 from scaling.study.run import entry
-from tests.jobs import check, single
-from tests.slurm_fixture import slurm_cluster  # noqa: F401  (the fixture)
-from tests.test_slurm import REPO, TINY as SLURM_TINY, assert_ok, job_env, needs_report
-from tests.study_runs import PNG_SIGNATURE, png_size
-from tests.test_strategy import JOB
+from tests.jobs import PNG_SIGNATURE, STRATEGY_MLP as JOB, check, png_size, single
 
 STRATEGIES = ("ddp", "zero1", "fsdp")
 STUDY = [*JOB, "study=weak", "study.nprocs=[1,2]", "study.controls=false", "study.name=cmp",
@@ -231,28 +227,3 @@ def test_where_the_link_differs_too_each_link_says_which_strategy_is_ahead(tmp_p
             "step).") in out
     assert "fsdp-local (fsdp)" not in out, "a study named after its strategy is not labelled twice"
     assert "zero1-local" in out
-
-
-@needs_report
-def test_under_sbatch_the_strategies_sweep_runs_in_the_allocation_and_a_resubmission_finds_it(slurm_cluster,
-                                                                                               tmp_path) -> None:
-    """OVERRIDES="study.strategies=[ddp,fsdp]" to strong_scaling.sh: the sweep's folder is named as SWEEP's
-    (strong-sweep-j<job>), every point an srun step; submitted again with STUDY=<that folder>, nothing runs."""
-    runs = tmp_path / "runs"
-    env = job_env(runs, NODES="2", OVERRIDES=f"{SLURM_TINY} study.controls=false study.strategies=[ddp,fsdp]")
-    job = slurm_cluster.run_job(REPO / "slurm" / "strong_scaling.sh", "--nodes=2", output=tmp_path / "job.out",
-                                cwd=REPO, env=env)
-    assert_ok(job)
-    folder = runs / f"strong-sweep-j{job.job_id}"
-    for strategy in ("ddp", "fsdp"):
-        run = run_json(folder / f"strategy-{strategy}" / "n2-r0")
-        assert (run["status"], run["launcher"], run["nodes"], run["strategy_effective"]) == (
-            "completed", "slurm", 2, strategy)
-    compare = (folder / "compare" / "report.md").read_text()
-    assert "At 2 processes fsdp holds 50% of ddp's model state per rank" in compare
-
-    again = slurm_cluster.run_job(REPO / "slurm" / "strong_scaling.sh", "--nodes=2", output=tmp_path / "again.out",
-                                  cwd=REPO, env={**env, "STUDY": folder.name})
-    assert_ok(again)
-    assert f"{folder.name}: 0 run, 2 completed earlier and skipped" in again.output
-    assert "[point" not in again.output

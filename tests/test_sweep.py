@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 from scaling import cli, sweep
 from scaling.report.__main__ import main as report_main
-from tests.jobs import QUICK, REPO, TINY, check, job_env, load_run, single
+from tests.jobs import QUICK, TINY, check, end_tree, load_run, single, start, wait_for
 
 SHORT = [*TINY["mlp"], *QUICK, "instrument.ops=false", "instrument.control_steps=0"]
 TRAIN_SWEEP = [*(o for o in SHORT if not o.startswith("train.batch_size=")), "train.batch_size=2,4",
@@ -132,15 +131,15 @@ def test_hydra_flags(capsys: pytest.CaptureFixture[str]) -> None:
 def test_a_stopped_train_sweep_records_the_stop_and_continues_where_it_stopped(root: Path) -> None:
     endless = [o for o in SHORT if not o.startswith(("train.steps=", "train.log_every="))]
     overrides = ["-m", *endless, "train.steps=100000", "train.log_every=1000", "train.seed=0,1", f"paths.root={root}"]
-    proc = subprocess.Popen([sys.executable, "-m", "scaling.train", *overrides], cwd=REPO, env=job_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start([sys.executable, "-m", "scaling.train", *overrides], merge_stderr=True)
     folder = root / "mlp-sweep-seed"
-    deadline = time.monotonic() + 120
-    while not (folder / "seed-0" / "run.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    time.sleep(2)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    try:
+        wait_for(lambda: (folder / "seed-0" / "run.json").exists(), 120, every_s=0.5)
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        end_tree(proc)
     assert proc.returncode == 3, out
     run, _ = load_run(folder / "seed-0")
     assert run["status"] == "failed" and "SIGTERM" in run["error"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobs import QUICK, TINY, check, job_env, load_run, only_run_dir, single, torchrun
+from tests.jobs import QUICK, TINY, check, job_env, load_run, only_run_dir, run_command, single, torchrun
 
 pytest.importorskip("wandb")
 pytest.importorskip("wandb_workspaces")
@@ -47,7 +47,7 @@ def wandb_files(folder: Path) -> list[Path]:
 def inspect(run_dir: Path, summary: bool = False):
     """Records of an offline run (or its final state with summary=True), by wandb's own reader."""
     cmd = [sys.executable, "-m", "wandb", "leet", "inspect", str(run_dir), "--json"] + (["--summary"] if summary else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=job_env())
+    proc = run_command(cmd, 120)
     assert proc.returncode == 0, proc.stderr
     if summary:
         return json.loads(proc.stdout)
@@ -258,8 +258,7 @@ def test_offline_publish_prints_a_sync_command_that_finds_every_run(study):
     assert runs == {"n1-r0", "n2-r0", "wbcmp"}, dirs  # both training runs and the study-level run
     assert f"python -m scaling.wandb_report {study} --project scaling" in out
 
-    dry = subprocess.run([sys.executable, "-m", "wandb", "sync", "--dry-run", *dirs], capture_output=True,
-                         text=True, timeout=120, env=job_env())
+    dry = run_command([sys.executable, "-m", "wandb", "sync", "--dry-run", *dirs], 120)
     assert dry.returncode == 0 and "Would sync 3 run(s)" in dry.stdout + dry.stderr, dry.stdout + dry.stderr
 
 
@@ -331,7 +330,7 @@ def test_online_without_credentials_saves_nothing_and_exits_cleanly(study, tmp_p
     clean = {k: v for k, v in job_env(env).items() if k not in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE")}
     code = (f"from scaling.report.wandb import publish; "
             f"r = publish([{str(study)!r}], mode='online'); print('URL', r.url)")
-    proc = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, timeout=120)
+    proc = run_command([sys.executable, "-c", code], 120, env=clean)
     check(proc)
     assert "URL None" in proc.stdout and "not saved (no wandb credentials)" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -340,6 +339,5 @@ def test_online_without_credentials_saves_nothing_and_exits_cleanly(study, tmp_p
     (sync_line,) = [line for line in proc.stdout.splitlines() if line.lstrip().startswith("1. upload")]
     assert str(fresh) in sync_line.split()
 
-    cli = subprocess.run([sys.executable, "-m", "scaling.wandb_report", str(study)], env=clean,
-                         capture_output=True, text=True, timeout=120)
+    cli = run_command([sys.executable, "-m", "scaling.wandb_report", str(study)], 120, env=clean)
     assert cli.returncode == 1 and "wandb login" in cli.stderr and "Traceback" not in cli.stderr
