@@ -70,6 +70,7 @@ def test_torchrun_gloo_three_ranks(tmp_path: Path) -> None:
     assert printed == [(r["transport"], r["op"], r["bytes"]) for r in record["results"]]
 
 
+@pytest.mark.mpi
 def test_mpiexec_gloo_and_mpi_transports(tmp_path: Path) -> None:
     args = bench_args(tmp_path, "commbench.mpi=true", "commbench.ops=[all_reduce,reduce_scatter]", "study.name=cb")
     stdout = check(run_mpi(2, args))

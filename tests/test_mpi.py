@@ -11,7 +11,7 @@ import pytest
 from scaling.config import ConfigError
 from scaling.launch import mpi
 from scaling.launch.layout import Launch
-from tests.jobs import check, job_env, only_run_dir, read_json, run_command, run_mpi
+from tests.jobs import TINY, check, job_env, only_run_dir, read_json, run_command, run_mpi
 
 # Each rank writes its own file: ranks' lines on a shared stdout can interleave.
 DISCOVER = """
@@ -65,6 +65,7 @@ def per_rank_json(folder: Path) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted(folder.glob("rank*.json"))]
 
 
+@pytest.mark.mpi
 def test_discover_three_ranks_on_two_cores_as_whoever_runs_the_tests(tmp_path: Path) -> None:
     # More ranks than this machine's cores, run as root in CI: MPICH needs no setting for either.
     check(run_mpi(3, ["-c", DISCOVER, str(tmp_path)]))
@@ -80,6 +81,7 @@ def test_discover_three_ranks_on_two_cores_as_whoever_runs_the_tests(tmp_path: P
     assert 1024 <= launches[0]["master_port"] <= 65535
 
 
+@pytest.mark.mpi
 def test_mpi_hook_averages_gradients_in_real_ddp(tmp_path: Path) -> None:
     check(run_mpi(2, ["-c", HOOK_JOB, str(tmp_path)]))
     reports = per_rank_json(tmp_path)
@@ -108,14 +110,34 @@ def test_missing_mpi4py_is_one_clear_line(tmp_path: Path) -> None:
     assert "mpi4py" in err[0] and "pip install 'scaling[mpi]'" in err[0]
 
 
+@pytest.fixture(scope="module")
+def mpiexec_jobs(tmp_path_factory) -> dict[str, dict]:
+    """The same 2-rank training job under mpiexec, once with the default all-reduce hook, once with MPI's."""
+    records = {}
+    for hook in ("allreduce", "mpi"):
+        root = tmp_path_factory.mktemp(f"mpiexec-{hook}")
+        args = ["-m", "scaling.train", *TINY["mlp"], "train.steps=3", "train.warmup_steps=1", "instrument.flops=false",
+                "instrument.ops=false", "instrument.control_steps=0", f"comm.hook={hook}", f"paths.root={root}"]
+        check(run_mpi(2, args))
+        records[hook] = read_json(only_run_dir(root / "adhoc") / "run.json")
+    return records
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("hook", ["allreduce", "mpi"])
-def test_training_under_mpiexec(hook: str, tmp_path: Path) -> None:
-    args = ["-m", "scaling.train", "+exp=mlp", "model.hidden=256", "train.steps=3", "train.warmup_steps=1",
-            "instrument.flops=false", "logger.wandb.mode=disabled", f"comm.hook={hook}", f"paths.root={tmp_path}"]
-    check(run_mpi(2, args))
-    record = read_json(only_run_dir(tmp_path / "adhoc") / "run.json")
+def test_training_under_mpiexec(hook: str, mpiexec_jobs: dict[str, dict]) -> None:
+    record = mpiexec_jobs[hook]
     assert (record["status"], record["launcher"], record["world_size"], record["comm_hook"]) == (
         "completed", "mpi", 2, hook)
     summary = record["summary"]
     # The gradients went through the chosen all-reduce, and its time was measured.
     assert summary["comm_bytes"] > 0 and summary["comm_s"] > 0
+
+
+@pytest.mark.mpi
+def test_the_mpi_hook_trains_the_same_weights_as_the_default_hook(mpiexec_jobs: dict[str, dict]) -> None:
+    """MPI's all-reduce and gloo's sum the same gradients: the same seeded job ends at the same loss (float
+    sums in another order differ in the last bits only). A hook that forgot the 1/N, or averaged twice,
+    would end elsewhere."""
+    losses = {hook: record["final_loss"] for hook, record in mpiexec_jobs.items()}
+    assert losses["mpi"] == pytest.approx(losses["allreduce"], rel=1e-5), losses
