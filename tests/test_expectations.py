@@ -176,3 +176,53 @@ def test_the_probe_cache_is_the_sessions_own(plain_run, own_cache):
     cache = json.loads((own_cache / "scaling" / "peak_flops.json").read_text())
     assert plain_run["flops"]["peak_source"] == "probe"
     assert plain_run["flops"]["peak_per_s"] in cache.values()
+
+
+# -- the transformer ------------------------------------------------------------------------------
+
+LM = {"d_model": 64, "n_layers": 2, "n_heads": 2, "d_ff": 128, "vocab_size": 256, "seq_len": 16}  # TINY["transformer"]
+LM_BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("lm")
+    check(single([*TINY["transformer"], f"train.batch_size={LM_BATCH}", "train.steps=2", "train.warmup_steps=1",
+                  "train.log_every=2", "instrument.ops=false", "instrument.control_steps=0", f"paths.root={root}"]))
+    return load_run(only_run_dir(root / "adhoc"))[0]
+
+
+def test_transformer_flops_per_sample_from_its_shapes(lm_run):
+    """Per token and block: the qkv, output and two feed-forward projections, 2 FLOPs per weight
+    (2(3d² + d² + 2·d·d_ff)); the tied head 2·d·V; attention's two products QKᵀ and AV, 2·s·d each per
+    token over the full s×s square (the counter does not halve it for the causal mask). Backward costs
+    twice the forward throughout: every layer needs its input gradient (the embeddings train)."""
+    d, layers, ff, vocab, seq = (LM[k] for k in ("d_model", "n_layers", "d_ff", "vocab_size", "seq_len"))
+    forward = seq * (layers * 2 * (4 * d * d + 2 * d * ff) + 2 * d * vocab) + layers * 2 * 2 * seq * seq * d
+    expected = 3 * forward
+    measured = lm_run["flops"]["per_sample"]
+    print(f"transformer FLOPs per sample: expected {expected}, measured {measured:.0f}")
+    assert measured == pytest.approx(expected, rel=0.01)
+
+
+def test_transformer_activations_are_the_tensors_autograd_must_save(lm_run):
+    """Counted tensor by tensor, each storage once, parameters never (the head's weight is the embedding's).
+
+    Per block, over N = batch × seq tokens: each LayerNorm its input and a mean and 1/std per token; the
+    qkv projection its (normalised) input; attention q, k and v (views of the qkv output: one 3d-wide
+    tensor), its output and a log-sum-exp per head and token; the output projection its input, which is
+    attention's output itself (the CPU kernel lays it out so that the head merge is a view); the first
+    feed-forward layer its input, GELU its input, the second layer GELU's output. Then the final norm and
+    the head's input; the token and position indices (int64); cross-entropy's log-softmax output over the
+    vocabulary, the int64 targets and a scalar total weight."""
+    d, layers, heads, ff, vocab, seq = (LM[k] for k in ("d_model", "n_layers", "n_heads", "d_ff", "vocab_size",
+                                                         "seq_len"))
+    n = LM_BATCH * seq
+    norm = (n * d + 2 * n) * FP32
+    block = (norm + n * d * FP32 + n * 3 * d * FP32 + n * d * FP32 + LM_BATCH * heads * seq * FP32
+             + norm + n * d * FP32 + 2 * n * ff * FP32)
+    expected = (n * INT64 + seq * INT64 + layers * block + norm + n * d * FP32
+                + n * vocab * FP32 + n * INT64 + FP32)
+    measured = lm_run["memory"]["max"]["activations"]
+    print(f"transformer activations: expected {expected} B, measured {measured} B")
+    assert measured == pytest.approx(expected, rel=0.01)

@@ -250,3 +250,23 @@ def test_a_study_killed_outright_leaves_no_job_running(tmp_path):
                 pass
     run = read_run(run_dir)
     assert run["status"] == "failed" and "SIGTERM" in run["error"], run.get("error")
+
+
+def test_a_second_study_in_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    """Two studies writing one folder would interleave their points and corrupt study.json: the second
+    is refused in one line, before it runs anything, and the first goes on."""
+    proc, job, run_dir = start_long_study(tmp_path, "logs/rank1.steps.jsonl")
+    try:
+        second = run_study(tmp_path, ["study=weak", "study.name=cc", "study.nprocs=[2]"], timeout_s=120)
+        assert second.returncode == 2, explain(second)
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"scaling.study: error: study 'cc' in {tmp_path / 'cc'} is being run by another process; "
+            "wait for it or choose another study.name")
+        assert proc.poll() is None and all(p.is_running() for p in job), "the first study goes on"
+        assert read_run(run_dir)["status"] == "running"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=120)
+        finally:
+            end_tree(proc)

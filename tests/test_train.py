@@ -173,18 +173,36 @@ def test_instrumentation_off_keeps_only_the_wall_clock(root):
     assert run["memory"]["max"]["activations"] is None and run["memory"]["max"]["params"] > 0
 
 
-def test_instrumented_and_bare_jobs_train_the_same_weights(tmp_path):
-    """Instrumented, DDP's all-reduce is the framework's timed hook, which sums the buckets while the
-    loop folds the mean's 1/N into the loss; bare, it is DDP's own reducer, which divides. Same data,
-    same seeds, N = 2 (a power of two: the scaling is exact): the same loss after every update."""
-    losses = {}
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory) -> dict[str, tuple[dict, list[dict]]]:
+    """The same 3-process job instrumented (the framework's timed hook, the loss scaled by 1/N) and bare
+    (DDP's own reducer, which divides): 3 ranks, so that the ring factor 2(n-1)/n is not 1."""
+    out = {}
     for instrumented in ("true", "false"):
-        root = tmp_path / instrumented
-        check(torchrun(2, [*TINY["mlp"], "train.steps=6", "train.warmup_steps=1", "train.log_every=3",
-                              "instrument.flops=false", "instrument.ops=false", "instrument.control_steps=0",
-                              f"instrument.enabled={instrumented}", f"paths.root={root}"]))
-        losses[instrumented] = load_run(only_run_dir(root / "adhoc"))[0]["final_loss"]
-    assert losses["true"] == pytest.approx(losses["false"], rel=1e-6, abs=0)
+        root = tmp_path_factory.mktemp(f"three-{instrumented}")
+        check(torchrun(3, [*TINY["mlp"], "train.steps=6", "train.warmup_steps=1", "train.log_every=3",
+                           "instrument.flops=false", "instrument.ops=false", "instrument.control_steps=0",
+                           f"instrument.enabled={instrumented}", f"paths.root={root}"]))
+        out[instrumented] = load_run(only_run_dir(root / "adhoc"))
+    return out
+
+
+def test_instrumented_and_bare_jobs_train_the_same_weights(three_ranks):
+    """Same data, same seeds: the same loss after every update, whether the mean's 1/N is folded into the
+    loss or divided out of the sum (at N = 3 the two round differently, in the last bits only). With the
+    1/N left out the instrumented job ends elsewhere."""
+    losses = {k: run["final_loss"] for k, (run, _) in three_ranks.items()}
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5, abs=0), losses
+
+
+def test_bus_bandwidth_carries_the_ring_factor_of_three_ranks(three_ranks):
+    """nccl-tests' bus bandwidth of an all-reduce is its algorithm bandwidth times 2(n-1)/n: 4/3 at n = 3
+    (at n = 2 the factor is 1, and a busbw that dropped it would pass unseen)."""
+    run, steps = three_ranks["true"]
+    assert run["world_size"] == 3 and len(steps) == 6
+    for record in steps:
+        assert record["busbw_GBps"] == pytest.approx(record["algbw_GBps"] * 4 / 3, rel=1e-9), record
+    assert run["summary"]["busbw_GBps"] == pytest.approx(run["summary"]["algbw_GBps"] * 4 / 3, rel=1e-9)
 
 
 def powersgd_wire_bytes(overrides: list[str], rank: int) -> int:

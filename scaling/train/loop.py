@@ -7,6 +7,7 @@ configuration mistake never reaches one); ``Trainer.run()`` is the loop.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -173,6 +174,8 @@ class Trainer:
             self.optimizer.zero_grad()
             self.timer.mark("optimizer")
             self._bookkeeping(step)
+            if step == total - 1 or self._is_log_step(step):
+                check_finite(loss, step)  # a NaN stays in the weights: one look per interval catches it
             self.timer.mark("other")
             self._previous = PendingStep(step, self.timer.finish(), self.comm.take_step())
         self.last_loss = float(loss.detach()) if total else float("nan")  # once, after the loop: no per-step sync
@@ -311,13 +314,16 @@ class Trainer:
         self._take_previous()
         if self.ctx.device.type != "cuda":
             self._resolve_pending()  # host timestamps cost nothing to resolve
-        measured = step - self.job.cfg.train.warmup_steps
-        if measured > 0 and measured % self.job.cfg.train.log_every == 0:
+        if self._is_log_step(step):
             # On CUDA, waiting for the last steps' events would drain the
             # device's queue (a bubble the plain loop never has): the newest
             # steps wait for the next interval.
             self._resolve_pending(keep=CUDA_RESOLVE_LAG_STEPS if self.ctx.device.type == "cuda" else 0)
             self._gather_and_record()
+
+    def _is_log_step(self, step: int) -> bool:
+        measured = step - self.job.cfg.train.warmup_steps
+        return measured > 0 and measured % self.job.cfg.train.log_every == 0
 
     def _resolve_pending(self, keep: int = 0) -> None:
         """Turn the marks of pending steps into seconds, all but the newest ``keep``."""
@@ -427,3 +433,14 @@ class Trainer:
         achieved = self.flops["per_sample"] * self.job.batch_size / summary["step_s"]
         return {"per_sample": self.flops["per_sample"], "achieved_per_s": achieved, "peak_per_s": peak,
                 "peak_source": source, "mfu": achieved / peak if peak > 0 else None}
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The training loss became NaN or infinite: every later step would train on it."""
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"the loss is {value} at step {step}: training diverged or the data holds NaN/inf "
+                            "(lower optim.lr or check the inputs)")
