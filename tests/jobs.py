@@ -188,6 +188,19 @@ def wait_for(condition, timeout_s: float, every_s: float = 0.1) -> bool:
     return bool(condition())
 
 
+def wakeup_lateness_s(samples: int = 60, sleep_s: float = 0.001) -> float:
+    """How late this host wakes a sleeping thread right now: the 90th percentile of how far past ``sleep_s``
+    a sleep ends. A live-latency check's slack grows with it (a busy or shared host wakes threads late by
+    milliseconds, an idle one by tens of microseconds)."""
+    late = []
+    for _ in range(samples):
+        began = time.perf_counter()
+        time.sleep(sleep_s)
+        late.append(time.perf_counter() - began - sleep_s)
+    late.sort()
+    return late[int(0.9 * (len(late) - 1))]
+
+
 # -- results ------------------------------------------------------------------------------------
 
 

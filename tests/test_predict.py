@@ -245,12 +245,18 @@ def test_a_real_job_records_its_bucket_timeline(tmp_path: Path) -> None:
     assert "Prediction</h2>" in (tmp_path / "adhoc" / "report.html").read_text()
     record = json.loads((tmp_path / "adhoc" / "prediction.json").read_text())
     at_2 = next(p for p in record["predictions"] if p["world_size"] == 2)
-    # On an unshaped link the gloo all-reduce shares the cores with backward, and the pipeline model (buckets
-    # back to back at the fitted bandwidth) puts too little of it after backward: the prediction at the
-    # measured point came out 11-26 % below the measured step in runs on a 2-core machine. Above the
-    # measured step, or far below it, would be a wrong number (a term counted twice, or one lost).
-    assert 0.7 * run["summary"]["step_s"] <= at_2["step_s"] <= 1.05 * run["summary"]["step_s"], (
-        at_2, run["summary"])
+    # How close the model comes on an unshaped link is a measurement (scripts/validate_predict.py: the gloo
+    # all-reduce shares the cores with backward there, which a pipeline of buckets at the fitted bandwidth
+    # does not see). What the record owns: the step is the no-communication step, the interference and the
+    # exposed communication, summed; the split of the step adds up to it; the no-communication step at the
+    # measured size and batch is the job's own control.
+    assert at_2["step_s"] == pytest.approx(at_2["nocomm_step_s"] + at_2["interference_s"] + at_2["comm_exposed_s"],
+                                           rel=1e-9)
+    assert at_2["step_s"] == pytest.approx(at_2["compute_s"] + at_2["data_s"] + at_2["comm_exposed_s"]
+                                           + at_2["other_s"], rel=1e-9)
+    assert at_2["nocomm_step_s"] == pytest.approx(run["controls"]["nocomm_step_s"], rel=1e-9)
+    assert at_2["comm_exposed_s"] >= at_2["comm_wait_s"] >= 0 and at_2["comm_s"] > 0
+    assert at_2["samples_per_s"] == pytest.approx(at_2["global_batch"] / at_2["step_s"], rel=1e-9)
 
 
 # -- held out, on the emulated cluster ---------------------------------------------------------------
