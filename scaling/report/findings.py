@@ -79,6 +79,8 @@ def boundness(stats: StudyStats) -> str | None:
                 f"{pct(share['comm_exposed'])} of the step (compute {pct(share['compute'])}){hidden}.")
     if last.bound == "straggler":
         return f"Straggler-bound {since}: at {procs(last.world_size)} {straggler_text(last)}."
+    if last.bound == "skew":
+        return f"Skew-bound {since}: at {procs(last.world_size)} {skew_text(last)}."
     if last.bound == "data":
         return (f"Data-bound {since}: at {procs(last.world_size)} waiting for batches is {pct(share['data'])} of "
                 "the step; more loader workers (data.num_workers) or faster storage come first.")
@@ -126,18 +128,50 @@ def straggler_text(size: SizeStats) -> str:
     where = f" in {who['phase']}" if who.get("phase") else ""
     lost = f" ({who['lost_s'] * 1e3:.2f} ms per step more than the others)" if who.get("lost_s") else ""
     text = f"the ranks wait for rank {who['rank']}, which loses its time{where}{lost}"
+    info = size.waiting or {}
+    if info.get("kind") == "straggler":
+        last = info["ranks"][info["candidate"]]["last"]
+        text += (f"; it arrived last in {last} of {info['steps']} steps (p = {info['p_value']:.2g} against 1 in "
+                 f"{len(info['ranks'])}) and its excess explains {pct(info['explained'])} of the others' waiting")
     if who.get("of", 1) > 1:
         text += f" (named in {who['runs']} of {who['of']} repeats)"
     return f"{waiting}: {text}" if waiting else text
 
 
+def skew_text(size: SizeStats) -> str:
+    """Waiting that no rank is to blame for: its size, who arrived last how often, and why no one is named."""
+    info = size.waiting or {}
+    waiting = (f"waiting for slower ranks is {pct(size.comm_wait_frac or 0.0)} of the time, and no rank is to "
+               "blame: the ranks take turns being last")
+    if info.get("ranks"):
+        lasts = "/".join(str(r["last"]) for r in info["ranks"])
+        waiting += f" (last arrivals by rank {lasts} of {info['steps']} steps"
+        if info.get("own_spread_s") is not None:
+            waiting += (f"; the slowest rank's own step is {info['own_spread_s'] * 1e3:.1f} ms longer than the "
+                        "fastest's, median per step")
+        waiting += ")"
+    if info.get("reason"):
+        waiting += f"; no straggler named because {info['reason']}"
+    return waiting
+
+
+SKEW_WORTH = 0.05
+"""Skew worth a finding of its own: the waiting is at least this share of the time."""
+
+
 def stragglers(stats: StudyStats) -> str | None:
-    """A straggler named at a size whose verdict is not already "straggler" (there boundness names it)."""
+    """A straggler named at a size whose verdict is not already "straggler" (there boundness names it); else
+    skew worth saying at a size whose verdict is not already "skew"."""
     named = [s for s in stats.sizes if s.straggler and s.bound != "straggler"]
-    if not named:
-        return None
-    size = named[-1]
-    return f"Straggler at {procs(size.world_size)}: {straggler_text(size)}."
+    if named:
+        size = named[-1]
+        return f"Straggler at {procs(size.world_size)}: {straggler_text(size)}."
+    skewed = [s for s in stats.sizes if not s.straggler and s.bound not in ("straggler", "skew") and s.waiting
+              and (s.comm_wait_frac or 0.0) >= SKEW_WORTH]
+    if skewed:
+        size = skewed[-1]
+        return f"Skew at {procs(size.world_size)}: {skew_text(size)}."
+    return None
 
 
 def lost_efficiency(stats: StudyStats) -> str | None:

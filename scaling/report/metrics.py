@@ -78,6 +78,8 @@ class SizeStats:
     """Share of the time spent waiting for slower ranks (part of comm_exposed); None without a peer."""
     straggler: dict[str, Any] | None = None
     """The rank the others waited for and the phase where it lost its time (run.json summary.straggler)."""
+    waiting: dict[str, Any] | None = None
+    """The median run's run.json summary.waiting: straggler or skew, last arrivals per rank, the test's figures."""
     arithmetic_frac: float | None = None
     """Median over repeats of the op profile's share of operator time in arithmetic-bound operators."""
     memory_frac: float | None = None
@@ -203,6 +205,7 @@ def size_stats(kind: str, world_size: int, runs: list[RunRecord], t_base: float 
         bound=size_bound(done, shares),
         comm_wait_frac=_median([r.summary.get("comm_wait_frac") for r in done]),
         straggler=common_straggler(done),
+        waiting=_median_run(done).summary.get("waiting") if done else None,
         arithmetic_frac=_median([r.summary.get("arithmetic_frac") for r in done]),
         memory_frac=_median([r.summary.get("memory_frac") for r in done]),
         model_state_bytes=_median([r.model_state_bytes() for r in done]),
