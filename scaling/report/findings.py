@@ -30,6 +30,14 @@ def procs(n: int) -> str:
     return f"{n} process" if n == 1 else f"{n} processes"
 
 
+def pm(size: SizeStats, key: str, value: float, places: int, unit: str = "", scale: float = 1.0) -> str:
+    """``1.52x ± 0.10`` where the size has an interval of ``key`` (scaling.report.intervals), else the value."""
+    found = size.intervals.get(key)
+    if found is None or found.high - found.low < 10 ** -places / scale:
+        return f"{value * scale:.{places}f}{unit}"
+    return f"{value * scale:.{places}f}{unit} [{found.low * scale:.{places}f}, {found.high * scale:.{places}f}]"
+
+
 def headline(stats: StudyStats) -> str | None:
     sizes = stats.sizes
     if not sizes or stats.baseline is None:
@@ -45,11 +53,12 @@ def headline(stats: StudyStats) -> str | None:
                 f"(median step {last.step_s.median:.4f} s, {last.samples_per_s.median:.1f} samples/s).")
     if stats.kind == "strong":
         return missing + (f"Strong scaling (global batch {last.global_batch} fixed) from {procs(stats.baseline)} to "
-                f"{last.world_size}: speedup {last.speedup.median:.2f}x where {last.world_size / stats.baseline:.0f}x "
-                f"would be ideal, efficiency {pct(last.efficiency.median)}.")
+                f"{last.world_size}: speedup {pm(last, 'speedup', last.speedup.median, 2, 'x')} where "
+                f"{last.world_size / stats.baseline:.0f}x would be ideal, efficiency "
+                f"{pm(last, 'efficiency', last.efficiency.median, 0, '%', 100)}.")
     if stats.kind == "weak":
         return missing + (f"Weak scaling (per-rank batch {last.batch_per_rank} fixed) from {procs(stats.baseline)} to "
-                f"{last.world_size}: efficiency {pct(last.efficiency.median)} (step time "
+                f"{last.world_size}: efficiency {pm(last, 'efficiency', last.efficiency.median, 0, '%', 100)} (step time "
                 f"{sizes[0].step_s.median:.4f} s -> {last.step_s.median:.4f} s), scaled speedup "
                 f"{last.speedup.median:.2f}x of an ideal {last.world_size / stats.baseline:.0f}x.")
     return (f"Neither the global nor the per-rank batch is the same at every world size, so speedup and "
@@ -192,11 +201,22 @@ def efficiency_loss(stats: StudyStats) -> str | None:
                 f"({pct(stats.sizes[-1].efficiency.median)} at {procs(stats.sizes[-1].world_size)}).")
     grew = max(SHARES, key=lambda k: b.shares[k] - a.shares[k])
     ideal = a.parts_s["compute"] * (a.world_size / b.world_size if stats.kind == "strong" else 1.0)
+    if beyond_noise(a, b, grew):
+        reason = (f"the {SHARE_LABELS[grew]} share of the step grew from {pct(a.shares[grew])} to "
+                  f"{pct(b.shares[grew])}")
+    else:  # a cause within noise is never the reason given
+        reason = (f"no share of the step grew beyond the noise (the largest rise, {SHARE_LABELS[grew]} "
+                  f"{pct(a.shares[grew])} -> {pct(b.shares[grew])}, is within the shares' 95% intervals)")
     return (f"Efficiency falls most from {procs(a.world_size)} to {b.world_size} ({pct(a.efficiency.median)} -> "
-            f"{pct(b.efficiency.median)}): the {SHARE_LABELS[grew]} share of the step grew from "
-            f"{pct(a.shares[grew])} to {pct(b.shares[grew])}; compute per step went from "
+            f"{pct(b.efficiency.median)}): {reason}; compute per step went from "
             f"{a.parts_s['compute']:.4f} s to {b.parts_s['compute']:.4f} s (perfect "
             f"{'splitting' if stats.kind == 'strong' else 'weak scaling'} would give {ideal:.4f} s).")
+
+
+def beyond_noise(a: SizeStats, b: SizeStats, share: str) -> bool:
+    """The share rose from ``a`` to ``b`` beyond the noise: their intervals do not overlap (where both have one)."""
+    low, high = b.intervals.get(f"{share}_frac"), a.intervals.get(f"{share}_frac")
+    return low is None or high is None or low.low > high.high
 
 
 def communication(stats: StudyStats) -> str | None:
@@ -242,17 +262,29 @@ def memory(stats: StudyStats) -> str | None:
     return text
 
 
+def step_noise(stats: StudyStats) -> str:
+    """How wide the median step's interval is, the widest size named."""
+    sized = [(s, s.intervals["step_s"]) for s in stats.sizes if "step_s" in s.intervals and s.step_s.median]
+    if not sized:
+        return ""
+    size, found = max(sized, key=lambda p: (p[1].high - p[1].low) / p[0].step_s.median)
+    width = (found.high - found.low) / 2 / size.step_s.median
+    return (f" The median step's 95% bootstrap interval (steps and repeats) is up to ±{100 * width:.0f}% of it "
+            f"(at {procs(size.world_size)}): differences smaller than that are noise.")
+
+
 def noise(stats: StudyStats) -> str | None:
     spread = [s for s in stats.sizes if s.step_s.count > 1]
     if not spread:
         return ("One completed run per world size: the run-to-run noise is unknown "
-                "(study.repeats=3 shows it as error bars).") if stats.sizes else None
+                "(study.repeats=3 shows it as error bars); the intervals shown hold the step-to-step noise only."
+                + step_noise(stats)) if stats.sizes else None
     worst = max(spread, key=lambda s: s.step_s.relative_range)
     if worst.step_s.relative_range > NOISE_WARN:
         return (f"Noisy: the step time varies by {pct(worst.step_s.relative_range)} of its median between repeats at "
-                f"{procs(worst.world_size)}; differences smaller than that are not significant.")
+                f"{procs(worst.world_size)}; differences smaller than that are not significant." + step_noise(stats))
     return (f"Repeats agree: the step time varies by at most {pct(worst.step_s.relative_range)} of its median "
-            f"between repeats.")
+            f"between repeats." + step_noise(stats))
 
 
 def fairness(stats: StudyStats) -> str | None:
