@@ -11,7 +11,10 @@ exposed communication of any rank in that step, i.e. the time it waited in a
 collective for a slower rank) and ``slowest_rank`` (the rank with the most
 time of its own in the step, ``step_s − comm_wait_s``: the one the others
 waited for; in a synchronised step every rank's ``step_s`` is about equal, so
-``step_s`` alone would name a rank at random).
+``step_s`` alone would name a rank at random); ``own_step_s`` is that time of
+its own, per rank, so that ``own_step_s_max - own_step_s_min`` is the step's skew.
+Whether the waiting is one straggler or ranks taking turns is decided in
+``scaling.records.waiting``.
 
 The summary's shares are shares of the total measured time (each part summed
 over the measured steps, divided by the summed ``step_s``), so that a stall on
@@ -31,11 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from scaling.records import waiting as waiting_mod
 from scaling.records.schema import CROSS_RANK_KEYS, SHARES, verdict
 
-STRAGGLER_PHASES = ("data", "forward", "backward", "optimizer", "other")
-STRAGGLER_MIN_FRAC = 0.10
-"""Waiting for slower ranks below this share of the time is noise: no straggler is named."""
 
 
 def derive(metrics: dict[str, float]) -> dict[str, float]:
@@ -47,13 +48,14 @@ def derive(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def with_cross_rank(per_rank: np.ndarray, keys: Sequence[str]) -> tuple[np.ndarray, tuple[str, ...]]:
-    """``per_rank[r, s, k]`` with ``comm_wait_s`` appended when the run communicates."""
+    """``per_rank[r, s, k]`` with ``comm_wait_s`` and ``own_step_s`` appended when the run communicates."""
     keys = tuple(keys)
     if "comm_exposed_s" not in keys:
         return per_rank, keys
     exposed = per_rank[:, :, keys.index("comm_exposed_s")]
     wait = exposed - exposed.min(axis=0, keepdims=True)
-    return np.concatenate([per_rank, wait[:, :, None]], axis=2), keys + CROSS_RANK_KEYS
+    own = per_rank[:, :, keys.index("step_s")] - wait
+    return np.concatenate([per_rank, wait[:, :, None], own[:, :, None]], axis=2), keys + CROSS_RANK_KEYS
 
 
 def own_time(per_rank: np.ndarray, keys: Sequence[str]) -> np.ndarray:
@@ -144,49 +146,7 @@ def summarize(records: Sequence[dict[str, Any]], keys: Sequence[str], nulls: Seq
             summary[f"{name}_frac"] = part / total if total > 0 else 0.0
         else:
             summary[f"{name}_frac"] = 0.0 if name == "comm_exposed" else None
-    summary["straggler"] = straggler(records, totals, summary)
+    summary["waiting"] = waiting_mod.decide(records, totals, summary.get("comm_wait_max_frac"))
+    summary["straggler"] = waiting_mod.straggler(summary["waiting"])
     summary["bound"] = verdict(summary)
     return summary
-
-
-def straggler(records: Sequence[dict[str, Any]], totals: dict[str, list[float]] | None,
-              summary: dict[str, Any]) -> dict[str, Any] | None:
-    """The rank the others waited for, and the phase of its step where it lost the time.
-
-    Named when the rank that waited most waited at least STRAGGLER_MIN_FRAC of the measured time.
-    The phase is the one in which that rank spent the most time beyond the
-    other ranks' mean, counting only its own work (a phase's collective
-    waiting is taken out: sync broadcasts and FSDP's forward all-gathers from
-    forward, ZeRO-1's broadcast from the optimizer step, the rest of the
-    exposed communication from backward).
-    """
-    if (summary.get("comm_wait_max_frac") or 0.0) < STRAGGLER_MIN_FRAC:
-        return None
-    ranks = [r["slowest_rank"] for r in records]
-    rank = max(set(ranks), key=ranks.count)
-    out: dict[str, Any] = {"rank": rank, "phase": None, "lost_s": None}
-    if not totals or len(totals["step_s"]) < 2:
-        return out
-
-    def part(key: str, r: int) -> float:
-        return totals[key][r] if key in totals else 0.0
-
-    def own(phase: str, r: int) -> float:
-        # Collectives outside backward: the buffer broadcast and FSDP's all-gathers in forward,
-        # ZeRO-1's broadcast in the optimizer step; the rest of the exposed time is backward's.
-        forward = part("comm_sync_s", r) + part("comm_allgather_fwd_exposed_s", r)
-        optimizer = part("comm_broadcast_exposed_s", r)
-        value = totals[f"{phase}_s"][r]
-        if phase == "forward":
-            value -= forward
-        if phase == "optimizer":
-            value -= optimizer
-        if phase == "backward":
-            value -= totals["comm_exposed_s"][r] - forward - optimizer
-        return value
-
-    others = [r for r in range(len(totals["step_s"])) if r != rank]
-    excess = {phase: own(phase, rank) - statistics.mean(own(phase, r) for r in others) for phase in STRAGGLER_PHASES}
-    phase = max(excess, key=excess.get)
-    out.update(phase=phase, lost_s=excess[phase] / len(records))
-    return out

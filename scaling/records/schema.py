@@ -48,6 +48,7 @@ STEP_METRICS = (
     Metric("busbw_GBps", "1e9 B/s", "each kind's wire bytes times its nccl-tests factor (all-reduce 2(n-1)/n, "
                                     "all-gather and reduce-scatter (n-1)/n, broadcast 1) / (comm_s - comm_sync_s)"),
     Metric("comm_wait_s", "s", "the part of comm_exposed_s spent waiting for slower ranks"),
+    Metric("own_step_s", "s", "step_s - comm_wait_s: the rank's own time, without waiting for slower ranks"),
     Metric("samples_per_s", "1/s", "global batch / step_s of the slowest rank"),
 )
 
@@ -89,7 +90,7 @@ MEANINGS = {m.key: m.meaning for m in STEP_METRICS}
 PHASE_KEYS = ("step_s", "data_s", "forward_s", "backward_s", "optimizer_s", "other_s", "compute_s")
 COMM_KEYS = ("comm_s", "comm_exposed_s", "comm_sync_s", "overlap", "comm_bytes", "comm_wire_bytes", "comm_buckets",
              "algbw_GBps", "busbw_GBps")
-CROSS_RANK_KEYS = ("comm_wait_s",)
+CROSS_RANK_KEYS = ("comm_wait_s", "own_step_s")
 """Made at the reduction from every rank's values, never measured by one rank alone."""
 BARE_KEYS = ("step_s",)
 """What the bare loop (instrument.enabled=false) measures."""
@@ -128,16 +129,19 @@ MEMORY_LABELS = {"params": "parameters", "grads": "gradients", "optimizer_state"
 MODEL_STATE_KEYS = ("params", "grads", "optimizer_state")
 """What ``model_state`` sums (measured in run.json ``memory``, predicted in ``memory_model``)."""
 
-BOUNDS = ("communication", "straggler", "data", "compute")
-"""The values of the summary's ``bound``."""
+BOUNDS = ("communication", "straggler", "skew", "data", "compute")
+"""The values of the summary's ``bound``: ``straggler`` when the waiting for slower ranks is the largest share
+and one rank is to blame (scaling.records.waiting), ``skew`` when it is and the ranks take turns."""
 
 
 def verdict(fracs: Mapping[str, Any]) -> str:
     """The largest of: exposed transfer, waiting for slower ranks (as the rank that waited most saw it),
-    data loading, compute. ``fracs`` holds summary keys (``<part>_frac``); a missing one counts as 0."""
+    data loading, compute. ``fracs`` holds summary keys (``<part>_frac``); a missing one counts as 0. The
+    waiting is ``straggler`` when ``fracs["straggler"]`` names a rank, ``skew`` otherwise."""
+    waiting = "straggler" if fracs.get("straggler") else "skew"
     shares = {
         "communication": (fracs.get("comm_exposed_frac") or 0.0) - (fracs.get("comm_wait_frac") or 0.0),
-        "straggler": fracs.get("comm_wait_max_frac") or 0.0,
+        waiting: fracs.get("comm_wait_max_frac") or 0.0,
         "data": fracs.get("data_frac") or 0.0,
         "compute": fracs.get("compute_frac") or 0.0,
     }

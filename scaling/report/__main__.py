@@ -23,6 +23,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--commbench", type=Path, action="append", default=[], metavar="PATH",
                         help="a commbench.json or its run folder (repeatable): each world size's all-reduce bus "
                              "bandwidth is set beside the commbench result of the same world size and backend")
+    parser.add_argument("--against", type=Path, default=None, metavar="REF",
+                        help="compare STUDY_DIR (a study, a train sweep or a run folder) with REF: per point and "
+                             "metric the change, its interval and a verdict (regressed / improved / within noise)")
+    parser.add_argument("--fail-on", action="append", default=[], metavar="METRIC:PCT",
+                        help="with --against (repeatable, e.g. step_s:5%%): exit 1 when METRIC regressed by more "
+                             "than PCT beyond the noise (metrics: step_s, samples_per_s, speedup, efficiency, "
+                             "busbw_GBps)")
     parser.add_argument("--wandb", action="store_true", help="also publish the report to Weights & Biases")
     parser.add_argument("--predict", default=None, metavar="NPROCS",
                         help="also predict these world sizes (e.g. 8,16,64) with scaling.predict; a Prediction section")
@@ -43,8 +50,27 @@ def publish_wandb(report) -> int:
     return 0
 
 
+def against(args: argparse.Namespace) -> int:
+    from scaling.report import compare
+
+    if len(args.studies) != 1:
+        print("scaling.report: error: --against compares one folder (NEW) with REF; "
+              f"{len(args.studies)} were given", file=sys.stderr)
+        return 2
+    try:
+        return compare.main(args.studies[0], args.against, args.fail_on)
+    except compare.UsageError as exc:
+        print(f"scaling.report: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.against is not None:
+        return against(args)
+    if args.fail_on:
+        print("scaling.report: error: --fail-on needs --against REF", file=sys.stderr)
+        return 2
     for folder in args.studies:
         if not folder.is_dir():
             print(f"scaling.report: error: {folder} is not a directory (expected <paths.root>/<study.name>)",

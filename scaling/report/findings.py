@@ -30,6 +30,14 @@ def procs(n: int) -> str:
     return f"{n} process" if n == 1 else f"{n} processes"
 
 
+def pm(size: SizeStats, key: str, value: float, places: int, unit: str = "", scale: float = 1.0) -> str:
+    """``1.52x ± 0.10`` where the size has an interval of ``key`` (scaling.report.intervals), else the value."""
+    found = size.intervals.get(key)
+    if found is None or found.high - found.low < 10 ** -places / scale:
+        return f"{value * scale:.{places}f}{unit}"
+    return f"{value * scale:.{places}f}{unit} [{found.low * scale:.{places}f}, {found.high * scale:.{places}f}]"
+
+
 def headline(stats: StudyStats) -> str | None:
     sizes = stats.sizes
     if not sizes or stats.baseline is None:
@@ -45,11 +53,12 @@ def headline(stats: StudyStats) -> str | None:
                 f"(median step {last.step_s.median:.4f} s, {last.samples_per_s.median:.1f} samples/s).")
     if stats.kind == "strong":
         return missing + (f"Strong scaling (global batch {last.global_batch} fixed) from {procs(stats.baseline)} to "
-                f"{last.world_size}: speedup {last.speedup.median:.2f}x where {last.world_size / stats.baseline:.0f}x "
-                f"would be ideal, efficiency {pct(last.efficiency.median)}.")
+                f"{last.world_size}: speedup {pm(last, 'speedup', last.speedup.median, 2, 'x')} where "
+                f"{last.world_size / stats.baseline:.0f}x would be ideal, efficiency "
+                f"{pm(last, 'efficiency', last.efficiency.median, 0, '%', 100)}.")
     if stats.kind == "weak":
         return missing + (f"Weak scaling (per-rank batch {last.batch_per_rank} fixed) from {procs(stats.baseline)} to "
-                f"{last.world_size}: efficiency {pct(last.efficiency.median)} (step time "
+                f"{last.world_size}: efficiency {pm(last, 'efficiency', last.efficiency.median, 0, '%', 100)} (step time "
                 f"{sizes[0].step_s.median:.4f} s -> {last.step_s.median:.4f} s), scaled speedup "
                 f"{last.speedup.median:.2f}x of an ideal {last.world_size / stats.baseline:.0f}x.")
     return (f"Neither the global nor the per-rank batch is the same at every world size, so speedup and "
@@ -79,6 +88,8 @@ def boundness(stats: StudyStats) -> str | None:
                 f"{pct(share['comm_exposed'])} of the step (compute {pct(share['compute'])}){hidden}.")
     if last.bound == "straggler":
         return f"Straggler-bound {since}: at {procs(last.world_size)} {straggler_text(last)}."
+    if last.bound == "skew":
+        return f"Skew-bound {since}: at {procs(last.world_size)} {skew_text(last)}."
     if last.bound == "data":
         return (f"Data-bound {since}: at {procs(last.world_size)} waiting for batches is {pct(share['data'])} of "
                 "the step; more loader workers (data.num_workers) or faster storage come first.")
@@ -126,18 +137,50 @@ def straggler_text(size: SizeStats) -> str:
     where = f" in {who['phase']}" if who.get("phase") else ""
     lost = f" ({who['lost_s'] * 1e3:.2f} ms per step more than the others)" if who.get("lost_s") else ""
     text = f"the ranks wait for rank {who['rank']}, which loses its time{where}{lost}"
+    info = size.waiting or {}
+    if info.get("kind") == "straggler":
+        last = info["ranks"][info["candidate"]]["last"]
+        text += (f"; it arrived last in {last} of {info['steps']} steps (p = {info['p_value']:.2g} against 1 in "
+                 f"{len(info['ranks'])}) and its excess explains {pct(info['explained'])} of the others' waiting")
     if who.get("of", 1) > 1:
         text += f" (named in {who['runs']} of {who['of']} repeats)"
     return f"{waiting}: {text}" if waiting else text
 
 
+def skew_text(size: SizeStats) -> str:
+    """Waiting that no rank is to blame for: its size, who arrived last how often, and why no one is named."""
+    info = size.waiting or {}
+    waiting = (f"waiting for slower ranks is {pct(size.comm_wait_frac or 0.0)} of the time, and no rank is to "
+               "blame: the ranks take turns being last")
+    if info.get("ranks"):
+        lasts = "/".join(str(r["last"]) for r in info["ranks"])
+        waiting += f" (last arrivals by rank {lasts} of {info['steps']} steps"
+        if info.get("own_spread_s") is not None:
+            waiting += (f"; the slowest rank's own step is {info['own_spread_s'] * 1e3:.1f} ms longer than the "
+                        "fastest's, median per step")
+        waiting += ")"
+    if info.get("reason"):
+        waiting += f"; no straggler named because {info['reason']}"
+    return waiting
+
+
+SKEW_WORTH = 0.05
+"""Skew worth a finding of its own: the waiting is at least this share of the time."""
+
+
 def stragglers(stats: StudyStats) -> str | None:
-    """A straggler named at a size whose verdict is not already "straggler" (there boundness names it)."""
+    """A straggler named at a size whose verdict is not already "straggler" (there boundness names it); else
+    skew worth saying at a size whose verdict is not already "skew"."""
     named = [s for s in stats.sizes if s.straggler and s.bound != "straggler"]
-    if not named:
-        return None
-    size = named[-1]
-    return f"Straggler at {procs(size.world_size)}: {straggler_text(size)}."
+    if named:
+        size = named[-1]
+        return f"Straggler at {procs(size.world_size)}: {straggler_text(size)}."
+    skewed = [s for s in stats.sizes if not s.straggler and s.bound not in ("straggler", "skew") and s.waiting
+              and (s.comm_wait_frac or 0.0) >= SKEW_WORTH]
+    if skewed:
+        size = skewed[-1]
+        return f"Skew at {procs(size.world_size)}: {skew_text(size)}."
+    return None
 
 
 def lost_efficiency(stats: StudyStats) -> str | None:
@@ -158,11 +201,22 @@ def efficiency_loss(stats: StudyStats) -> str | None:
                 f"({pct(stats.sizes[-1].efficiency.median)} at {procs(stats.sizes[-1].world_size)}).")
     grew = max(SHARES, key=lambda k: b.shares[k] - a.shares[k])
     ideal = a.parts_s["compute"] * (a.world_size / b.world_size if stats.kind == "strong" else 1.0)
+    if beyond_noise(a, b, grew):
+        reason = (f"the {SHARE_LABELS[grew]} share of the step grew from {pct(a.shares[grew])} to "
+                  f"{pct(b.shares[grew])}")
+    else:  # a cause within noise is never the reason given
+        reason = (f"no share of the step grew beyond the noise (the largest rise, {SHARE_LABELS[grew]} "
+                  f"{pct(a.shares[grew])} -> {pct(b.shares[grew])}, is within the shares' 95% intervals)")
     return (f"Efficiency falls most from {procs(a.world_size)} to {b.world_size} ({pct(a.efficiency.median)} -> "
-            f"{pct(b.efficiency.median)}): the {SHARE_LABELS[grew]} share of the step grew from "
-            f"{pct(a.shares[grew])} to {pct(b.shares[grew])}; compute per step went from "
+            f"{pct(b.efficiency.median)}): {reason}; compute per step went from "
             f"{a.parts_s['compute']:.4f} s to {b.parts_s['compute']:.4f} s (perfect "
             f"{'splitting' if stats.kind == 'strong' else 'weak scaling'} would give {ideal:.4f} s).")
+
+
+def beyond_noise(a: SizeStats, b: SizeStats, share: str) -> bool:
+    """The share rose from ``a`` to ``b`` beyond the noise: their intervals do not overlap (where both have one)."""
+    low, high = b.intervals.get(f"{share}_frac"), a.intervals.get(f"{share}_frac")
+    return low is None or high is None or low.low > high.high
 
 
 def communication(stats: StudyStats) -> str | None:
@@ -208,17 +262,29 @@ def memory(stats: StudyStats) -> str | None:
     return text
 
 
+def step_noise(stats: StudyStats) -> str:
+    """How wide the median step's interval is, the widest size named."""
+    sized = [(s, s.intervals["step_s"]) for s in stats.sizes if "step_s" in s.intervals and s.step_s.median]
+    if not sized:
+        return ""
+    size, found = max(sized, key=lambda p: (p[1].high - p[1].low) / p[0].step_s.median)
+    width = (found.high - found.low) / 2 / size.step_s.median
+    return (f" The median step's 95% bootstrap interval (steps and repeats) is up to ±{100 * width:.0f}% of it "
+            f"(at {procs(size.world_size)}): differences smaller than that are noise.")
+
+
 def noise(stats: StudyStats) -> str | None:
     spread = [s for s in stats.sizes if s.step_s.count > 1]
     if not spread:
         return ("One completed run per world size: the run-to-run noise is unknown "
-                "(study.repeats=3 shows it as error bars).") if stats.sizes else None
+                "(study.repeats=3 shows it as error bars); the intervals shown hold the step-to-step noise only."
+                + step_noise(stats)) if stats.sizes else None
     worst = max(spread, key=lambda s: s.step_s.relative_range)
     if worst.step_s.relative_range > NOISE_WARN:
         return (f"Noisy: the step time varies by {pct(worst.step_s.relative_range)} of its median between repeats at "
-                f"{procs(worst.world_size)}; differences smaller than that are not significant.")
+                f"{procs(worst.world_size)}; differences smaller than that are not significant." + step_noise(stats))
     return (f"Repeats agree: the step time varies by at most {pct(worst.step_s.relative_range)} of its median "
-            f"between repeats.")
+            f"between repeats." + step_noise(stats))
 
 
 def fairness(stats: StudyStats) -> str | None:

@@ -20,6 +20,8 @@ from typing import Any
 
 from scaling.records.schema import KIND_SUFFIXES, MEMORY_CATEGORIES, SHARES, verdict
 from scaling.report.records import RunRecord, StudyRecords, common_straggler, kinds_of
+from scaling.report import intervals as iv
+from scaling.report.intervals import Interval
 from scaling.report.waterfall import StudyWaterfall, study_waterfall
 
 
@@ -78,6 +80,8 @@ class SizeStats:
     """Share of the time spent waiting for slower ranks (part of comm_exposed); None without a peer."""
     straggler: dict[str, Any] | None = None
     """The rank the others waited for and the phase where it lost its time (run.json summary.straggler)."""
+    waiting: dict[str, Any] | None = None
+    """The median run's run.json summary.waiting: straggler or skew, last arrivals per rank, the test's figures."""
     arithmetic_frac: float | None = None
     """Median over repeats of the op profile's share of operator time in arithmetic-bound operators."""
     memory_frac: float | None = None
@@ -88,6 +92,9 @@ class SizeStats:
     """The same from run.json memory_model (its prediction for the strategy that ran)."""
     predicted_ddp_model_state_bytes: float | None = None
     """memory_model.ddp_model_state: what a DDP replica of the same model would hold per rank."""
+    intervals: dict[str, Interval] = field(default_factory=dict)
+    """95% bootstrap intervals (scaling.report.intervals) of ``step_s``, ``samples_per_s``, ``busbw_GBps``,
+    ``speedup``, ``efficiency`` and each share ``<part>_frac``; absent where the records lack the steps."""
     comm_kinds: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per kind of collective (comm_<kind>_*): median over repeats of its busy ``s``, ``exposed_s`` and
     ``bytes`` per step; only the kinds the runs recorded."""
@@ -203,6 +210,7 @@ def size_stats(kind: str, world_size: int, runs: list[RunRecord], t_base: float 
         bound=size_bound(done, shares),
         comm_wait_frac=_median([r.summary.get("comm_wait_frac") for r in done]),
         straggler=common_straggler(done),
+        waiting=_median_run(done).summary.get("waiting") if done else None,
         arithmetic_frac=_median([r.summary.get("arithmetic_frac") for r in done]),
         memory_frac=_median([r.summary.get("memory_frac") for r in done]),
         model_state_bytes=_median([r.model_state_bytes() for r in done]),
@@ -250,7 +258,39 @@ def study_stats(records: StudyRecords) -> StudyStats:
         if any(r.completed for r in runs):
             stats.sizes.append(size_stats(records.kind, world_size, runs, t_base, base,
                                           stats.run_speedup, stats.run_efficiency))
+    add_intervals(stats)
     return stats
+
+
+def add_intervals(stats: StudyStats) -> None:
+    """Each size's intervals; speedup and efficiency from the drawn step times of the size and the baseline."""
+    done = [r for r in stats.records.runs if r.completed]
+    by_size = {s.world_size: [r for r in done if r.world_size == s.world_size] for s in stats.sizes}
+    steps = {n: iv.point_draws(runs, "step_s", iv.median_of("step_s")) for n, runs in by_size.items()}
+    base = steps.get(stats.baseline)
+    for size in stats.sizes:
+        runs = by_size[size.world_size]
+        for key in ("step_s", "samples_per_s", "busbw_GBps"):
+            found = iv.median_interval(runs, key)
+            if found is not None:
+                size.intervals[key] = found
+        for name in SHARES:
+            found = iv.share_interval(runs, f"{name}_s")
+            if found is not None:
+                size.intervals[f"{name}_frac"] = found
+        draws = steps.get(size.world_size)
+        if base is None or draws is None or size.speedup is None or size.efficiency is None:
+            continue
+        ratio = base / draws
+        n, b = size.world_size, stats.baseline
+        if stats.kind == "strong":
+            speedup, efficiency = ratio, ratio * b / n
+        elif stats.kind == "weak":
+            speedup, efficiency = ratio * n / b, ratio
+        else:
+            continue
+        size.intervals["speedup"] = iv.of_draws(size.speedup.median, speedup)
+        size.intervals["efficiency"] = iv.of_draws(size.efficiency.median, efficiency)
 
 
 def failed_points(stats: StudyStats) -> list[tuple[str, str]]:

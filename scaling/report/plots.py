@@ -332,6 +332,8 @@ def _waterfall_bars(size: wf.SizeWaterfall) -> list[tuple[str, float, float, str
 def _tick(term: str, size: wf.SizeWaterfall) -> str:
     if term == "comm_wait" and size.straggler:
         return f"waiting for\nrank {size.straggler['rank']}"
+    if term == "comm_wait" and size.skew:
+        return "skew: ranks\ntake turns"
     if term == "comm_exposed":
         return size.exposed_label.replace(" ", "\n", 1).replace(" and ", " and\n")
     return WATERFALL_TICKS[term]

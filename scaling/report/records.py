@@ -7,6 +7,7 @@ warning and left out; everything else is reported.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import statistics
@@ -63,6 +64,11 @@ class RunRecord:
     @property
     def run_id(self) -> str:
         return self.folder.name
+
+    @functools.cached_property
+    def steps(self) -> list[dict[str, Any]]:
+        """steps.jsonl: one record per measured step (a torn last line left out); read once, when asked."""
+        return _read_steps(self.folder / "steps.jsonl")
 
     @property
     def completed(self) -> bool:
@@ -180,6 +186,22 @@ def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     if not isinstance(data, dict):
         return None, "is not a JSON object"
     return data, None
+
+
+def _read_steps(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a torn last line of a killed job
+        if isinstance(record, dict):
+            out.append(record)
+    return out
 
 
 def _count_steps(path: Path) -> int:

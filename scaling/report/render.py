@@ -78,6 +78,16 @@ def _spread(s: Spread | None, fmt: str, scale: float = 1.0, suffix: str = "") ->
     return text
 
 
+def _ci(s: Spread | None, found, fmt: str, scale: float = 1.0, suffix: str = "") -> str:
+    """The median with its 95% bootstrap interval's half-width where one was made (scaling.report.intervals),
+    then the min-max over repeats as before."""
+    text = _spread(s, fmt, scale, suffix)
+    if s is None or found is None:
+        return text
+    return text.replace(f"{s.median * scale:{fmt}}{suffix}",
+                        f"{s.median * scale:{fmt}}{suffix} ±{found.half_width * scale:{fmt}}", 1)
+
+
 def _pct(x: float | None) -> str:
     return waterfall.NULL if x is None else f"{100 * x:.0f}%"
 
@@ -100,8 +110,10 @@ def size_rows(studies: Sequence[StudyStats], bandwidth: Sequence[commbench.SizeC
             row += [
                 str(s.world_size), str(s.batch_per_rank or "-"), str(s.global_batch or "-"),
                 f"{s.completed}/{s.completed + s.not_completed}",
-                _spread(s.step_s, ".4f"), _spread(s.samples_per_s, ".1f"), _spread(s.speedup, ".2f", suffix="x"),
-                _spread(s.efficiency, ".0f", 100, "%"),
+                _ci(s.step_s, s.intervals.get("step_s"), ".4f"),
+                _ci(s.samples_per_s, s.intervals.get("samples_per_s"), ".1f"),
+                _ci(s.speedup, s.intervals.get("speedup"), ".2f", suffix="x"),
+                _ci(s.efficiency, s.intervals.get("efficiency"), ".0f", 100, "%"),
                 *(_pct(s.shares.get(k)) for k in SHARES),
                 _pct(s.overlap), waterfall.NULL if s.busbw_GBps is None else f"{s.busbw_GBps:.2f}", s.bound or "-",
             ]

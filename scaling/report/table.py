@@ -25,6 +25,7 @@ COLUMNS = (
     "role", "world_step_s", "ideal_step_s", *(column(t) for t in TERMS), "loss_unsplit_s",
     "strategy", "model_state_bytes", "predicted_model_state_bytes",
     *KIND_COLUMNS,
+    "waiting", "straggler_rank", "straggler_phase", "last_arrival_p", "waiting_explained", "own_spread_s",
 )
 """``step_s`` is the run's median step; ``speedup`` of a weak study is the scaled speedup
 (efficiency * N / b); ``peak_memory_bytes`` is run.json's memory.max.peak (max over ranks).
@@ -45,7 +46,13 @@ what the empty ones add up to.
 ``model_state_bytes`` memory.max.model_state (parameters, gradients and optimizer state of the largest rank),
 ``predicted_model_state_bytes`` run.json memory_model.max.model_state; ``comm_<kind>_s``, ``_exposed_s``,
 ``_bytes`` the run's median per step of each kind of collective its strategy issues (all-reduce; FSDP's
-all-gathers in forward and backward and reduce-scatter; ZeRO-1's broadcast), empty for the kinds it does not."""
+all-gathers in forward and backward and reduce-scatter; ZeRO-1's broadcast), empty for the kinds it does not.
+``waiting`` is ``straggler`` (one rank is late significantly more often than chance and its excess explains
+the others' waiting) or ``skew`` (the ranks take turns), empty without peers; ``straggler_rank`` and
+``straggler_phase`` the named rank and where it lost its time; ``last_arrival_p`` the test's p-value (the most
+frequent last arrival against 1/N, Bonferroni over the ranks), ``waiting_explained`` the share of the others'
+waiting that rank's excess explains, ``own_spread_s`` the median per step of the slowest rank's own time less
+the fastest's (scaling.records.waiting)."""
 
 
 def rows(studies: list[StudyStats], benches: Sequence[Bench] = ()) -> list[dict[str, Any]]:
@@ -92,6 +99,7 @@ def rows(studies: list[StudyStats], benches: Sequence[Bench] = ()) -> list[dict[
                 "model_state_bytes": run.model_state_bytes() if run.completed else None,
                 "predicted_model_state_bytes": run.predicted_model_state_bytes(),
                 **{key: s.get(key) for key in KIND_COLUMNS},
+                **waiting_columns(s),
             })
         for point in stats.records.missing_points:
             control = point.get("solo_batch") is not None
@@ -100,6 +108,15 @@ def rows(studies: list[StudyStats], benches: Sequence[Bench] = ()) -> list[dict[
                         "repeat": point.get("repeat"), "run_id": point.get("run_id"), "status": "failed",
                         "measured_steps": 0, "error": point.get("error") or "failed before writing records"})
     return out
+
+
+def waiting_columns(summary: dict[str, Any]) -> dict[str, Any]:
+    waiting, named = summary.get("waiting") or {}, summary.get("straggler") or {}
+    if not waiting:
+        return {}
+    return {"waiting": waiting.get("kind"), "straggler_rank": named.get("rank"), "straggler_phase": named.get("phase"),
+            "last_arrival_p": waiting.get("p_value"), "waiting_explained": waiting.get("explained"),
+            "own_spread_s": waiting.get("own_spread_s")}
 
 
 def loss_columns(stats: StudyStats, run: RunRecord) -> dict[str, Any]:

@@ -50,6 +50,10 @@ TERM_MEANINGS = {
 }
 
 
+SKEW_LABEL = "skew (ranks take turns being last)"
+"""The waiting term where no rank is to blame (scaling.records.waiting)."""
+
+
 def column(term: str) -> str:
     """The results.csv column of a term."""
     return f"loss_{term}_s"
@@ -114,6 +118,8 @@ class SizeWaterfall:
     missing: tuple[str, ...] = ()
     """Why some terms are None: the controls the records lack."""
     straggler: dict[str, Any] | None = None
+    skew: bool = False
+    """The waiting is skew: the runs name no straggler although ranks waited."""
     exposed_label: str = TERM_LABELS["comm_exposed"]
     """The exposed-communication term named after the strategy's collectives ("exposed all-gather and
     reduce-scatter" under fsdp)."""
@@ -231,7 +237,9 @@ def size_waterfall(records: StudyRecords, world_size: int, baseline: int, t_base
         if inputs.comm_exposed_s is None and world_size > 1:
             missing.append(f"no exposed communication recorded at {world_size} processes "
                            "(instrument.enabled=false)")
-    return SizeWaterfall(world_size, batch, inputs, terms, tuple(missing), common_straggler(done),
+    named = common_straggler(done)
+    skew = named is None and any((r.summary.get("waiting") or {}).get("kind") == "skew" for r in done)
+    return SizeWaterfall(world_size, batch, inputs, terms, tuple(missing), named, skew,
                          exposed_label(records.strategy))
 
 
@@ -289,6 +297,8 @@ def term_label(term: str, size: SizeWaterfall) -> str:
     if term == "comm_wait" and size.straggler:
         phase = f", slow in {size.straggler['phase']}" if size.straggler.get("phase") else ""
         return f"waiting for rank {size.straggler['rank']}{phase}"
+    if term == "comm_wait" and size.skew:
+        return SKEW_LABEL
     return size.exposed_label if term == "comm_exposed" else TERM_LABELS[term]
 
 

@@ -74,6 +74,10 @@ def verdict_sentence(summary: dict[str, Any], world_size: int, strategy: str = "
         return (f"Straggler-bound on {processes(world_size)}: a rank waits up to "
                 f"{100 * (summary.get('comm_wait_max_frac') or 0):.0f}% of the step for a slower one "
                 f"({straggler_clause(summary)}); compute {pct['compute']:.0f}%.")
+    if bound == "skew":
+        return (f"Skew-bound on {processes(world_size)}: a rank waits up to "
+                f"{100 * (summary.get('comm_wait_max_frac') or 0):.0f}% of the step for slower ranks, and no rank is "
+                f"to blame ({skew_clause(summary)}); compute {pct['compute']:.0f}%.")
     if bound == "data":
         return (f"Data-bound on {processes(world_size)}: waiting for batches is {pct['data']:.0f}% of the step "
                 f"(compute {pct['compute']:.0f}%); more loader workers or faster storage would help first.")
@@ -83,14 +87,29 @@ def verdict_sentence(summary: dict[str, Any], world_size: int, strategy: str = "
             f"communication is {transfer:.0f}% ({hidden:.0f}% of the {what} is hidden behind compute).")
     if summary.get("straggler"):
         line += f" Waiting for a slower rank: {pct['comm_wait']:.0f}% ({straggler_clause(summary)})."
+    elif summary.get("waiting") and pct["comm_wait"] >= 1:
+        line += f" Waiting for slower ranks: {pct['comm_wait']:.0f}%, skew ({skew_clause(summary)})."
     return line
+
+
+def skew_clause(summary: dict[str, Any]) -> str:
+    """Ranks take turns being last: how often each was, and how far apart the ranks' own times are."""
+    info = summary.get("waiting") or {}
+    if not info.get("ranks"):
+        return "ranks take turns"
+    lasts = "/".join(str(r["last"]) for r in info["ranks"])
+    spread = f", the slowest rank's own time {1e3 * info['own_spread_s']:.1f} ms above the fastest's per step " \
+             "(median)" if info.get("own_spread_s") is not None else ""
+    return f"ranks take turns: last to arrive {lasts} of {info['steps']} steps by rank{spread}"
 
 
 def straggler_clause(summary: dict[str, Any]) -> str:
     info = summary.get("straggler") or {}
+    last = f", last to arrive in {info['last']} of {info['steps']} steps" if info.get("steps") else ""
     if info.get("phase") is None:
-        return f"rank {info.get('rank', '?')}"
-    return f"rank {info['rank']}, {1e3 * info['lost_s']:.0f} ms per step more in {info['phase']} than the others"
+        return f"rank {info.get('rank', '?')}{last}"
+    return (f"rank {info['rank']}, {1e3 * info['lost_s']:.0f} ms per step more in {info['phase']} than the "
+            f"others{last}")
 
 
 def ops_lines(ops: dict[str, Any], top: int = 5) -> list[str]:

@@ -112,7 +112,7 @@ class Trainer:
         self.op_measurement: ops_mod.OpMeasurement | None = None
         self._timelines: list[list[tuple[int, float, float, int, int]]] = []  # per measured step, this rank's buckets
         self.buckets: list[dict[str, Any]] | None = None  # buckets.json, every rank's timeline reduced
-        self.faults = faults.Injector.from_env(self.ctx.rank)
+        self.faults = faults.Injector.from_env(self.ctx.rank, self.ctx.world_size)
         self.rss_at_start = mem.rss_bytes()
 
     # -- set-up ---------------------------------------------------------------------------------
