@@ -16,7 +16,7 @@ import pytest
 
 from scaling.report import analyse
 from scaling.train.faults import random_rank
-from tests.conftest import TINY, check_ok, load_run, only_run_dir, torchrun
+from tests.jobs import TINY, check, load_run, only_run_dir, report, torchrun
 
 STALL_ENV = "SCALING_INJECT_STALL"
 STALL_S = 0.030
@@ -33,8 +33,8 @@ WAIT_TOL_S = 0.006
 
 def run_job(root: Path, nproc: int, stall: str | None, steps: int = STEPS) -> tuple[dict, list[dict], Path]:
     env = {STALL_ENV: stall} if stall else None
-    check_ok(torchrun(nproc, [*JOB, f"train.steps={steps}", f"paths.root={root}"], env=env))
-    run_dir = only_run_dir(root)
+    check(torchrun(nproc, [*JOB, f"train.steps={steps}", f"paths.root={root}"], env=env))
+    run_dir = only_run_dir(root / "adhoc")
     run, records = load_run(run_dir)
     return run, records, run_dir
 
@@ -119,7 +119,7 @@ def studies(tmp_path_factory) -> dict[str, Path]:
     def launch(name: str) -> None:
         study = name.rstrip("01")
         env = {STALL_ENV: f"forward:{SLOWDOWN_S}"} if study == "slow" else None
-        check_ok(torchrun(2, [*PAIR_JOB, f"paths.root={root}", f"study.name={study}"], env=env))
+        check(torchrun(2, [*PAIR_JOB, f"paths.root={root}", f"study.name={study}"], env=env))
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         for pair in (("ref0", "again0"), ("ref1", "again1"), ("slow0", "slow1")):
@@ -163,14 +163,10 @@ def test_a_slowdown_in_forward_is_a_regression_in_compute_with_exit_status_1(stu
     assert max(parts, key=lambda k: parts[k].value) == "compute"
     assert "moved by 5% of the step or more, beyond the noise: compute" in compare.text(result)
     # The gate: exit 1 against the slowed study, 0 against the same study run again, 2 for a usage error.
-    from tests.launch import run as run_cmd
-    import sys
-
     gate = ["--fail-on", "step_s:5%"]
-    slow = run_cmd([sys.executable, "-m", "scaling.report", str(studies["slow"]), "--against", str(studies["ref"]), *gate])
-    again = run_cmd([sys.executable, "-m", "scaling.report", str(studies["again"]), "--against", str(studies["ref"]), *gate])
-    usage = run_cmd([sys.executable, "-m", "scaling.report", str(studies["again"]), "--against", str(studies["ref"]),
-                     "--fail-on", "step_time:5%"])
+    slow = report(studies["slow"], "--against", studies["ref"], *gate)
+    again = report(studies["again"], "--against", studies["ref"], *gate)
+    usage = report(studies["again"], "--against", studies["ref"], "--fail-on", "step_time:5%")
     assert slow.returncode == 1 and "FAIL step_s at 2 processes" in slow.stdout, slow.stdout + slow.stderr
     assert again.returncode == 0 and "PASS" in again.stdout, again.stdout + again.stderr
     assert usage.returncode == 2 and "step_time" in usage.stderr and len(usage.stderr.strip().splitlines()) == 1
