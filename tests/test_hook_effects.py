@@ -44,6 +44,7 @@ class Tapped:
     run: dict
     steps: list[dict]
     dtypes: dict
+    run_dir: Path
 
 
 def split(bucket: dict, key: str) -> list[torch.Tensor]:
@@ -59,7 +60,8 @@ def tapped_job(base: Path, overrides: list[str], step: int = 0) -> Tapped:
                         "instrument.control_steps=0", f"paths.root={root}", *overrides],
                     env={"SCALING_TEST_TAP_DIR": str(tap), "SCALING_TEST_TAP_STEP": str(step)}, module="tests.taps")
     check(proc)
-    run, steps = load_run(only_run_dir(root / "adhoc"))
+    run_dir = only_run_dir(root / "adhoc")
+    run, steps = load_run(run_dir)
     buckets = {r: sorted((torch.load(p) for p in tap.glob(f"rank{r}.bucket*.pt")), key=lambda b: b["index"])
                for r in (0, 1)}
     assert buckets[0] and len(buckets[0]) == len(buckets[1])
@@ -70,7 +72,7 @@ def tapped_job(base: Path, overrides: list[str], step: int = 0) -> Tapped:
                                          split(b1, "reduced")):
             grads.append(Grad(tuple(shape), [l0, l1], r0, r1))
     assert sorted(g.shape for g in grads) == sorted(s for i, o in LAYERS for s in ((o, i), (o,)))
-    return Tapped(grads, run, steps, json.loads((tap / "rank0.dtypes.json").read_text()))
+    return Tapped(grads, run, steps, json.loads((tap / "rank0.dtypes.json").read_text()), run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +156,23 @@ def test_powersgd_returns_a_rank_r_projection_of_the_mean(jobs):
     for g in job.grads:
         if len(g.shape) == 1:  # vectors are not compressed: all-reduced as they are
             torch.testing.assert_close(g.reduced.double(), g.exact_mean, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("hook", ["fp16", "bf16", "powersgd"])
+def test_compressing_hooks_are_timed_by_what_they_send(jobs, hook):
+    """Bandwidth is what went over the wire per second: fp16/bf16 send 2 of each gradient's 4 bytes (PowerSGD's
+    factors: the test below), and each rank's algbw is those bytes over its own transfer time."""
+    job = jobs(hook)
+    model = sum(i * o + o for i, o in LAYERS) * FP32
+    assert job.run["comm_hook"] == hook
+    for s in job.steps:
+        assert s["comm_s"] > 0 and s["comm_bytes"] == model
+        if hook != "powersgd":
+            assert s["comm_wire_bytes"] == model // 2
+    rank_steps = [json.loads(line) for line in (job.run_dir / "logs/rank0.steps.jsonl").read_text().splitlines()]
+    for s in rank_steps:
+        assert s["algbw_GBps"] == pytest.approx(s["comm_wire_bytes"] / (s["comm_s"] - s["comm_sync_s"]) / 1e9,
+                                                rel=1e-6)
 
 
 def test_powersgd_sends_the_low_rank_factors(jobs):
