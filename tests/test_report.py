@@ -1,4 +1,4 @@
-"""``python -m scaling.report``: the numbers it writes are the SPEC definitions applied to the records.
+"""``python -m scaling.report``: the numbers it writes are the definitions of docs/contract.md applied to the records.
 
 Uses the real studies of tests/study_runs.py (shared with test_study.py).
 """

@@ -156,7 +156,7 @@ def bench_dir(tmp_path_factory) -> Path:
 
 
 def ring_busbw_GBps(fit: dict, world_size: int, size_bytes: float) -> float:
-    """SPEC's ring model t = 2(n-1)*alpha + 2(n-1)/n * S/B, as bus bandwidth 2(n-1)/n * S / t."""
+    """The contract's ring model t = 2(n-1)*alpha + 2(n-1)/n * S/B, as bus bandwidth 2(n-1)/n * S / t."""
     factor = 2 * (world_size - 1) / world_size
     bandwidth = math.inf if fit["bandwidth_GBps"] is None else fit["bandwidth_GBps"] * 1e9
     return factor * size_bytes / (2 * (world_size - 1) * fit["alpha_s"] + factor * size_bytes / bandwidth) / 1e9

@@ -221,7 +221,7 @@ def study(tmp_path_factory) -> Path:
     if importlib.util.find_spec("scaling.report") is not None:
         proc = subprocess.run([sys.executable, "-m", "scaling.report", str(folder), "--wandb"], cwd=base,
                               env=job_env(), capture_output=True, text=True, timeout=300)
-    else:  # results.csv by hand, with the SPEC columns the comparison reads
+    else:  # results.csv by hand, with the contract's columns (docs/contract.md) the comparison reads
         write_results_csv(folder)
         proc = subprocess.run([sys.executable, "-c", f"from scaling.report.wandb import publish; "
                                f"publish([{str(folder)!r}])"], cwd=base, env=job_env(),

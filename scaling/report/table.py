@@ -1,4 +1,4 @@
-"""results.csv: one row per run (SPEC "Scaling definitions"), failed runs included."""
+"""results.csv: one row per run (docs/contract.md, "Scaling"), failed runs included."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Why efficiency is lost: ``T(N) - T_ideal(N)`` split into additive terms (SPEC "Why efficiency is lost").
+"""Why efficiency is lost: ``T(N) - T_ideal(N)`` split into additive terms (docs/contract.md, "Where efficiency goes").
 
 Per world size N, every input a median over repeats, in seconds per step:
 
