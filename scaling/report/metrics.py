@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scaling.records.schema import KIND_SUFFIXES, MEMORY_CATEGORIES, SHARES, verdict
-from scaling.report.records import RunRecord, StudyRecords, common_straggler, kinds_of
+from scaling.report.study_folder import RunRecord, StudyRecords, common_straggler, kinds_of
 from scaling.report.waterfall import StudyWaterfall, study_waterfall
 
 

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scaling.report.commbench import Bench, per_run
+from scaling.report.commbench_share import Bench, per_run
 from scaling.report.metrics import StudyStats
-from scaling.report.records import RunRecord
+from scaling.report.study_folder import RunRecord
 from scaling.report.waterfall import TERMS, column
 from scaling.records.schema import COMM_KINDS, SHARE_FRACS, keys_of_kinds
 
