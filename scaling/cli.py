@@ -1,8 +1,8 @@
 """Hydra front door shared by every command.
 
 The config is composed with Hydra's compose API rather than ``@hydra.main`` so
-that a mistake ends the program with one line naming the key (SPEC "When things
-go wrong") instead of Hydra's multi-line report, and so that Hydra never makes
+that a mistake ends the program with one line naming the key (docs/contract.md,
+"Failures") instead of Hydra's multi-line report, and so that Hydra never makes
 an output directory or changes the working directory.
 """
 

@@ -9,7 +9,7 @@ allocation). Everything lands in one sweep folder, ``<paths.root>/<sweep
 name>`` (or ``hydra.sweep.dir=PATH``):
 
 - a train sweep: one run folder per combination, ``<sweep>/<combination>/``,
-  launcher logs under ``<sweep>/logs/``, and the sweep report (scaling.report.sweep);
+  launcher logs under ``<sweep>/logs/``, and the sweep report (scaling.report.sweep_report);
 - a study sweep: one study folder per combination, ``<sweep>/<combination>/n<N>-r<r>/``,
   and one comparison report over all of them in ``<sweep>/compare/``.
 
@@ -376,12 +376,12 @@ def report(sweep: Sweep) -> None:
     if sweep.command == "study":
         from scaling.report import build_report, console_text
 
-        from scaling.report import sweep as sweep_report
+        from scaling.report import sweep_report
 
         result = build_report(sweep_report.study_folders(sweep.dir), sweep.dir / "compare")
         print("\n" + console_text(result), flush=True)
     else:
-        from scaling.report import sweep as sweep_report
+        from scaling.report import sweep_report
 
         print("\n" + sweep_report.console_text(sweep_report.build(sweep.dir)), flush=True)
 

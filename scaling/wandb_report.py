@@ -1,8 +1,8 @@
-"""``python -m scaling.wandb_report``: the command's name; the code is ``scaling.report.wandb``."""
+"""``python -m scaling.wandb_report``: the command's name; the code is ``scaling.report.wandb_publish``."""
 
 import sys
 
-from scaling.report.wandb import main
+from scaling.report.wandb_publish import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,7 +22,7 @@
 #SBATCH --open-mode=append        # a requeued job appends to the same output file
 #SBATCH --output=%x-%j.out
 #
-# Environment variables, each with a default (SPEC "Slurm scripts"):
+# Environment variables, each with a default (docs/contract.md, "Slurm scripts"):
 #   NODES="1 2 4"       node counts            (default: 1 2 4 ... up to the allocation)
 #   PROCS_PER_NODE=4    ranks per node         (default: GPUs per node, or 1)
 #   EXP=resnet          experiment             (default: resnet)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from scaling import cli
-from scaling.bench import commbench
+from scaling.bench import collectives
 from tests.jobs import check, only_run_dir, read_json, run_mpi, torchrun
 
 # nccl-tests' bus-bandwidth factors, written out here rather than taken from the code under test.
@@ -92,7 +92,7 @@ def test_mpiexec_gloo_and_mpi_transports(tmp_path: Path) -> None:
 def test_single_process_has_no_bus_traffic_and_no_fit(tmp_path: Path) -> None:
     argv = [f"paths.root={tmp_path}", "commbench.min_bytes=4096", "commbench.max_bytes=8192", "commbench.iters=2",
             "commbench.warmup_iters=0", "commbench.ops=[all_reduce,broadcast]", "paths.run_id=single"]
-    assert cli.run("scaling.commbench", commbench.main, "commbench", argv=argv) == 0
+    assert cli.run("scaling.commbench", collectives.main, "commbench", argv=argv) == 0
     record = read_json(tmp_path / "commbench" / "single" / "commbench.json")
     assert (record["world_size"], record["launcher"], record["fit"]) == (1, "single", [])
     by_op = {r["op"]: r for r in record["results"] if r["bytes"] == 8192}
@@ -100,7 +100,7 @@ def test_single_process_has_no_bus_traffic_and_no_fit(tmp_path: Path) -> None:
     assert by_op["all_reduce"]["busbw_GBps"] == 0.0
     assert by_op["broadcast"]["busbw_GBps"] == by_op["broadcast"]["algbw_GBps"] > 0
     # The same run id again is refused, not overwritten.
-    assert cli.run("scaling.commbench", commbench.main, "commbench", argv=argv) == 2
+    assert cli.run("scaling.commbench", collectives.main, "commbench", argv=argv) == 2
 
 
 @pytest.mark.parametrize(
@@ -117,7 +117,7 @@ def test_single_process_has_no_bus_traffic_and_no_fit(tmp_path: Path) -> None:
 def test_config_mistakes_end_with_one_line(override: str, expected: str, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     argv = [f"paths.root={tmp_path}", "commbench.max_bytes=4096", override]
-    assert cli.run("scaling.commbench", commbench.main, "commbench", argv=argv) == 2
+    assert cli.run("scaling.commbench", collectives.main, "commbench", argv=argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("scaling.commbench: error:")
     assert expected in err
@@ -125,7 +125,7 @@ def test_config_mistakes_end_with_one_line(override: str, expected: str, tmp_pat
 
 
 def test_help_names_the_command(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.run("scaling.commbench", commbench.main, "commbench", argv=["--help"]) == 0
+    assert cli.run("scaling.commbench", collectives.main, "commbench", argv=["--help"]) == 0
     assert "scaling.commbench" in capsys.readouterr().out
 
 
@@ -133,17 +133,17 @@ SIDE_BY_SIDE = '''
 import json, statistics, sys, time
 import torch, torch.distributed as dist
 from scaling import cli
-from scaling.bench import commbench
-from scaling.launch import detect, group as distsetup
+from scaling.bench import collectives
+from scaling.launch import detect, group
 
-settings = commbench.parse(cli.compose_config(["commbench.iters=10", "commbench.warmup_iters=2"], "commbench"))
-ctx = distsetup.init(detect.detect(), settings.dist)
+settings = collectives.parse(cli.compose_config(["commbench.iters=10", "commbench.warmup_iters=2"], "commbench"))
+ctx = group.init(detect.detect(), settings.dist)
 size = int(sys.argv[2])
 n = ctx.world_size
 rounds = []
 for _ in range(7):  # side by side, so that a load that comes and goes hits both alike
-    case = commbench.torch_case("all_reduce", size // 4, n, ctx.device)
-    bench = commbench.measure(ctx, case, "all_reduce", "torch", size, settings.bench)
+    case = collectives.torch_case("all_reduce", size // 4, n, ctx.device)
+    bench = collectives.measure(ctx, case, "all_reduce", "torch", size, settings.bench)
     buf = torch.zeros(size // 4)
     dist.all_reduce(buf)
     dist.barrier()
@@ -158,7 +158,7 @@ for _ in range(7):  # side by side, so that a load that comes and goes hits both
 if ctx.rank == 0:
     with open(sys.argv[1], "w") as out:
         json.dump(rounds, out)
-distsetup.teardown()
+group.teardown()
 '''
 
 

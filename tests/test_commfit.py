@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from scaling.bench import fit as commfit
+from scaling.bench import commfit
 
 SIZES_BYTES = [2.0**k for k in range(10, 27)]  # 1 KiB .. 64 MiB
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.jobs import TINY, check, end_tree, job_env, single, start, wakeup_lateness_s
-from scaling.infer import server as serving
+from scaling.infer import server_scenario
 from scaling.infer.config import P99_MIN_QUERIES
 
 SWEEP = ["infer.batch_sizes=[1,8,64]", "infer.queries=30", "infer.warmup_queries=3", "data.num_samples=64"]
@@ -37,10 +37,10 @@ SERVED = ["infer.batch_sizes=[1,4]", "infer.queries=100", "infer.warmup_queries=
           "infer.ops=false", "data.num_samples=64"]
 
 
-def service_times(record: dict) -> serving.ServiceTimes:
+def service_times(record: dict) -> server_scenario.ServiceTimes:
     """What the search simulated on: replica 0's service times in the serving loop and the generator's lags."""
     served = [p for p in record["per_replica"][0]["batches"] if "server_service_s" in p]
-    return serving.ServiceTimes({p["batch_size"]: p["server_service_s"] for p in served},
+    return server_scenario.ServiceTimes({p["batch_size"]: p["server_service_s"] for p in served},
                                 [lag for p in served for lag in p["server_issue_lag_s"]])
 
 
@@ -161,7 +161,7 @@ def test_server_search_is_consistent_on_its_own_service_times(served):
     assert found["queries"] >= P99_MIN_QUERIES and found["step"] == SERVED_STEP
     service = service_times(record)
     budget = record["latency_budget_ms"] / 1e3
-    replay = lambda rate: serving.trial(service, rate, found["queries"], found["max_batch"],  # noqa: E731
+    replay = lambda rate: server_scenario.trial(service, rate, found["queries"], found["max_batch"],  # noqa: E731
                                         found["timeout_ms"] / 1e3, found["seed"], budget)
     answer, above = replay(found["rate_qps"]), replay(found["next_rate_qps"])
     assert answer.p99_s == pytest.approx(found["p99_s"]) and answer.p99_s <= budget
@@ -198,14 +198,14 @@ def test_server_answer_and_next_rate_served_live(served):
     for name, rate in (("answer", found["rate_qps"]), ("next", found["next_rate_qps"])):
         trial = live[name]
         assert trial["rate_qps"] == rate
-        assert trial["queries"] == serving.queries_at(rate, found["queries"], budget) >= P99_MIN_QUERIES
+        assert trial["queries"] == server_scenario.queries_at(rate, found["queries"], budget) >= P99_MIN_QUERIES
         assert trial["duration_s"] >= 0.9 * trial["queries"] / rate  # issued in real time, not all at once
         assert trial["budget_met"] == (trial["p99_s"] <= budget)
         # Every query waits for at least one forward and its injected sleep.
         assert trial["p99_s"] >= trial["p50_s"] >= STALL_S
         # The same arrivals through the same batcher: the batches the search simulated. A server that sent
         # each query alone would show 1; one that waited for full batches, 4.
-        simulated = serving.trial(service, rate, found["queries"], found["max_batch"], found["timeout_ms"] / 1e3,
+        simulated = server_scenario.trial(service, rate, found["queries"], found["max_batch"], found["timeout_ms"] / 1e3,
                                   found["seed"], budget)
         assert trial["mean_batch"] == pytest.approx(simulated.mean_batch, rel=0.15), (name, trial, simulated)
     assert live["agrees"] == (live["answer"]["budget_met"] and not live["next"]["budget_met"])
@@ -227,8 +227,8 @@ def test_a_lone_slow_sample_does_not_set_the_answer():
     found = {}
     for slow in (0, 1, 3):
         samples = [0.04] * slow + steady[slow:]
-        service = serving.ServiceTimes({1: samples, 4: samples})
-        found[slow] = serving.search(service, 0.025, 1000, 4, 0.002, seed=0, step=0.1)["rate_qps"]
+        service = server_scenario.ServiceTimes({1: samples, 4: samples})
+        found[slow] = server_scenario.search(service, 0.025, 1000, 4, 0.002, seed=0, step=0.1)["rate_qps"]
     assert found[0] is not None and found[1] == found[0]
     assert found[3] is None
 
@@ -280,7 +280,7 @@ def test_live_server_recovers_known_service_times_and_time_outs():
         assert np.median(run.latency_s - run.issue_lag_s) == pytest.approx(forward_s, abs=abs_s)
         # Three times what 4 queries per forward serve: full batches, back to back until the backlog is gone.
         server.spans.clear()
-        arrive = serving.arrivals(600, 3 * 4 / forward_s, seed=0)
+        arrive = server_scenario.arrivals(600, 3 * 4 / forward_s, seed=0)
         run = live.serve(server, [1, 4], arrive, 4, timeout_s)
         assert np.mean(run.batches) > 3.8 and len(server.spans) == len(run.batches) and set(run.padded) <= {1, 4}
         first, last = server.spans[0][0], server.spans[-1][1]

@@ -27,11 +27,11 @@ HOOK_JOB = """
 import json, pathlib, sys, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from scaling.config import DistConfig
-from scaling.launch import detect, group as distsetup, mpi
+from scaling.launch import detect, group, mpi
 
 launch = detect.detect()
 mpi.check_hook_launch(launch)
-ctx = distsetup.init(launch, DistConfig(backend="gloo", bucket_cap_mb=0.001, timeout_s=60, threads=1))
+ctx = group.init(launch, DistConfig(backend="gloo", bucket_cap_mb=0.001, timeout_s=60, threads=1))
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
 torch.manual_seed(100 + ctx.rank)
@@ -57,7 +57,7 @@ pathlib.Path(sys.argv[1], f"rank{ctx.rank}.json").write_text(json.dumps({"rank":
       "max_abs_error": (reduced - expected).abs().max().item(), "grad_norm": reduced.norm().item(),
       "local_differs": (local - expected).abs().max().item()}))
 del ddp  # DDP's reducer holds the process group: release it first
-distsetup.teardown()
+group.teardown()
 """
 
 
@@ -101,8 +101,8 @@ def test_hook_refuses_a_job_not_launched_by_mpi() -> None:
 def test_missing_mpi4py_is_one_clear_line(tmp_path: Path) -> None:
     # As if mpi4py were not installed (None in sys.modules makes its import fail), under an MPI launcher's variables.
     program = ("import sys; sys.modules['mpi4py'] = None\n"
-               "from scaling import cli\nfrom scaling.bench import commbench\n"
-               f"sys.exit(cli.run('scaling.commbench', commbench.main, 'commbench', argv=['paths.root={tmp_path}']))")
+               "from scaling import cli\nfrom scaling.bench import collectives\n"
+               f"sys.exit(cli.run('scaling.commbench', collectives.main, 'commbench', argv=['paths.root={tmp_path}']))")
     proc = run_command([sys.executable, "-c", program], env=job_env(PMI_SIZE="2", PMI_RANK="0"))
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()

@@ -129,7 +129,7 @@ def studies(tmp_path_factory) -> dict[str, Path]:
 
 def test_no_straggler_is_named_without_injection(studies):
     """Four 2-process runs with nothing injected: whatever the machine's jitter, no rank is blamed."""
-    from scaling.report.records import load_study
+    from scaling.report.study_folder import load_study
 
     runs = [r for name in ("ref", "again") for r in load_study(studies[name]).runs]
     assert len(runs) == 4 and all(r.completed for r in runs)

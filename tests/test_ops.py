@@ -9,7 +9,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from scaling.instruments import flops as flops_mod, membw, ops, roofline
+from scaling.instruments import flops, membw, ops, roofline
 from tests.jobs import NO_WANDB, TINY, check, load_run, only_run_dir, read_run, run_command, single
 from tests.shared_runs import copy_study
 
@@ -50,7 +50,7 @@ def by_key(rows: list[dict]) -> dict[tuple[str, str], dict]:
 @pytest.fixture(scope="module")
 def ceilings() -> tuple[dict[str, float], float]:
     torch.set_num_threads(1)
-    return {"fp32": flops_mod.peak_flops(CPU, torch.float32)}, membw.peak_membw(CPU)["peak_membw_Bps"]
+    return {"fp32": flops.peak_flops(CPU, torch.float32)}, membw.peak_membw(CPU)["peak_membw_Bps"]
 
 
 def test_matrix_products_from_the_layer_shapes():
@@ -235,7 +235,7 @@ def test_profiled_steps_stay_out_of_the_step_records(matrix_matrix, tmp_path):
 def test_the_report_draws_rooflines_and_carries_the_shares(strong, tmp_path):
     """A 1- and a 2-process run in one study: a roofline per run, the study's share plot, the csv columns."""
     from scaling.report import build_report
-    from scaling.report import roofline as roofline_plot
+    from scaling.report import roofline_plot
 
     study = copy_study(strong.dir, tmp_path / "mix")
     report = build_report([study])

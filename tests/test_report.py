@@ -1,4 +1,4 @@
-"""``python -m scaling.report``: the numbers it writes are the SPEC definitions applied to the records.
+"""``python -m scaling.report``: the numbers it writes are the definitions of docs/contract.md applied to the records.
 
 Uses the real studies of tests/shared_runs.py (shared with test_study.py).
 """
@@ -250,9 +250,9 @@ def test_report_never_imports_torch(strong, tmp_path):
 def test_wandb_flag_publishes_through_scaling_wandb_report(strong, tmp_path, monkeypatch, capsys):
     study = copy_study(strong.dir, tmp_path / "s")
     calls = []
-    module = types.ModuleType("scaling.report.wandb")
+    module = types.ModuleType("scaling.report.wandb_publish")
     module.publish = lambda **kwargs: calls.append(kwargs)
-    monkeypatch.setitem(sys.modules, "scaling.report.wandb", module)
+    monkeypatch.setitem(sys.modules, "scaling.report.wandb_publish", module)
     assert report_main([str(study), "--wandb"]) == 0
     assert len(calls) == 1
     assert calls[0]["results_csv"] == study / "results.csv"
@@ -261,7 +261,7 @@ def test_wandb_flag_publishes_through_scaling_wandb_report(strong, tmp_path, mon
 
 def test_wandb_flag_without_wandb_support_says_so(strong, tmp_path, monkeypatch, capsys):
     study = copy_study(strong.dir, tmp_path / "s")
-    monkeypatch.setitem(sys.modules, "scaling.report.wandb", None)  # import fails, as when not installed
+    monkeypatch.setitem(sys.modules, "scaling.report.wandb_publish", None)  # import fails, as when not installed
     assert report_main([str(study), "--wandb"]) == 0
     assert "wandb support is not installed" in capsys.readouterr().err
 

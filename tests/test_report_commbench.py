@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from scaling.bench import fit as commfit
-from scaling.report import commbench
+from scaling.bench import commfit
+from scaling.report import commbench_share
 from scaling.report.__main__ import main as report_main
-from scaling.report.records import RunRecord
+from scaling.report.study_folder import RunRecord
 from tests.jobs import PNG_SIGNATURE, check, explain, only_run_dir, read_run, run_command, torchrun
 from tests.shared_runs import copy_study
 
@@ -35,15 +35,15 @@ def ring_fit(world_size: int) -> commfit.Fit:
 
 
 def test_mean_bucket_is_bytes_per_all_reduce_call():
-    assert commbench.mean_bucket_bytes(3e6, 3) == 1e6
+    assert commbench_share.mean_bucket_bytes(3e6, 3) == 1e6
     with pytest.raises(ValueError):
-        commbench.mean_bucket_bytes(3e6, 0)
+        commbench_share.mean_bucket_bytes(3e6, 0)
 
 
 def test_fraction_of_the_fitted_ring_model_two_ranks():
     # n = 2, S = 1 MB: t = 2(n-1)*alpha + 2(n-1)/n * S/B = 2e-4 + 1e-3 = 1.2e-3 s;
     # busbw = 2(n-1)/n * S / t = 1e6 / 1.2e-3 = 0.8333 GB/s; 0.5 GB/s reached is 60% of it.
-    at = commbench.at_bucket(0.5, 1e6, ring_fit(2), POINTS)
+    at = commbench_share.at_bucket(0.5, 1e6, ring_fit(2), POINTS)
     assert at.model_GBps == pytest.approx(1 / 1.2, rel=1e-12)
     assert at.reference_GBps == at.model_GBps
     assert at.fraction == pytest.approx(0.6, rel=1e-12)
@@ -53,26 +53,26 @@ def test_fraction_of_the_fitted_ring_model_two_ranks():
 
 def test_fraction_of_the_fitted_ring_model_four_ranks():
     # n = 4, S = 1 MB: t = 6*1e-4 + 1.5*1e-3 = 2.1e-3 s; busbw = 1.5e6 / 2.1e-3 = 0.7143 GB/s; 0.5 is 70%.
-    at = commbench.at_bucket(0.5, 1e6, ring_fit(4), POINTS)
+    at = commbench_share.at_bucket(0.5, 1e6, ring_fit(4), POINTS)
     assert at.model_GBps == pytest.approx(1.5 / 2.1, rel=1e-12)
     assert at.fraction == pytest.approx(0.7, rel=1e-12)
 
 
 def test_without_a_fit_the_nearest_measured_size_is_the_reference():
-    at = commbench.at_bucket(0.5, 1e6, None, POINTS)
+    at = commbench_share.at_bucket(0.5, 1e6, None, POINTS)
     assert at.model_GBps is None and at.reference_GBps == 0.8
     assert at.fraction == pytest.approx(0.625, rel=1e-12)
 
 
 def test_a_bucket_beyond_the_measured_sizes_is_marked_extrapolated():
-    at = commbench.at_bucket(0.5, 8e6, ring_fit(2), POINTS)
+    at = commbench_share.at_bucket(0.5, 8e6, ring_fit(2), POINTS)
     assert at.extrapolated and at.nearest_bytes == 2097152
     # t = 2e-4 + 8e-3 = 8.2e-3 s; busbw = 8e6 / 8.2e-3 = 0.9756 GB/s
     assert at.model_GBps == pytest.approx(8 / 8.2, rel=1e-12)
 
 
-def bench(world_size: int, backend: str = "gloo", nodes: int = 1) -> commbench.Bench:
-    return commbench.Bench(Path(f"runs/commbench/cb-n{world_size}/commbench.json"), f"cb-n{world_size}", backend,
+def bench(world_size: int, backend: str = "gloo", nodes: int = 1) -> commbench_share.Bench:
+    return commbench_share.Bench(Path(f"runs/commbench/cb-n{world_size}/commbench.json"), f"cb-n{world_size}", backend,
                            world_size, nodes, POINTS, ring_fit(world_size), None)
 
 
@@ -87,7 +87,7 @@ def run_record(world_size: int, busbw_GBps: float, comm_bytes: float, comm_bucke
 
 def test_the_printed_line_names_reached_reference_fraction_bucket_and_commbench():
     runs = [run_record(2, 0.5, 3e6, 3), run_record(4, 0.5, 3e6, 3)]
-    lines = commbench.study_lines(commbench.compare_study("s", runs, [bench(2)]))
+    lines = commbench_share.study_lines(commbench_share.compare_study("s", runs, [bench(2)]))
     assert lines[0] == ("n2: all-reduce reached 0.5 GB/s, 60% of commbench's 0.83 GB/s at 1.0 MB buckets "
                         "(fitted model; measured 0.8 GB/s at 1.0 MB; runs/commbench/cb-n2)")
     assert lines[1].startswith("n4: no commbench result with world size 4 and backend gloo among those given "
@@ -112,23 +112,23 @@ def test_a_compressing_hook_is_measured_by_the_bytes_it_sent():
     older = compressed_run({"comm_bytes": 2e6, "comm_buckets": 2, "busbw_GBps": 1.0}, "fp16")
     for run in (wire, older):
         assert run.busbw_GBps() == pytest.approx(0.5, rel=1e-12)
-        assert commbench.run_bucket_bytes(run) == pytest.approx(0.5e6, rel=1e-12)
-        _, at = commbench.per_run(run, [bench(2)])
+        assert commbench_share.run_bucket_bytes(run) == pytest.approx(0.5e6, rel=1e-12)
+        _, at = commbench_share.per_run(run, [bench(2)])
         assert at.fraction == pytest.approx(0.7, rel=1e-12)
 
 
 def test_powersgd_without_wire_bytes_is_not_compared():
     older = compressed_run({"comm_bytes": 2e6, "comm_buckets": 2, "busbw_GBps": 1.0}, "powersgd")
     assert older.busbw_GBps() is None
-    (line,) = commbench.study_lines(commbench.compare_study("s", [older], [bench(2)]))
+    (line,) = commbench_share.study_lines(commbench_share.compare_study("s", [older], [bench(2)]))
     assert "lack comm_wire_bytes" in line and "powersgd" in line
 
 
 def test_only_the_same_backend_matches_and_the_same_node_count_is_preferred():
     two_nodes, one_node, nccl = bench(2, nodes=2), bench(2, nodes=1), bench(2, backend="nccl")
-    assert commbench.match([nccl, two_nodes, one_node], 2, "gloo", 1) is one_node
-    assert commbench.match([nccl, two_nodes], 2, "gloo", 1) is two_nodes
-    assert commbench.match([nccl], 2, "gloo", 1) is None
+    assert commbench_share.match([nccl, two_nodes, one_node], 2, "gloo", 1) is one_node
+    assert commbench_share.match([nccl, two_nodes], 2, "gloo", 1) is two_nodes
+    assert commbench_share.match([nccl], 2, "gloo", 1) is None
 
 
 def test_a_missing_commbench_path_is_one_line(tmp_path, capsys):
@@ -150,7 +150,7 @@ def bench_dir(tmp_path_factory) -> Path:
 
 
 def ring_busbw_GBps(fit: dict, world_size: int, size_bytes: float) -> float:
-    """SPEC's ring model t = 2(n-1)*alpha + 2(n-1)/n * S/B, as bus bandwidth 2(n-1)/n * S / t."""
+    """The contract's ring model t = 2(n-1)*alpha + 2(n-1)/n * S/B, as bus bandwidth 2(n-1)/n * S / t."""
     factor = 2 * (world_size - 1) / world_size
     bandwidth = math.inf if fit["bandwidth_GBps"] is None else fit["bandwidth_GBps"] * 1e9
     return factor * size_bytes / (2 * (world_size - 1) * fit["alpha_s"] + factor * size_bytes / bandwidth) / 1e9

@@ -84,7 +84,7 @@ def test_train_sbatch_runs_one_job_over_two_nodes(slurm_cluster: SlurmCluster, t
 
 
 def test_plain_srun_of_the_training_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    """SPEC's `srun python -m scaling.train`, no script around it: rank 0's address from Slurm.
+    """The contract's `srun python -m scaling.train`, no script around it: rank 0's address from Slurm.
 
     The node names n1, n2 resolve nowhere; Slurm reaches them by NodeAddr, and so must
     the ranks (real clusters, too, may name nodes apart from their network names).

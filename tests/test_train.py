@@ -1,4 +1,4 @@
-"""Real multi-process training jobs: the records hold every SPEC key, and the numbers add up."""
+"""Real multi-process training jobs: the records hold every key of docs/contract.md, and the numbers add up."""
 
 from __future__ import annotations
 

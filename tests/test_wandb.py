@@ -90,7 +90,7 @@ def records_complete(run_dir: Path, steps_wanted: int) -> dict:
 # -- logging from training -----------------------------------------------------------------------
 
 def test_run_names_and_the_start_up_bound(monkeypatch):
-    from scaling.sinks.wandb import run_name, start_timeout_s
+    from scaling.sinks.wandb_sink import run_name, start_timeout_s
 
     assert run_name("resnet", "strong", 4, "n4-r0") == "resnet-strong-n4-r0"
     assert run_name("mlp", "adhoc", 2, "mlp-n2-20250101-120000-ab12") == "mlp-n2-20250101-120000-ab12"
@@ -221,9 +221,9 @@ def study(tmp_path_factory) -> Path:
     if importlib.util.find_spec("scaling.report") is not None:
         proc = subprocess.run([sys.executable, "-m", "scaling.report", str(folder), "--wandb"], cwd=base,
                               env=job_env(), capture_output=True, text=True, timeout=300)
-    else:  # results.csv by hand, with the SPEC columns the comparison reads
+    else:  # results.csv by hand, with the contract's columns (docs/contract.md) the comparison reads
         write_results_csv(folder)
-        proc = subprocess.run([sys.executable, "-c", f"from scaling.report.wandb import publish; "
+        proc = subprocess.run([sys.executable, "-c", f"from scaling.report.wandb_publish import publish; "
                                f"publish([{str(folder)!r}])"], cwd=base, env=job_env(),
                               capture_output=True, text=True, timeout=300)
     check(proc)
@@ -263,7 +263,7 @@ def test_offline_publish_prints_a_sync_command_that_finds_every_run(study):
 
 
 def test_study_run_holds_the_results_table_medians_and_figures(study):
-    from scaling.report.wandb import load_study, read_results_csv
+    from scaling.report.wandb_publish import load_study, read_results_csv
 
     (offline,) = [p.parent for p in wandb_files(study / "wandb")]
     records = inspect(offline)
@@ -297,7 +297,7 @@ def test_report_object_filters_on_the_group_the_runs_recorded(study):
     import wandb_workspaces.reports.v2 as wr
 
     from scaling.records.schema import SHARE_FRACS
-    from scaling.report.wandb import build_report, load_study
+    from scaling.report.wandb_publish import build_report, load_study
 
     groups = {run_record(inspect(p.parent))["run_group"] for p in wandb_files(study)}
     assert groups == {"wbcmp"}
@@ -328,7 +328,7 @@ def test_online_without_credentials_saves_nothing_and_exits_cleanly(study, tmp_p
     env = {"HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "cfg"), "WANDB_DIR": str(tmp_path / "wb"),
            "NETRC": str(tmp_path / "netrc")}
     clean = {k: v for k, v in job_env(env).items() if k not in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE")}
-    code = (f"from scaling.report.wandb import publish; "
+    code = (f"from scaling.report.wandb_publish import publish; "
             f"r = publish([{str(study)!r}], mode='online'); print('URL', r.url)")
     proc = run_command([sys.executable, "-c", code], 120, env=clean)
     check(proc)

@@ -1,1 +1,1 @@
-"""``python -m scaling.infer``: latency against throughput over a sweep of batch sizes (SPEC "Inference")."""
+"""``python -m scaling.infer``: latency against throughput over a sweep of batch sizes (docs/inference.md)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,15 +13,6 @@ from scaling.config import ConfigError, RunConfig
 SCENARIOS = ("single_stream", "offline", "server", "all")
 P99_MIN_QUERIES = 662
 """MLPerf LoadGen's smallest query count for a 99th-percentile latency bound (server scenario, ResNet-50)."""
-
-
-def queries_for_tail(percentile: float, confidence: float = 0.99) -> int:
-    """Queries needed so that, with ``confidence``, at least one falls above the true ``percentile``.
-
-    ``ceil(ln(1 - confidence) / ln(percentile / 100))``: 459 for p99 at 99%. With fewer,
-    a measured p99 is mostly the largest value seen. LoadGen asks for more (662).
-    """
-    return math.ceil(math.log(1 - confidence) / math.log(percentile / 100))
 
 
 def _int_at_least(key: str, value: Any, lowest: int) -> int:

@@ -8,7 +8,7 @@ number of replicas. The process group is gloo and only gathers results: the
 replicas never exchange tensors, so several may share one GPU.
 
 The server scenario's rate is searched on each replica's own service times
-(``scaling.infer.server``), then that rate and the next one up are served live,
+(``scaling.infer.server_scenario``), then that rate and the next one up are served live,
 every replica at once (``scaling.infer.live``). A failure (an exception,
 SIGTERM, Slurm's SIGUSR1) leaves ``infer.json`` failed with the batch sizes
 every replica finished (``scaling.infer.records``).
@@ -30,9 +30,9 @@ import yaml
 from omegaconf import DictConfig
 
 from scaling.config import ConfigError
-from scaling.infer import findings as infer_findings
+from scaling.infer import findings
 from scaling.infer import live, records
-from scaling.infer import server as serving
+from scaling.infer import server_scenario
 from scaling.infer.config import InferRun, parse
 from scaling.infer.measure import Point, Server
 from scaling.infer.schema import INFER_JSON, PLOT, latency_summary
@@ -85,10 +85,10 @@ def point_record(point: Point, hardware: dict[str, Any] | None) -> dict[str, Any
     return record
 
 
-def searched_service(batches: list[dict[str, Any]]) -> serving.ServiceTimes:
+def searched_service(batches: list[dict[str, Any]]) -> server_scenario.ServiceTimes:
     """What the search simulates on: each batch size's service times in the serving loop, the generator's lags."""
     served = [p for p in batches if p.get("server_service_s")]
-    return serving.ServiceTimes({p["batch_size"]: p["server_service_s"] for p in served},
+    return server_scenario.ServiceTimes({p["batch_size"]: p["server_service_s"] for p in served},
                                 [lag for p in served for lag in p["server_issue_lag_s"]])
 
 
@@ -99,7 +99,7 @@ def server_result(run: InferRun, batches: list[dict[str, Any]], server: Server, 
     infer = run.infer
     budget_s = infer.latency_budget_ms / 1e3
     service = searched_service(batches)
-    found = serving.search(service, budget_s, infer.server_queries, infer.max_batch, infer.server_timeout_ms / 1e3,
+    found = server_scenario.search(service, budget_s, infer.server_queries, infer.max_batch, infer.server_timeout_ms / 1e3,
                            infer.seed, infer.server_search_step)
     result = {"max_batch": infer.max_batch, "timeout_ms": infer.server_timeout_ms, "queries": infer.server_queries,
               "seed": infer.seed, **found, "replay": None}
@@ -117,7 +117,7 @@ def server_result(run: InferRun, batches: list[dict[str, Any]], server: Server, 
         torch.distributed.barrier(group=ctx.meta_group)
         if found["rate_qps"] is None:
             continue
-        count = serving.queries_at(rate, infer.server_queries, budget_s)
+        count = server_scenario.queries_at(rate, infer.server_queries, budget_s)
         log.info(f"server: serving {rate:,.0f} queries/s live ({name}), {count:,} queries, about {count / rate:.1f} s")
         replayed[name] = live.replay(server, infer.batch_sizes, rate, infer.server_queries, infer.max_batch,
                                      infer.server_timeout_ms / 1e3, infer.seed, budget_s)
@@ -132,7 +132,7 @@ def server_result(run: InferRun, batches: list[dict[str, Any]], server: Server, 
 
 def progress(log: logging.Logger, index: int, total: int, record: dict[str, Any]) -> None:
     lat = record["latency_s"]
-    bound = infer_findings._bound(record)
+    bound = findings._bound(record)
     latency = f"p50 {lat['p50'] * 1e3:8.3f} ms  p99 {lat['p99'] * 1e3:8.3f} ms  " if lat else ""
     log.info(f"[{index}/{total}] batch {record['batch_size']:>4}  {latency}{record['samples_per_s']:10.1f} samples/s "
              f"({record['samples_per_s_from'].replace('_', ' ')})  "
@@ -251,7 +251,7 @@ def measure_all(run: InferRun, ctx: group.Context, model: torch.nn.Module, pool:
                 record["server"]["node_rate_qps"] = sum(s["rate_qps"] for s in servers)
             if spec.replicas > 1 and spec.server_replay:
                 record["server"]["replicas_replay_agrees"] = [(s["replay"] or {}).get("agrees") for s in servers]
-        record["findings"] = infer_findings.findings(record)
+        record["findings"] = findings.findings(record)
         write_json(files.dir / INFER_JSON, record)
         from scaling.infer import plot
 

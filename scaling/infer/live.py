@@ -20,7 +20,7 @@ Two uses:
 
 * ``service_times``: one batch size served with more queries than it can
   serve, so the batcher always finds a full batch waiting: the service times
-  and the generator's lateness the search simulates on (``scaling.infer.server``).
+  and the generator's lateness the search simulates on (``scaling.infer.server_scenario``).
 * ``replay``: a rate the search chose, served with the search's own arrivals.
   Keys: ``rate_qps``, ``queries``, ``duration_s`` (first arrival to last
   completion), ``p50_s``, ``p99_s``, ``max_s``, ``mean_batch``, ``budget_met``
@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from scaling.infer import server as serving
+from scaling.infer import server_scenario
 from scaling.infer.measure import Server
 
 LEAD_S = 0.05
@@ -152,7 +152,7 @@ def service_times(server: Server, size: int, batches: int, single_stream_s: floa
     and any sent part-full by a time-out while the queue filled, are not).
     """
     rate = OVERLOAD * size / single_stream_s
-    run = serve(server, [size], serving.arrivals(size * (batches + 1), rate, seed), size, timeout_s)
+    run = serve(server, [size], server_scenario.arrivals(size * (batches + 1), rate, seed), size, timeout_s)
     return [float(s) for s in run.service_s[-batches:]], [float(lag) for lag in run.issue_lag_s[size::size]]
 
 
@@ -168,8 +168,8 @@ def _service_summary(run: Served) -> dict[str, dict[str, float]]:
 def replay(server: Server, sizes: Sequence[int], rate_qps: float, queries: int, max_batch: int, timeout_s: float,
            seed: int, budget_s: float) -> dict[str, Any]:
     """One rate served live: the search's arrivals (``queries_at`` queries), the batcher, the model."""
-    count = serving.queries_at(rate_qps, queries, budget_s)
-    arrive_s = serving.arrivals(count, rate_qps, seed)
+    count = server_scenario.queries_at(rate_qps, queries, budget_s)
+    arrive_s = server_scenario.arrivals(count, rate_qps, seed)
     run = serve(server, sizes, arrive_s, max_batch, timeout_s)
     latency = run.latency_s
     p99 = float(np.percentile(latency, 99))

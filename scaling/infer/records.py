@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scaling.infer import findings as infer_findings
+from scaling.infer import findings
 from scaling.infer.schema import INFER_JSON, latency_summary
 from scaling.records.files import write_json
 from scaling.train import failure
@@ -124,7 +124,7 @@ def write_failed(files: RankFiles, exc: BaseException, world_size: int, header: 
     record = {**header, "status": "failed", "error": cause, "failed_at": time.time(),
               "finished_batch_sizes": [p["batch_size"] for p in gathered[0]], "batches": pooled(gathered),
               "per_replica": [{"rank": r, "batches": b} for r, b in enumerate(gathered)]}
-    record["findings"] = infer_findings.findings(record) if record["batches"] else []
+    record["findings"] = findings.findings(record) if record["batches"] else []
     write_json(files.dir / INFER_JSON, record)
     return cause
 

@@ -2,7 +2,7 @@
 
 On CPU a mark is ``time.perf_counter()``. On CUDA it is an event recorded on the
 current stream: nothing synchronises until ``seconds_between`` is asked, which
-the loop does only at log intervals (SPEC: no ``synchronize()`` per step).
+the loop does only at log intervals (docs/contract.md: no ``synchronize()`` per step).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from scaling.instruments import flops as flops_mod
+from scaling.instruments import flops
 from scaling.instruments.flops import _device_name
 from scaling.instruments import probecache
 
@@ -131,7 +131,7 @@ def measured_ceilings(peak_tflops: float | None, peak_membw_GBps: float | None, 
     if peak_tflops is not None:
         peaks, flops_source = {p: peak_tflops * 1e12 for p in precisions}, "config"
     else:
-        peaks = {p: flops_mod.peak_flops(device, PRECISION_DTYPES[p], concurrent=concurrent, tf32=p == "tf32")
+        peaks = {p: flops.peak_flops(device, PRECISION_DTYPES[p], concurrent=concurrent, tf32=p == "tf32")
                  for p in precisions}
         flops_source = "probe"
     if peak_membw_GBps is not None:

@@ -56,12 +56,6 @@ def grads_bytes(model: torch.nn.Module) -> int:
     return tensor_bytes(p.grad for p in model.parameters())
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return tensor_bytes(
-        value for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)
-    )
-
-
 def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 

@@ -12,7 +12,7 @@ threads) shares the same link between them; the last completion, which is all th
 sees, is the same as with one after another as long as the link is the bottleneck.
 
 The cost of one all-reduce of ``S`` wire bytes on ``n`` ranks is the ring model of
-``scaling.bench.fit``: ``2(n-1)·α + 2(n-1)/n · S/B``.
+``scaling.bench.commfit``: ``2(n-1)·α + 2(n-1)/n · S/B``.
 """
 
 from __future__ import annotations

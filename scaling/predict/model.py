@@ -182,7 +182,7 @@ def _finish(p: Prediction) -> Prediction:
 
 
 def with_efficiency(predictions: list[Prediction], baseline: Prediction, strong: bool) -> None:
-    """SPEC's definitions against the baseline world size, predicted on the same link."""
+    """The scaling definitions of docs/contract.md against the baseline world size, predicted on the same link."""
     b, t_b = baseline.world_size, baseline.step_s
     for p in predictions:
         p.efficiency = (t_b * b / (p.world_size * p.step_s)) if strong else t_b / p.step_s

@@ -68,11 +68,6 @@ class Result:
     warnings: list[str] = field(default_factory=list)
 
 
-def commbench_link(path: Path) -> Link:
-    """α and B of commbench's all-reduce fit (torch transport)."""
-    return commbench_fit(path)[1]
-
-
 def commbench_fit(path: Path) -> tuple[int, Link]:
     """(world size, α and B of the all-reduce fit, torch transport) of one commbench.json or its run folder."""
     path = path / COMMBENCH_JSON if path.is_dir() else path

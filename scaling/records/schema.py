@@ -4,14 +4,18 @@ The one table that the training job (which writes the records) and the console,
 the report and wandb (which read them) share, so that a metric is defined once.
 Plain Python: importing it never imports torch.
 
-- ``STEP_METRICS``: each step key with its unit and meaning (SPEC "What each
-  number means"); ``steps.jsonl`` holds each as the mean over ranks plus
+- ``STEP_METRICS``: each step key with its unit and meaning (docs/contract.md,
+  "What each number means"); ``steps.jsonl`` holds each as the mean over ranks plus
   ``<key>_max`` / ``<key>_min``.
+- ``SUMMARY_METRICS``: the keys run.json ``summary`` holds besides each step key's median.
+- ``RUN_KEYS``: the top-level keys of run.json.
 - ``SHARES`` and ``SHARE_LABELS``: the four parts of a step, whose
   ``<part>_frac`` in the summary add up to 1.
 - ``COMM_KINDS``, ``STRATEGY_KINDS``, ``kind_keys()``: per kind of collective (all-reduce, FSDP's
   all-gathers and reduce-scatter, ZeRO-1's broadcast) its busy, exposed time and bytes.
-- ``MEMORY_KEYS``, ``MEMORY_CATEGORIES``, ``MEMORY_LABELS``: run.json ``memory``.
+- ``MEMORY_METRICS`` (``MEMORY_KEYS``), ``MEMORY_CATEGORIES``, ``MEMORY_LABELS``: run.json ``memory``.
+
+docs/metrics.md shows these tables as ``python -m scaling.records.docs`` renders them.
 - ``verdict()``: the summary's ``bound``.
 """
 
@@ -84,8 +88,6 @@ def keys_of_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
 
 STEP_METRICS += tuple(Metric(f"comm_{kind}{suffix}", unit, f"{what}: {meaning}")
                       for kind, what in COMM_KINDS.items() for suffix, (unit, meaning) in KIND_SUFFIXES.items())
-UNITS = {m.key: m.unit for m in STEP_METRICS}
-MEANINGS = {m.key: m.meaning for m in STEP_METRICS}
 
 PHASE_KEYS = ("step_s", "data_s", "forward_s", "backward_s", "optimizer_s", "other_s", "compute_s")
 COMM_KEYS = ("comm_s", "comm_exposed_s", "comm_sync_s", "overlap", "comm_bytes", "comm_wire_bytes", "comm_buckets",
@@ -115,13 +117,25 @@ SHARE_LABELS = {"compute": "compute", "comm_exposed": "exposed communication", "
 SHARE_FRACS = tuple(f"{name}_frac" for name in SHARES)
 """The summary keys of the shares of the total measured time."""
 
-MEMORY_KEYS = ("params", "grads", "optimizer_state", "activations", "autocast_weights", "comm_buffers", "peak",
-               "rss_peak", "params_unsharded", "model_state")
-"""run.json ``memory.max`` and each ``memory.per_rank`` entry, in bytes (null where not measured).
-
-Under ``dist.strategy=zero1|fsdp`` ``params``, ``grads`` and ``optimizer_state`` are what the rank holds
-(its shards); ``params_unsharded`` (fsdp) is the most parameter bytes gathered at once; ``model_state`` is
-``params + grads + optimizer_state``, the quantity run.json's ``memory_model`` predicts."""
+MEMORY_METRICS = (
+    Metric("params", "bytes", "parameters the rank holds (its shards under zero1/fsdp, padding included)"),
+    Metric("grads", "bytes", "gradients the rank holds (its shards under fsdp)"),
+    Metric("optimizer_state", "bytes", "optimizer state the rank holds (its partition under zero1, its shards "
+                                       "under fsdp)"),
+    Metric("activations", "bytes", "peak bytes saved for backward in one step (saved-tensor hooks, each storage "
+                                   "counted once, parameters left out)"),
+    Metric("autocast_weights", "bytes", "the low-precision copies of the weights autocast keeps for backward "
+                                        "(train.amp=bf16), apart from activations"),
+    Metric("comm_buffers", "bytes", "ddp/zero1: DDP's gradient buckets; fsdp: the most flat all-gather outputs and "
+                                    "reduce-scatter inputs alive at once"),
+    Metric("peak", "bytes", "CUDA: max_memory_allocated over the measured steps; CPU: growth of resident memory "
+                            "over the run"),
+    Metric("rss_peak", "bytes", "the process's peak resident memory"),
+    Metric("params_unsharded", "bytes", "fsdp: the most parameter bytes gathered at once"),
+    Metric("model_state", "bytes", "params + grads + optimizer_state: what run.json memory_model predicts"),
+)
+"""run.json ``memory.max`` and each ``memory.per_rank`` entry (null where not measured)."""
+MEMORY_KEYS = tuple(m.key for m in MEMORY_METRICS)
 MEMORY_CATEGORIES = ("params", "grads", "optimizer_state", "activations", "comm_buffers")
 """The categories a rank's memory is split into (the report stacks them)."""
 MEMORY_LABELS = {"params": "parameters", "grads": "gradients", "optimizer_state": "optimizer state",
@@ -132,6 +146,72 @@ MODEL_STATE_KEYS = ("params", "grads", "optimizer_state")
 BOUNDS = ("communication", "straggler", "skew", "data", "compute")
 """The values of the summary's ``bound``: ``straggler`` when the waiting for slower ranks is the largest share
 and one rank is to blame (scaling.records.waiting), ``skew`` when it is and the ranks take turns."""
+
+SUMMARY_METRICS = (
+    Metric("step_s_p05", "s", "5th percentile of step_s over the measured steps"),
+    Metric("step_s_p95", "s", "95th percentile of step_s over the measured steps"),
+    Metric("steps", "count", "measured steps the summary is taken over"),
+    *(Metric(f"{name}_frac", "0..1", f"{SHARE_LABELS[name]}: its time summed over the measured steps / the summed "
+                                     "step_s (the four shares add up to 1)") for name in SHARES),
+    Metric("comm_wait_frac", "0..1", "waiting for slower ranks (mean over ranks), a part of comm_exposed_frac"),
+    Metric("comm_wait_max_frac", "0..1", "waiting for slower ranks as the rank that waited most saw it"),
+    Metric("bound", "-", "communication, straggler, data or compute: the largest of exposed transfer (less the "
+                         "waiting), the waiting, data loading and compute"),
+    Metric("straggler", "-", "when ranks wait for a slower one: its rank, the phase where it lost its time and "
+                             "the seconds lost per step (else null)"),
+    Metric("measured_wall_s", "s", "wall time of all measured steps"),
+    Metric("wall_samples_per_s", "1/s", "global samples over measured_wall_s"),
+    Metric("arithmetic_frac", "0..1", "share of the profiled operators' time in arithmetic-bound operators "
+                                      "(instrument.ops)"),
+    Metric("memory_frac", "0..1", "share of the profiled operators' time in memory-bound operators"),
+    Metric("compute_bound", "-", "arithmetic or memory: the larger of the two shares"),
+)
+"""run.json ``summary`` holds the median over measured steps of every step key, and these."""
+
+RUN_KEYS = (
+    Metric("status", "-", "running, completed or failed; run.json is replaced atomically as it changes"),
+    Metric("error", "-", "when failed: the cause, naming the rank that failed"),
+    Metric("run_id", "-", "the run folder's name, agreed on by every rank"),
+    Metric("study", "-", "study.name: the folder the run folder lies in"),
+    Metric("study_kind", "-", "strong or weak (study points), else the config's study.kind"),
+    Metric("exp", "-", "the experiment overlay (+exp=NAME)"),
+    Metric("model", "-", "the model's name"),
+    Metric("world_size", "count", "processes in the job"),
+    Metric("nodes", "count", "hosts the ranks ran on"),
+    Metric("procs_per_node", "count", "ranks per host"),
+    Metric("backend", "-", "gloo or nccl (null for one process)"),
+    Metric("launcher", "-", "torchrun, mpi, slurm or single"),
+    Metric("device", "-", "the device and its model (cpu (<CPU model>), cuda (<GPU model>))"),
+    Metric("threads_per_process", "count", "intra-op threads of each rank"),
+    Metric("batch_size_per_rank", "samples", "samples per rank per step"),
+    Metric("global_batch_size", "samples", "samples per step over all ranks"),
+    Metric("steps", "count", "train.steps: measured steps"),
+    Metric("warmup_steps", "count", "train.warmup_steps: steps run first, left out of every statistic"),
+    Metric("instrumented", "-", "instrument.enabled: false for the bare loop (a per-step wall clock only)"),
+    Metric("strategy", "-", "dist.strategy asked for: ddp, zero1 or fsdp"),
+    Metric("strategy_effective", "-", "what ran (none at world size 1: no peer)"),
+    Metric("strategy_note", "-", "why the asked strategy did not apply, when it did not"),
+    Metric("comm_hook", "-", "comm.hook"),
+    Metric("bucket_cap_mb", "MB", "dist.bucket_cap_mb"),
+    Metric("amp", "-", "train.amp: none or bf16"),
+    Metric("started_at", "s", "Unix time the job started"),
+    Metric("finished_at", "s", "Unix time the job ended"),
+    Metric("provenance", "-", "hostnames, rank to host, CPU and GPU model, Python, platform, torch/CUDA/NCCL "
+                              "versions, the package's version and git commit, NCCL_*/GLOO_*/OMP_* variables"),
+    Metric("summary", "-", "the medians of the step keys and the summary keys below"),
+    Metric("controls", "-", "steps, nocomm_step_s (median over the no-communication control steps of the mean "
+                            "over ranks), per_rank_step_s; null when none ran"),
+    Metric("memory", "-", "max and per_rank (the memory keys below, in bytes), and grads_in_comm_buffers (true "
+                          "when gradients live inside DDP's buckets: grads and comm_buffers are then the same bytes)"),
+    Metric("memory_model", "-", "the model state per rank predicted from the parameter shapes, optimizer and "
+                                "world size"),
+    Metric("hardware", "-", "measured ceilings: peak_flops_per_s per precision, peak_membw_Bps, ridge, and "
+                            "where each came from"),
+    Metric("flops", "-", "per_sample (forward + backward), achieved_per_s, peak_per_s, peak_source, mfu"),
+    Metric("fsdp", "-", "fsdp: blocks (what fully_shard wrapped) and root_params (what the root kept)"),
+    Metric("final_loss", "-", "the last measured step's loss, mean over ranks"),
+)
+"""The top-level keys of run.json (one that does not apply to a run is absent or null)."""
 
 
 def verdict(fracs: Mapping[str, Any]) -> str:

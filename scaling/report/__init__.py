@@ -4,7 +4,7 @@ Reads the records of every run (run.json, config.yaml, steps.jsonl) and writes
 results.csv, report.md, a self-contained report.html and plots/*.png. It never
 imports torch: the records are the contract between training and reporting.
 With ``--commbench``, each multi-process world size is also set beside the
-commbench result of the same world size and backend (scaling.report.commbench).
+commbench result of the same world size and backend (scaling.report.commbench_share).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scaling.report import commbench, configdiff, findings, metrics, render, strategies, table
-from scaling.report.records import StudyRecords, load_study
+from scaling.report import commbench_share, configdiff, findings, metrics, render, strategies, table
+from scaling.report.study_folder import StudyRecords, load_study
 
 
 @dataclass
@@ -44,17 +44,17 @@ def default_out_dir(study_dirs: list[Path]) -> Path:
     return study_dirs[0].parent / name[:120]
 
 
-def analyse(study_dirs: list[Path], benches: list[commbench.Bench] | None = None) -> render.Document:
+def analyse(study_dirs: list[Path], benches: list[commbench_share.Bench] | None = None) -> render.Document:
     loaded: list[StudyRecords] = [load_study(Path(d)) for d in study_dirs]
     studies = [metrics.study_stats(r) for r in loaded]
     diffs = configdiff.differing_keys(loaded) if len(loaded) > 1 else []
     strategies.label_studies(studies)
     benches = benches or []
-    bandwidth = ({st.name: commbench.compare_study(st.name, st.records.runs, benches) for st in studies}
+    bandwidth = ({st.name: commbench_share.compare_study(st.name, st.records.runs, benches) for st in studies}
                  if benches else {})
     found = {st.name: findings.study_findings(st) for st in studies}
     for name, comparisons in bandwidth.items():
-        found[name] += commbench.study_lines(comparisons)
+        found[name] += commbench_share.study_lines(comparisons)
     return render.Document(
         studies=studies,
         diffs=diffs,
@@ -76,13 +76,13 @@ def build_report(study_dirs: list[Path], out_dir: Path | None = None,
     (CommbenchError when one is not a readable commbench result).
     """
     study_dirs = [Path(d) for d in study_dirs]
-    benches = commbench.load(commbench_paths or [])
+    benches = commbench_share.load(commbench_paths or [])
     out = Path(out_dir) if out_dir is not None else default_out_dir(study_dirs)
     out.mkdir(parents=True, exist_ok=True)
     doc = analyse(study_dirs, benches)
-    from scaling.report import plots, roofline  # matplotlib only when figures are drawn
+    from scaling.report import plots, roofline_plot  # matplotlib only when figures are drawn
 
-    doc.plots = plots.draw_all(doc.studies, out / "plots") + roofline.draw_all(doc.studies, out / "plots")
+    doc.plots = plots.draw_all(doc.studies, out / "plots") + roofline_plot.draw_all(doc.studies, out / "plots")
     table.write_csv(out / "results.csv", doc.runs)
     (out / "report.md").write_text(render.markdown(doc, out))
     (out / "report.html").write_text(render.html_page(doc, out))

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from scaling.report import build_report, console_text, inference
-from scaling.report import sweep as sweep_report
-from scaling.report.commbench import CommbenchError
+from scaling.report import sweep_report
+from scaling.report.commbench_share import CommbenchError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def publish_wandb(report) -> int:
     try:
-        wandb_report = importlib.import_module("scaling.report.wandb")
+        wandb_report = importlib.import_module("scaling.report.wandb_publish")
     except ImportError as exc:
         print(f"wandb support is not installed ({exc}); the local report is complete", file=sys.stderr)
         return 0

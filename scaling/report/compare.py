@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from scaling.report import intervals
-from scaling.report import sweep as sweep_report
+from scaling.report import sweep_report
 from scaling.report.intervals import Interval
-from scaling.report.records import RunRecord, load_study, read_run
+from scaling.report.study_folder import RunRecord, load_study, read_run
 
 MIN_CHANGE = 0.05
 """The smallest relative change called a regression or an improvement (5 %), unless ``--fail-on`` sets one."""

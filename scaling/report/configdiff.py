@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from scaling.report.records import RunRecord, StudyRecords
+from scaling.report.study_folder import RunRecord, StudyRecords
 
 # The batch keys stay: within a study they are fixed (the per-point batch is in run.json,
 # not config.yaml), and two studies with different batches differ for real.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from scaling.report import waterfall
 from scaling.report.configdiff import KeyDiff
 from scaling.report.metrics import SizeStats, StudyStats, failed_points
-from scaling.report.records import KIND_LABELS, collectives
+from scaling.report.study_folder import KIND_LABELS, collectives
 from scaling.records.schema import SHARE_LABELS, SHARES
 
 NOISE_WARN = 0.10

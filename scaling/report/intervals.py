@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from scaling.report.records import RunRecord
+from scaling.report.study_folder import RunRecord
 
 RESAMPLES = 1000
 CONFIDENCE = 0.95

@@ -1,4 +1,4 @@
-"""Scaling numbers from the records (SPEC "Scaling definitions").
+"""Scaling numbers from the records (docs/contract.md, "Scaling").
 
 Baseline ``b`` = the smallest world size with a completed run; ``T(N)`` = the
 median over repeats of each run's median ``step_s``.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scaling.records.schema import KIND_SUFFIXES, MEMORY_CATEGORIES, SHARES, verdict
-from scaling.report.records import RunRecord, StudyRecords, common_straggler, kinds_of
+from scaling.report.study_folder import RunRecord, StudyRecords, common_straggler, kinds_of
 from scaling.report import intervals as iv
 from scaling.report.intervals import Interval
 from scaling.report.waterfall import StudyWaterfall, study_waterfall
@@ -133,7 +133,7 @@ class StudyStats:
 
 
 def scaling_pair(kind: str, t_base: float, t_run: float, base: int, world_size: int) -> tuple[float, float] | None:
-    """(speedup, efficiency) by the SPEC definitions; the speedup of a weak study is its scaled speedup."""
+    """(speedup, efficiency) by the definitions of docs/contract.md; the speedup of a weak study is its scaled speedup."""
     if t_run <= 0 or t_base <= 0:
         return None
     if kind == "strong":
@@ -233,7 +233,7 @@ def kind_medians(runs: Sequence[RunRecord]) -> dict[str, dict[str, float]]:
 
 
 def _with_median(spread: Spread | None, median: float | None) -> Spread | None:
-    """The point's value is T(b)/T(N) (SPEC); the per-run values give only the range around it."""
+    """The point's value is T(b)/T(N) (docs/contract.md); the per-run values give only the range around it."""
     if spread is None or median is None:
         return spread
     return Spread(median, min(spread.low, median), max(spread.high, median), spread.count)

@@ -19,9 +19,9 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
 
-from scaling.report import waterfall as wf  # noqa: E402
+from scaling.report.waterfall import SizeWaterfall, ms, ms_decimals, procs  # noqa: E402
 from scaling.report.metrics import Spread, StudyStats  # noqa: E402
-from scaling.report.records import collectives  # noqa: E402
+from scaling.report.study_folder import collectives  # noqa: E402
 from scaling.records.schema import MEMORY_CATEGORIES, MEMORY_LABELS, SHARE_LABELS, SHARES  # noqa: E402
 
 SHARE_COLORS = {"compute": "#4C72B0", "comm_exposed": "#C44E52", "data": "#DD8452", "other": "#8C8C8C"}
@@ -310,26 +310,26 @@ WATERFALL_TICKS = {"batch": "smaller\nbatch", "contention": "contention", "data"
                    "comm_exposed": "exposed\nall-reduce", "comm_wait": "waiting for\nslower ranks"}
 
 
-def _waterfall_bars(size: wf.SizeWaterfall) -> list[tuple[str, float, float, str, str]]:
+def _waterfall_bars(size: SizeWaterfall) -> list[tuple[str, float, float, str, str]]:
     """(label, bottom, height, colour, text) from T_ideal up to T; None terms are skipped, their sum shown
     as one hatched "not split" bar."""
-    places = wf.ms_decimals(size.step_s)
-    bars = [("ideal\nT_ideal", 0.0, size.ideal_step_s, WATERFALL_TOTAL, f"{wf.ms(size.ideal_step_s, places)} ms")]
+    places = ms_decimals(size.step_s)
+    bars = [("ideal\nT_ideal", 0.0, size.ideal_step_s, WATERFALL_TOTAL, f"{ms(size.ideal_step_s, places)} ms")]
     level = size.ideal_step_s
     steps = [(_tick(t, size), v, False) for t, v in size.terms_s.items() if v is not None]
     if size.unsplit_s is not None:
         steps.append(("not split\n(control\nmissing)", size.unsplit_s, True))
     for label, value, unsplit in steps:
         colour = WATERFALL_UNSPLIT if unsplit else (WATERFALL_LOSS if value >= 0 else WATERFALL_GAIN)
-        text = f"{'+' if value >= 0 else '−'}{wf.ms(abs(value), places)} ms\n{size.points(value):+.1f} pts"
+        text = f"{'+' if value >= 0 else '−'}{ms(abs(value), places)} ms\n{size.points(value):+.1f} pts"
         bars.append((label, level, value, colour, text))
         level += value
     bars.append(("measured\nT", 0.0, size.step_s, WATERFALL_TOTAL,
-                 f"{wf.ms(size.step_s, places)} ms\neff. {100 * size.efficiency:.0f}%"))
+                 f"{ms(size.step_s, places)} ms\neff. {100 * size.efficiency:.0f}%"))
     return bars
 
 
-def _tick(term: str, size: wf.SizeWaterfall) -> str:
+def _tick(term: str, size: SizeWaterfall) -> str:
     if term == "comm_wait" and size.straggler:
         return f"waiting for\nrank {size.straggler['rank']}"
     if term == "comm_wait" and size.skew:
@@ -339,7 +339,7 @@ def _tick(term: str, size: wf.SizeWaterfall) -> str:
     return WATERFALL_TICKS[term]
 
 
-def _draw_waterfall(ax: Axes, size: wf.SizeWaterfall, title: str) -> None:
+def _draw_waterfall(ax: Axes, size: SizeWaterfall, title: str) -> None:
     bars = _waterfall_bars(size)
     xs = list(range(len(bars)))
     scale = 1e3
@@ -375,7 +375,7 @@ def waterfall(studies: Sequence[StudyStats], path: Path) -> Path:
     rows = math.ceil(len(panels) / columns)
     fig, grid = plt.subplots(rows, columns, figsize=(0.6 + 7.4 * columns, 0.9 + 4.6 * rows), squeeze=False)
     for ax, (st, size) in zip([a for row in grid for a in row], panels):
-        _draw_waterfall(ax, size, f"{st.label}: {wf.procs(size.world_size)} ({st.kind} scaling), "
+        _draw_waterfall(ax, size, f"{st.label}: {procs(size.world_size)} ({st.kind} scaling), "
                                   f"{100 * size.efficiency:.0f}% efficient")
     for ax in [a for row in grid for a in row][len(panels):]:
         ax.set_axis_off()

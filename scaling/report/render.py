@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scaling.report import commbench, waterfall
+from scaling.report import commbench_share, waterfall
 from scaling.report.configdiff import KeyDiff, common_settings
 from scaling.report.findings import mib
 from scaling.report.metrics import Spread, StudyStats
-from scaling.report.records import KIND_LABELS
+from scaling.report.study_folder import KIND_LABELS
 from scaling.report.table import COLUMNS
 from scaling.records.schema import SHARES
 
@@ -60,9 +60,9 @@ class Document:
     runs: list[dict[str, Any]]
     plots: list[Path]
     warnings: list[str]
-    benches: list[commbench.Bench] = field(default_factory=list)
+    benches: list[commbench_share.Bench] = field(default_factory=list)
     """The commbench results given with --commbench."""
-    bandwidth: list[commbench.SizeComparison] = field(default_factory=list)
+    bandwidth: list[commbench_share.SizeComparison] = field(default_factory=list)
     """Each study's multi-process world sizes against the matching commbench result."""
 
     def how_to_read(self) -> list[str]:
@@ -92,7 +92,7 @@ def _pct(x: float | None) -> str:
     return waterfall.NULL if x is None else f"{100 * x:.0f}%"
 
 
-def size_rows(studies: Sequence[StudyStats], bandwidth: Sequence[commbench.SizeComparison] | None = None
+def size_rows(studies: Sequence[StudyStats], bandwidth: Sequence[commbench_share.SizeComparison] | None = None
               ) -> tuple[list[str], list[list[str]]]:
     """One row per study and world size; with ``bandwidth`` (--commbench given), commbench's bus bandwidth
     at the mean bucket size and the share of it reached."""
@@ -119,7 +119,7 @@ def size_rows(studies: Sequence[StudyStats], bandwidth: Sequence[commbench.SizeC
             ]
             if bandwidth is not None:
                 at = versus.get((st.name, s.world_size))
-                row += [commbench.gbps(at.reference_GBps), _pct(at.fraction)] if at else ["-", "-"]
+                row += [commbench_share.gbps(at.reference_GBps), _pct(at.fraction)] if at else ["-", "-"]
             rows.append(row)
     return headers, rows
 
@@ -202,7 +202,7 @@ def fixed_width(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _bandwidth(doc: Document) -> list[commbench.SizeComparison] | None:
+def _bandwidth(doc: Document) -> list[commbench_share.SizeComparison] | None:
     return doc.bandwidth if doc.benches else None
 
 
@@ -297,19 +297,19 @@ def md_waterfall(doc: Document) -> list[str]:
 
 
 def md_commbench(doc: Document, out_dir: Path) -> list[str]:
-    headers, rows = commbench.table(doc.bandwidth, len(doc.studies) > 1)
+    headers, rows = commbench_share.table(doc.bandwidth, len(doc.studies) > 1)
     for row, c in zip(rows, doc.bandwidth):
         if c.bench is not None:
-            row[-1] = f"[{c.bench.run_id}]({commbench.relative(c.bench.path, out_dir)})"
+            row[-1] = f"[{c.bench.run_id}]({commbench_share.relative(c.bench.path, out_dir)})"
     out = ["## Beside commbench", "",
            "The gradient all-reduce of the runs against commbench's all_reduce at the runs' mean bucket size "
            "(fitted model; the nearest measured size beside it).", ""]
     out += [md_table(headers, rows), ""] if rows else ["No multi-process run to compare.", ""]
     for bench in doc.benches:
-        out += [f"- [`{bench.path}`]({commbench.relative(bench.path, out_dir)}): {bench.describe()}, "
-                f"{len(bench.points)} all_reduce sizes, {commbench.fit_text(bench)}"]
+        out += [f"- [`{bench.path}`]({commbench_share.relative(bench.path, out_dir)}): {bench.describe()}, "
+                f"{len(bench.points)} all_reduce sizes, {commbench_share.fit_text(bench)}"]
         if bench.plot is not None:
-            link = commbench.relative(bench.plot, out_dir)
+            link = commbench_share.relative(bench.plot, out_dir)
             out += ["", f"  [![commbench {bench.run_id}]({link})]({link})"]
     return out + [""]
 
@@ -347,11 +347,11 @@ code{background:#f4f4f4;padding:0 3px}
 
 
 def html_commbench(doc: Document, out_dir: Path) -> list[str]:
-    headers, rows = commbench.table(doc.bandwidth, len(doc.studies) > 1)
+    headers, rows = commbench_share.table(doc.bandwidth, len(doc.studies) > 1)
     cells = [[_e(c) for c in row] for row in rows]
     for row, c in zip(cells, doc.bandwidth):
         if c.bench is not None:
-            row[-1] = f'<a href="{_e(commbench.relative(c.bench.path, out_dir))}">{_e(c.bench.run_id)}</a>'
+            row[-1] = f'<a href="{_e(commbench_share.relative(c.bench.path, out_dir))}">{_e(c.bench.run_id)}</a>'
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells)
     parts = ["<h2>Beside commbench</h2><p>The gradient all-reduce of the runs against commbench's all_reduce at "
@@ -359,11 +359,11 @@ def html_commbench(doc: Document, out_dir: Path) -> list[str]:
              f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>" if rows
              else "<p>No multi-process run to compare.</p>", "<ul>"]
     for bench in doc.benches:
-        plot = (f' (<a href="{_e(commbench.relative(bench.plot, out_dir))}">commbench.png</a>)'
+        plot = (f' (<a href="{_e(commbench_share.relative(bench.plot, out_dir))}">commbench.png</a>)'
                 if bench.plot is not None else "")
-        parts.append(f'<li><a href="{_e(commbench.relative(bench.path, out_dir))}"><code>{_e(bench.path)}</code></a>'
+        parts.append(f'<li><a href="{_e(commbench_share.relative(bench.path, out_dir))}"><code>{_e(bench.path)}</code></a>'
                      f"{plot}: {_e(bench.describe())}, {len(bench.points)} all_reduce sizes, "
-                     f"{_e(commbench.fit_text(bench))}</li>")
+                     f"{_e(commbench_share.fit_text(bench))}</li>")
     parts.append("</ul>")
     parts += [_img(bench.plot) for bench in doc.benches if bench.plot is not None]
     return parts

@@ -1,4 +1,4 @@
-"""results.csv: one row per run (SPEC "Scaling definitions"), failed runs included."""
+"""results.csv: one row per run (docs/contract.md, "Scaling"), failed runs included."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scaling.report.commbench import Bench, per_run
+from scaling.report.commbench_share import Bench, per_run
 from scaling.report.metrics import StudyStats
-from scaling.report.records import RunRecord
+from scaling.report.study_folder import RunRecord
 from scaling.report.waterfall import TERMS, column
 from scaling.records.schema import COMM_KINDS, SHARE_FRACS, keys_of_kinds
 

@@ -1,4 +1,4 @@
-"""Why efficiency is lost: ``T(N) - T_ideal(N)`` split into additive terms (SPEC "Why efficiency is lost").
+"""Why efficiency is lost: ``T(N) - T_ideal(N)`` split into additive terms (docs/contract.md, "Where efficiency goes").
 
 Per world size N, every input a median over repeats, in seconds per step:
 
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from scaling.report.records import RunRecord, StudyRecords, collectives, common_straggler
+from scaling.report.study_folder import RunRecord, StudyRecords, collectives, common_straggler
 
 TERMS = ("batch", "contention", "data", "other", "interference", "comm_exposed", "comm_wait")
 """In waterfall order: from what one process at the smaller batch costs, through sharing the machine,
@@ -39,15 +39,6 @@ to what communication adds."""
 TERM_LABELS = {"batch": "smaller batch", "contention": "contention", "data": "data loading",
                "other": "framework overhead", "interference": "interference", "comm_exposed": "exposed all-reduce",
                "comm_wait": "waiting for slower ranks"}
-TERM_MEANINGS = {
-    "batch": "one process at this per-rank batch (solo control) against the ideal step",
-    "contention": "processes sharing cores, caches and memory bandwidth: no-comm control against solo",
-    "data": "data loading beyond the solo control's",
-    "other": "framework overhead beyond the solo control's",
-    "interference": "communication slowing compute: measured step against no-comm control, less exposed comm",
-    "comm_exposed": "all-reduce on the critical path, less waiting for slower ranks",
-    "comm_wait": "waiting for slower ranks inside the exposed all-reduce",
-}
 
 
 SKEW_LABEL = "skew (ranks take turns being last)"

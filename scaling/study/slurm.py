@@ -12,7 +12,7 @@ When the scheduler's early-stop signal (``#SBATCH --signal=B:USR1@<s>``)
 stopped the study, a job that completed a point in this attempt and was
 submitted with ``--requeue`` requeues itself and continues from the first
 incomplete point; otherwise the study prints the ``sbatch`` command that
-continues it (the script's environment variables of SPEC "Slurm scripts").
+continues it (the script's environment variables of docs/contract.md, "Slurm scripts").
 """
 
 from __future__ import annotations

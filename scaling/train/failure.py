@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from scaling.errors import describe
-from scaling.records import reduce as aggregate
+from scaling.records import aggregate
 from scaling.records.files import RunFiles, atomic_write_text, read_json, read_rank_steps, read_steps, write_run
 
 WAIT_FOR_ROOT_CAUSE_S = 2.0

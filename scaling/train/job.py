@@ -17,16 +17,16 @@ from torch.distributed import DistError
 
 from scaling import config
 from scaling.errors import describe
-from scaling.launch import group as distsetup
+from scaling.launch import group
 from scaling.records import provenance
 from scaling.records.files import BUCKETS_JSON, OPS_JSON, RunFiles, read_json, write_json, write_run
 from scaling.sinks import Sink, console
-from scaling.sinks import wandb as wandb_sink
+from scaling.sinks import wandb_sink
 from scaling.train import failure
 from scaling.train.loop import Job, Trainer, prepare
 
 
-def describe_run(job: Job, ctx: distsetup.Context, files: RunFiles) -> dict[str, Any]:
+def describe_run(job: Job, ctx: group.Context, files: RunFiles) -> dict[str, Any]:
     cfg = job.cfg
     device = str(ctx.device)
     prov = provenance.collect(ctx.device, ctx.hostnames)
@@ -66,7 +66,7 @@ def failed_run(files: RunFiles, run: dict[str, Any], cause: str | None) -> dict[
         return {**run, "status": "failed", "error": cause}
 
 
-def build_sinks(job: Job, ctx: distsetup.Context, log: logging.Logger) -> list[Sink]:
+def build_sinks(job: Job, ctx: group.Context, log: logging.Logger) -> list[Sink]:
     """Rank 0 alone gets sinks; other ranks an empty list."""
     if not ctx.is_main:
         return []
@@ -82,14 +82,14 @@ def train(cfg: DictConfig | config.RunConfig, sinks: list[Sink] | None = None) -
     # Signals become exceptions from here on, so that an early stop (Slurm's
     # USR1, the launcher's TERM) is never a silent death.
     with failure.SignalGuard() as guard:
-        ctx = distsetup.init(job.launch, run_cfg.dist)
+        ctx = group.init(job.launch, run_cfg.dist)
         try:
             return run_job(job, ctx, log, guard, sinks)
         finally:
-            distsetup.teardown()
+            group.teardown()
 
 
-def run_job(job: Job, ctx: distsetup.Context, log: logging.Logger, guard: failure.SignalGuard,
+def run_job(job: Job, ctx: group.Context, log: logging.Logger, guard: failure.SignalGuard,
             sinks: list[Sink] | None) -> dict[str, Any]:
     run_cfg = job.cfg
     prefix = f"{run_cfg.exp_name}-n{ctx.world_size}"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from scaling.launch import detect, group
-from scaling.records import reduce as aggregate, schema
+from scaling.records import aggregate, schema
 from scaling.train import faults, hooks, strategy
 from scaling.config import RunConfig
 from scaling.train.data import Batches, build_dataset, check_dataset_size

@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scaling.config import OptimConfig, RunConfig
-from scaling.instruments import memory as mem
+from scaling.instruments import memory
 from scaling.instruments.comm import CommTimer, wire_count
 from scaling.instruments.memory_model import ParamSpec, predict
 from scaling.instruments.sharded import GatherTracker, TimedAllGather, TimedReduceScatter, TimedZeroRedundancyOptimizer
@@ -143,12 +143,12 @@ class Parallel:
         state = self.optimizer.optim.state if isinstance(self.optimizer, TimedZeroRedundancyOptimizer) else self.optimizer.state
         states = [v for s in state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         if self.effective == "fsdp":
-            out = {"params": mem.held_bytes(module.parameters()), "grads": mem.held_bytes(p.grad for p in module.parameters()),
-                   "optimizer_state": mem.held_bytes(states),
+            out = {"params": memory.held_bytes(module.parameters()), "grads": memory.held_bytes(p.grad for p in module.parameters()),
+                   "optimizer_state": memory.held_bytes(states),
                    "params_unsharded": self.tracker.unsharded_peak if self.tracker is not None else None}
         else:
-            out = {"params": mem.params_bytes(module), "grads": mem.grads_bytes(module),
-                   "optimizer_state": mem.tensor_bytes(states), "params_unsharded": None}
+            out = {"params": memory.params_bytes(module), "grads": memory.grads_bytes(module),
+                   "optimizer_state": memory.tensor_bytes(states), "params_unsharded": None}
         return out
 
     def memory_model(self, cfg: RunConfig, world_size: int) -> dict[str, Any]:

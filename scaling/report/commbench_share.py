@@ -12,7 +12,7 @@ powersgd) is not credited with bandwidth it did not use; records older than
 (``RunRecord.busbw_GBps``), and left out for powersgd, whose wire bytes they cannot tell:
 
 - the reference is the fitted alpha-beta model of op ``all_reduce``, transport
-  ``torch`` (``scaling.bench.fit``), evaluated at the mean bucket size; without a
+  ``torch`` (``scaling.bench.commfit``), evaluated at the mean bucket size; without a
   fit, the nearest measured message size (on a log scale) stands in for it;
 - ``fraction = busbw reached by the runs / reference``.
 
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scaling.bench import fit as commfit
-from scaling.report.records import RunRecord
+from scaling.bench import commfit
+from scaling.report.study_folder import RunRecord
 
 JSON_NAME = "commbench.json"
 """As scaling.commbench writes it (that module imports torch, so the name is repeated here)."""

@@ -20,7 +20,7 @@ from typing import Any
 
 from scaling.records.files import read_json
 from scaling.records.schema import BOUNDS, SHARE_LABELS, SHARES
-from scaling.report.records import RunRecord, read_run
+from scaling.report.study_folder import RunRecord, read_run
 
 SWEEP_JSON = "sweep.json"
 COLUMNS = ("step_s", "samples_per_s", *(f"{s}_frac" for s in SHARES), "bound", "arithmetic_frac", "memory_frac",

@@ -8,7 +8,7 @@
 - ``plots/roofline.png`` in a study's report: how the memory-bound share of
   compute (``memory_frac``) moves with world size, one line per per-rank batch.
 
-``python -m scaling.report.roofline RUN_DIR [RUN_DIR ...]`` draws the first for
+``python -m scaling.report.roofline_plot RUN_DIR [RUN_DIR ...]`` draws the first for
 single runs.
 """
 
@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from scaling.instruments import roofline as rl  # noqa: E402
+from scaling.instruments import roofline  # noqa: E402
 from scaling.records.files import OPS_JSON  # noqa: E402
 from scaling.report.metrics import StudyStats  # noqa: E402
 
@@ -39,7 +39,7 @@ PASS_ABBREVIATIONS = {"forward": "fwd", "backward": "bwd", "optimizer": "opt"}
 
 
 def _label(row: dict[str, Any]) -> str:
-    return f"{PASS_ABBREVIATIONS.get(row['pass'], row['pass'])} {rl.short_name(row['op'])}"
+    return f"{PASS_ABBREVIATIONS.get(row['pass'], row['pass'])} {roofline.short_name(row['op'])}"
 
 
 def draw_run(ops: dict[str, Any], path: Path, title: str = "") -> Path:
@@ -145,7 +145,7 @@ def draw_all(studies: Sequence[StudyStats], folder: Path) -> list[Path]:
 
 def main(argv: list[str]) -> int:
     if not argv:
-        print("usage: python -m scaling.report.roofline RUN_DIR [RUN_DIR ...]", file=sys.stderr)
+        print("usage: python -m scaling.report.roofline_plot RUN_DIR [RUN_DIR ...]", file=sys.stderr)
         return 2
     status = 0
     for run_dir in argv:

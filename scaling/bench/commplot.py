@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from scaling.bench.fit import Fit
+from scaling.bench.commfit import Fit
 
 MARKERS = {"torch": "o", "mpi": "s"}
 COLOURS = {"all_reduce": "tab:blue", "all_gather": "tab:orange", "reduce_scatter": "tab:green",

@@ -9,7 +9,7 @@ For each (transport, op, size): one call whose result is checked (inputs are
 ``rank + 1``), ``warmup_iters`` untimed calls, then ``iters`` calls timed one by
 one on every rank. An iteration's time is its mean over ranks (nccl-tests'
 default); the reported ``time_s`` is the median over iterations. Sizes and bus
-bandwidth follow nccl-tests (see ``scaling.bench.fit``): ``algbw = bytes / time``,
+bandwidth follow nccl-tests (see ``scaling.bench.commfit``): ``algbw = bytes / time``,
 ``busbw = algbw · bus_factor(op, n)``.
 
 Writes ``<paths.root>/<study.name>/<run_id>/commbench.json`` and
@@ -31,10 +31,10 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from scaling.bench import fit as commfit, plot as commplot
+from scaling.bench import commfit, commplot
 from scaling.config import ConfigError, DistConfig, PathsConfig, to_container
 from scaling.launch import detect
-from scaling.launch import group as distsetup
+from scaling.launch import group
 from scaling.records import provenance
 from scaling.sinks import console
 from scaling.records.files import write_json
@@ -230,7 +230,7 @@ def mpi_case(op: str, elements: int, world_size: int) -> Case:
     return Case(call, lambda value: inp.fill(value), lambda: out)
 
 
-def measure(ctx: distsetup.Context, case: Case, op: str, transport: str, size_bytes: int,
+def measure(ctx: group.Context, case: Case, op: str, transport: str, size_bytes: int,
             bench: BenchConfig) -> Result:
     """Check one call's result, warm up, then time ``iters`` calls; the same on every rank."""
     case.fill(float(ctx.rank + 1))
@@ -288,7 +288,7 @@ def run_benchmark(settings: Settings) -> dict[str, Any]:
         raise ConfigError(f"commbench.mpi=true needs an MPI launch (mpiexec -n N python -m scaling.commbench ...); "
                           f"this job was launched by {launch.launcher}")
     log = console.make_logger(launch.rank, True)
-    ctx = distsetup.init(launch, settings.dist)
+    ctx = group.init(launch, settings.dist)
     try:
         run_dir = ctx.agree_on_run_dir(Path(settings.paths.root) / settings.study_name, settings.paths.run_id,
                                        f"commbench-n{ctx.world_size}")
@@ -341,7 +341,7 @@ def run_benchmark(settings: Settings) -> dict[str, Any]:
         dist.barrier(group=ctx.meta_group)
         return record
     finally:
-        distsetup.teardown()
+        group.teardown()
 
 
 def main(cfg: DictConfig) -> int:
