@@ -106,6 +106,8 @@ class DistConfig:
     """ddp (everything replicated) | zero1 (DDP + optimizer state sharded) | fsdp (FSDP2 fully_shard per block)."""
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     """dist.strategy=fsdp only."""
+    pin: bool = False
+    """Pin each process (and its threads) to its own equal share of the cores it may use, by local rank."""
 
     def __post_init__(self) -> None:
         _require(self.strategy in STRATEGIES,
@@ -129,6 +131,7 @@ class DistConfig:
         if self.threads != "auto":
             _positive_int("dist.threads", self.threads)
         _boolean("dist.gradient_as_bucket_view", self.gradient_as_bucket_view)
+        _boolean("dist.pin", self.pin)
 
 
 @dataclass(frozen=True)
@@ -176,9 +179,12 @@ class InstrumentConfig:
     """Profile operators on a few more steps (after the control steps): ops.json and the roofline."""
     ops_steps: int = 3
     """Steps run under the profiler when instrument.ops is true."""
+    host_probe: bool = True
+    """A short GEMM and copy probe on every rank before and after the measured steps (scaling.instruments.hostprobe):
+    run.json host_probe, and a slow host named in the findings."""
 
     def __post_init__(self) -> None:
-        for name in ("enabled", "flops", "memory", "ops"):
+        for name in ("enabled", "flops", "memory", "ops", "host_probe"):
             _boolean(f"instrument.{name}", getattr(self, name))
         _positive_int("instrument.control_steps", self.control_steps, allow_zero=True)
         _positive_int("instrument.ops_steps", self.ops_steps)

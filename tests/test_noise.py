@@ -179,3 +179,80 @@ def test_a_missing_point_is_one_line(studies, straggler4):
     out = compare.text(compare.compare(run_dir, studies["ref"]))
     assert "4 processes: only in NEW: REF has no completed run at 4 processes" in out
     assert "2 processes: only in REF: NEW has no completed run at 2 processes" in out
+
+
+# -- is the host itself well? -------------------------------------------------------------------
+
+HOG_LOOPS = 2
+HOG_AUTOGROUP_NICE = -5
+"""The hog: busy loops pinned to rank 1's core, in a session of their own. The kernel schedules each session
+as one group (``sched_autogroup``), so the loops weigh together as one task of that group's nice, not one
+each; a group at nice -5 weighs about 3 times a group at nice 0 (rank 1's session), which leaves rank 1 at
+most about a quarter of its core. With the group at nice 0 (where it may not be lowered) rank 1 keeps about
+half, and other users' processes on this shared machine squeeze both ranks as well: a single hog of the
+job's own priority left rank 1 at 0.27 and 0.47 of its ceiling, rank 0 at 0.43 and 0.27."""
+
+
+@pytest.fixture(scope="module")
+def hogged(tmp_path_factory):
+    """A 2-process job, each rank pinned to its own core (``dist.pin``), with the hog on core 1 for the whole job and a 30 ms stall in rank 1's forward (so that rank 1 is also the straggler). Its ceilings are
+    given in the config: the same short probe, run by this test on core 1 just before the hogs start (the
+    best of three), so that the comparison is with what that core delivers now."""
+    import os
+    import torch
+    from scaling.instruments import hostprobe
+    from tests.jobs import end_tree, start
+
+    if not hasattr(os, "sched_setaffinity") or not {0, 1} <= os.sched_getaffinity(0):
+        pytest.skip("needs cores 0 and 1 and sched_setaffinity")
+    root = tmp_path_factory.mktemp("hogged")
+    mask, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    try:
+        os.sched_setaffinity(0, {1})
+        torch.set_num_threads(1)
+        probes = [hostprobe.probe(torch.device("cpu")) for _ in range(3)]
+    finally:
+        os.sched_setaffinity(0, mask)
+        torch.set_num_threads(threads)
+    ceiling_tflops = max(p["flops_per_s"] for p in probes) / 1e12
+    ceiling_GBps = max(p["membw_Bps"] for p in probes) / 1e9
+    loops = " ".join(["(while :; do :; done) &"] * HOG_LOOPS)
+    hog = start(["taskset", "-c", "1", "sh", "-c", f"{loops} wait"])
+    try:
+        try:
+            Path(f"/proc/{hog.pid}/autogroup").write_text(str(HOG_AUTOGROUP_NICE))
+        except OSError:
+            pass  # the session's group keeps nice 0
+        check(torchrun(2, [*JOB, "train.steps=12", "dist.pin=true", f"hardware.peak_tflops={ceiling_tflops}",
+                           f"hardware.peak_membw_GBps={ceiling_GBps}", f"paths.root={root}"],
+                       env={STALL_ENV: f"forward:{STALL_S}@rank=1"}))
+    finally:
+        end_tree(hog)
+    run_dir = only_run_dir(root / "adhoc")
+    run, _ = load_run(run_dir)
+    return run, run_dir
+
+
+def test_a_rank_whose_core_is_hogged_is_named_a_slow_node(hogged):
+    from scaling.instruments import hostprobe
+
+    run, run_dir = hogged
+    probe = run["host_probe"]
+    ranks = probe["ranks"]
+    # dist.pin put each rank on its own core: the hogs share rank 1's core only.
+    assert [r["cores"] for r in ranks] == [[0], [1]], ranks
+    assert probe["ceiling_flops_source"] == probe["ceiling_membw_source"] == "config"
+    assert 1 in probe["slow_ranks"] and ranks[1]["slow"], ranks[1]
+    for when in ("before", "after"):
+        figures = ranks[1][when]
+        # Below 0.7 of what the core delivered just before the hog started, at both probes. (On this loaded
+        # machine rank 0 is named too, rightly: other users' processes took its core as well. Rank 1 read
+        # 0.74-0.95 of rank 0 in three runs, so the peer rule is not asserted here.)
+        assert figures["gflops_of_ceiling"] < hostprobe.SLOW_RATIO, figures
+        assert 0 < figures["seconds"] < 1.0, figures
+    assert any("GEMM at a share of the ceiling" in reason for reason in ranks[1]["reasons"]), ranks[1]
+    # The straggler (the stall in rank 1's forward) is on the slow host, and the findings say both.
+    assert run["summary"]["straggler"]["rank"] == 1 and run["summary"]["straggler"]["slow_host"] is True
+    found = " ".join(analyse([run_dir.parent]).findings[run_dir.parent.name])
+    assert "Slow node: throttling or a noisy neighbour" in found and "rank 1 of 2 processes" in found, found
+    assert "its host was the slow one" in found, found

@@ -99,6 +99,12 @@ def runs_in_tf32(device: torch.device, dtype: torch.dtype, convolutions: bool) -
     return torch.backends.cudnn.allow_tf32 if convolutions else torch.backends.cuda.matmul.allow_tf32
 
 
+def cache_key(device: torch.device, dtype: torch.dtype, concurrent: int, tf32: bool = False) -> str:
+    """Where ``peak_flops`` keeps its figure: host, device, precision, threads and processes per host."""
+    return (f"{socket.gethostname()}|{_device_name(device)}|{device.type}|{'tf32' if tf32 else dtype}"
+            f"|threads={torch.get_num_threads()}|processes={concurrent}")
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype, concurrent: int = 1, tf32: bool = False) -> float:
     """The probe's result, from the cache when this host, device, threads and concurrency were probed before.
 
@@ -107,8 +113,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, concurrent: int = 1, tf
     probe fp32 products with TF32 (see ``runs_in_tf32``).
     """
     tf32 = tf32 and device.type == "cuda" and dtype == torch.float32
-    key = (f"{socket.gethostname()}|{_device_name(device)}|{device.type}|{'tf32' if tf32 else dtype}"
-           f"|threads={torch.get_num_threads()}|processes={concurrent}")
+    key = cache_key(device, dtype, concurrent, tf32)
 
     def probe() -> float:
         previous = torch.backends.cuda.matmul.allow_tf32

@@ -60,8 +60,42 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+_PEAK_FLOOR = {"rss": 0, "cuda": 0}
+"""The peaks reached before a probe whose own arrays were taken out of the high-water marks."""
+
+
 def rss_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return max(_PEAK_FLOOR["rss"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+
+
+def cuda_peak_bytes(device: torch.device) -> int:
+    return max(_PEAK_FLOOR["cuda"], torch.cuda.max_memory_allocated(device))
+
+
+def reset_cuda_peak(device: torch.device) -> None:
+    torch.cuda.reset_peak_memory_stats(device)
+    _PEAK_FLOOR["cuda"] = 0
+
+
+@contextmanager
+def outside_peaks(device: torch.device) -> Iterator[None]:
+    """Whatever runs inside (a probe's arrays) is no part of the memory peaks: the peaks reached before it are
+    kept, and the high-water marks are set back to the present after it (on Linux, ``/proc/self/clear_refs``
+    "5"; where that cannot be written the probe's arrays stay in the resident peak)."""
+    rss_before = rss_peak_bytes()
+    cuda_before = cuda_peak_bytes(device) if device.type == "cuda" else 0
+    try:
+        yield
+    finally:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            _PEAK_FLOOR["rss"] = rss_before
+        except OSError:
+            pass
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            _PEAK_FLOOR["cuda"] = cuda_before
 
 
 VIEW_DEPTH = 4
@@ -131,5 +165,5 @@ class SavedActivations:
 
 def peak_bytes(device: torch.device, rss_at_start: int) -> int:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
+        return cuda_peak_bytes(device)
     return max(0, rss_peak_bytes() - rss_at_start)

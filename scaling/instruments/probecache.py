@@ -18,6 +18,14 @@ def cache_path(name: str) -> Path:
     return Path(root) / "scaling" / f"{name}.json"
 
 
+def lookup(name: str, key: str) -> Any:
+    """The value stored under ``key`` in the ``name`` cache, or None: nothing is probed."""
+    try:
+        return json.loads(cache_path(name).read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def cached(name: str, key: str, probe: Callable[[], Any]) -> Any:
     """The value stored under ``key`` in the ``name`` cache, or ``probe()``'s, stored for next time."""
     path = cache_path(name)

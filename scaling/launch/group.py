@@ -88,6 +88,12 @@ class Context:
         dist.broadcast_object_list(box, src=0, group=self.meta_group)
         return box[0]
 
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (on every rank)."""
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.meta_group)
+        return out
+
     def gather_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         """All ranks' ``tensor`` stacked along a new first dimension (CPU, gloo)."""
         out = [torch.empty_like(tensor) for _ in range(self.world_size)]

@@ -144,6 +144,10 @@ def straggler_text(size: SizeStats) -> str:
                  f"{len(info['ranks'])}) and its excess explains {pct(info['explained'])} of the others' waiting")
     if who.get("of", 1) > 1:
         text += f" (named in {who['runs']} of {who['of']} repeats)"
+    if who.get("slow_host") is True:
+        text += "; its host was the slow one (the host probe: throttling or a noisy neighbour)"
+    elif who.get("slow_host") is False:
+        text += "; its host delivered what the others' did at the host probe, so look at what the rank itself does"
     return f"{waiting}: {text}" if waiting else text
 
 
@@ -305,6 +309,25 @@ def fairness(stats: StudyStats) -> str | None:
     return text
 
 
+def slow_nodes(stats: StudyStats) -> str | None:
+    """Ranks whose host delivered clearly less than its ceiling or its peers at the host probe (run.json
+    host_probe, scaling.instruments.hostprobe), by world size."""
+    named = []
+    for run in sorted((r for r in stats.records.runs if r.completed), key=lambda r: (r.world_size, r.run_id)):
+        probe = run.run.get("host_probe") or {}
+        for rank in probe.get("ranks", []):
+            if rank.get("slow"):
+                where = f"host {rank['host']}" + (f", cores {','.join(map(str, rank['cores']))}" if rank.get("cores")
+                                                  else "")
+                named.append(f"rank {rank['rank']} of {procs(run.world_size)} ({run.run_id}; {where}): "
+                             f"{'; '.join(rank['reasons'])}")
+    if not named:
+        return None
+    shown = named[:4] + ([f"and {len(named) - 4} more"] if len(named) > 4 else [])
+    return ("Slow node: throttling or a noisy neighbour (the host probe delivered clearly less than the ceiling "
+            "or the other ranks, before and after the measured steps): " + "; ".join(shown) + ".")
+
+
 def failures(stats: StudyStats) -> list[str]:
     out = [f"Point {run_id} failed: {cause}." for run_id, cause in failed_points(stats)]
     done = {(r.solo_batch, r.repeat) for r in stats.records.controls if r.completed}
@@ -316,7 +339,8 @@ def failures(stats: StudyStats) -> list[str]:
 
 
 def study_findings(stats: StudyStats) -> list[str]:
-    found = [headline(stats), lost_efficiency(stats), boundness(stats), stragglers(stats), efficiency_loss(stats),
+    found = [headline(stats), lost_efficiency(stats), boundness(stats), stragglers(stats), slow_nodes(stats),
+             efficiency_loss(stats),
              communication(stats), operators(stats), memory(stats), noise(stats), fairness(stats), *failures(stats)]
     if not stats.sizes:
         found.insert(0, "No run of this study completed: nothing to measure.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import matplotlib
@@ -57,6 +58,20 @@ def _yerr(spreads: Sequence[Spread], scale: float = 1.0) -> list[list[float]] | 
     return [[(s.median - s.low) * scale for s in spreads], [(s.high - s.median) * scale for s in spreads]]
 
 
+INTERVAL_NOTE = "markers: median over repeats; error bars: 95% bootstrap interval (steps within runs, repeats across runs)"
+
+
+def _interval_yerr(sizes: Sequence[Any], key: str, spreads: Sequence[Spread],
+                   scale: float = 1.0) -> list[list[float]] | None:
+    """The 95% bootstrap interval of ``key`` around each median (scaling.report.intervals); the min-max over
+    repeats where a size has no interval."""
+    found = [s.intervals.get(key) for s in sizes]
+    if any(f is None for f in found):
+        return _yerr(spreads, scale)
+    return [[max(0.0, (m.median - f.low)) * scale for m, f in zip(spreads, found)],
+            [max(0.0, (f.high - m.median)) * scale for m, f in zip(spreads, found)]]
+
+
 def _finish(fig: Figure, path: Path, note: str | None = SPREAD_NOTE) -> Path:
     if note:
         fig.text(0.01, 0.005, note, fontsize=8, color="#555555", ha="left", va="bottom")
@@ -88,7 +103,8 @@ def throughput(studies: Sequence[StudyStats], path: Path) -> Path:
             continue
         xs = [s.world_size for s in sizes]
         spreads = [s.samples_per_s for s in sizes]
-        handles.append(ax.errorbar(xs, [s.median for s in spreads], yerr=_yerr(spreads), color=_color(i),
+        handles.append(ax.errorbar(xs, [s.median for s in spreads], yerr=_interval_yerr(sizes, "samples_per_s", spreads),
+                                   color=_color(i),
                                    marker="o", capsize=4, label=f"{st.label} (measured)"))
         base = sizes[0]
         ideal = [base.samples_per_s.median * n / base.world_size for n in xs]
@@ -104,7 +120,7 @@ def throughput(studies: Sequence[StudyStats], path: Path) -> Path:
         ax.set_ylim(bottom=0)
     ax.set_title(_title(studies, "throughput vs world size"))
     ax.legend(handles=handles, fontsize=8, loc="best")
-    return _finish(fig, path)
+    return _finish(fig, path, INTERVAL_NOTE)
 
 
 def efficiency(studies: Sequence[StudyStats], path: Path) -> Path:
@@ -115,9 +131,11 @@ def efficiency(studies: Sequence[StudyStats], path: Path) -> Path:
         if not sizes:
             continue
         spreads = [s.efficiency for s in sizes]
-        top = max(top, 100 * max(s.high for s in spreads) + 10)
+        yerr = _interval_yerr(sizes, "efficiency", spreads, 100)
+        top = max(top, 100 * max(s.high for s in spreads) + 10, max((100 * s.median + e for s, e in
+                                                                  zip(spreads, yerr[1])), default=0) + 10 if yerr else 0)
         formula = "T(b)·b / (N·T(N))" if st.kind == "strong" else "T(b) / T(N)"
-        ax.errorbar([s.world_size for s in sizes], [100 * s.median for s in spreads], yerr=_yerr(spreads, 100),
+        ax.errorbar([s.world_size for s in sizes], [100 * s.median for s in spreads], yerr=yerr,
                     color=_color(i), marker="o", capsize=4, label=f"{st.label}: {st.kind}, {formula}")
     ax.axhline(100, color="black", linestyle="--", alpha=0.6, label="ideal (100%)")
     _log2_axis(ax, _sizes(studies))
@@ -125,7 +143,7 @@ def efficiency(studies: Sequence[StudyStats], path: Path) -> Path:
     ax.set_ylabel("parallel efficiency (%)")
     ax.set_title(_title(studies, "scaling efficiency vs world size"))
     ax.legend(fontsize=8, loc="best")
-    return _finish(fig, path, SPREAD_NOTE + "; b = smallest world size, T(N) = median step time")
+    return _finish(fig, path, INTERVAL_NOTE + "\nb = smallest world size, T(N) = median step time")
 
 
 def _bar_positions(sizes: Sequence[int]) -> tuple[list[float], float]:
@@ -304,28 +322,33 @@ WATERFALL_TOTAL = "#4C72B0"
 WATERFALL_LOSS = "#C44E52"
 WATERFALL_GAIN = "#55A868"
 WATERFALL_UNSPLIT = "#BBBBBB"
+WATERFALL_NOISE = "#E8B4B6"
 WATERFALL_COLUMNS = 2
 WATERFALL_TICKS = {"batch": "smaller\nbatch", "contention": "contention", "data": "data\nloading",
                    "other": "framework\noverhead", "interference": "interfer-\nence",
                    "comm_exposed": "exposed\nall-reduce", "comm_wait": "waiting for\nslower ranks"}
 
 
-def _waterfall_bars(size: SizeWaterfall) -> list[tuple[str, float, float, str, str]]:
-    """(label, bottom, height, colour, text) from T_ideal up to T; None terms are skipped, their sum shown
-    as one hatched "not split" bar."""
+def _waterfall_bars(size: SizeWaterfall) -> list[tuple[str, float, float, str, str, Any]]:
+    """(label, bottom, height, colour, text, interval) from T_ideal up to T; None terms are skipped, their sum
+    shown as one hatched "not split" bar. A term within noise (its interval spans 0) is drawn pale."""
     places = ms_decimals(size.step_s)
-    bars = [("ideal\nT_ideal", 0.0, size.ideal_step_s, WATERFALL_TOTAL, f"{ms(size.ideal_step_s, places)} ms")]
+    bars = [("ideal\nT_ideal", 0.0, size.ideal_step_s, WATERFALL_TOTAL, f"{ms(size.ideal_step_s, places)} ms",
+             size.intervals.get("ideal"))]
     level = size.ideal_step_s
-    steps = [(_tick(t, size), v, False) for t, v in size.terms_s.items() if v is not None]
+    steps = [(_tick(t, size), v, False, t) for t, v in size.terms_s.items() if v is not None]
     if size.unsplit_s is not None:
-        steps.append(("not split\n(control\nmissing)", size.unsplit_s, True))
-    for label, value, unsplit in steps:
+        steps.append(("not split\n(control\nmissing)", size.unsplit_s, True, None))
+    for label, value, unsplit, term in steps:
         colour = WATERFALL_UNSPLIT if unsplit else (WATERFALL_LOSS if value >= 0 else WATERFALL_GAIN)
+        noise = term is not None and size.within_noise(term)
         text = f"{'+' if value >= 0 else '−'}{ms(abs(value), places)} ms\n{size.points(value):+.1f} pts"
-        bars.append((label, level, value, colour, text))
+        if noise:
+            colour, text = WATERFALL_NOISE, text + "\nwithin noise"
+        bars.append((label, level, value, colour, text, size.intervals.get(term) if term else None))
         level += value
     bars.append(("measured\nT", 0.0, size.step_s, WATERFALL_TOTAL,
-                 f"{ms(size.step_s, places)} ms\neff. {100 * size.efficiency:.0f}%"))
+                 f"{ms(size.step_s, places)} ms\neff. {100 * size.efficiency:.0f}%", size.intervals.get("step")))
     return bars
 
 
@@ -343,18 +366,25 @@ def _draw_waterfall(ax: Axes, size: SizeWaterfall, title: str) -> None:
     bars = _waterfall_bars(size)
     xs = list(range(len(bars)))
     scale = 1e3
-    for x, (label, bottom, height, colour, text) in zip(xs, bars):
+    highest = 0.0
+    for x, (label, bottom, height, colour, text, found) in zip(xs, bars):
         hatch = "//" if colour == WATERFALL_UNSPLIT else None
         ax.bar(x, height * scale, 0.7, bottom=bottom * scale, color=colour, hatch=hatch, edgecolor="#333333",
                linewidth=0.5)
         top = max(bottom, bottom + height) * scale
+        if found is not None:  # the term's interval, drawn where the bar ends
+            end = (bottom + height) * scale
+            low, high = bottom * scale + found.low * scale, bottom * scale + found.high * scale
+            ax.errorbar([x], [end], yerr=[[max(0.0, end - low)], [max(0.0, high - end)]], fmt="none",
+                        ecolor="black", capsize=3, linewidth=0.8)
+            top = max(top, high)
+        highest = max(highest, top)
         ax.annotate(text, (x, top), textcoords="offset points", xytext=(0, 3), ha="center", va="bottom", fontsize=7)
     for x in xs[:-1]:  # connectors: each bar starts where the previous one ended
         end = (bars[x][1] + bars[x][2]) * scale
         ax.plot([x + 0.35, x + 0.65], [end, end], color="#555555", linewidth=0.6)
     ax.set_xticks(xs)
     ax.set_xticklabels([b[0] for b in bars], fontsize=7)
-    highest = max(max(b[1], b[1] + b[2]) for b in bars) * scale
     ax.set_ylim(0, highest * 1.25 if highest > 0 else 1.0)
     ax.set_ylabel("time per step (ms)")
     ax.set_title(title, fontsize=10)
@@ -379,7 +409,8 @@ def waterfall(studies: Sequence[StudyStats], path: Path) -> Path:
                                   f"{100 * size.efficiency:.0f}% efficient")
     for ax in [a for row in grid for a in row][len(panels):]:
         ax.set_axis_off()
-    return _finish(fig, path, "red: time lost per step, green: time gained; pts = points of efficiency (100 x term / T)\n"
+    return _finish(fig, path, "red: time lost per step, green: time gained, pale: within noise (interval spans 0); pts = points of "
+                              "efficiency (100 x term / T)\nerror bars: 95% bootstrap interval of each term, T_ideal and T; "
                               "medians over repeats; T_ideal = T(b)·b/N (strong) or T(b) (weak); hatched: not split, "
                               "a control is missing")
 

@@ -348,8 +348,10 @@ def common_straggler(runs: Sequence[RunRecord]) -> dict[str, Any] | None:
     same = [s for s in named if s.get("rank") == rank]
     lost = [s["lost_s"] for s in same if isinstance(s.get("lost_s"), (int, float))]
     phases = Counter(s.get("phase") for s in same if s.get("phase")).most_common()
+    probed = [s["slow_host"] for s in same if isinstance(s.get("slow_host"), bool)]
     return {"rank": rank, "phase": phases[0][0] if phases else None,
-            "lost_s": statistics.median(lost) if lost else None, "runs": len(same), "of": len(runs)}
+            "lost_s": statistics.median(lost) if lost else None, "runs": len(same), "of": len(runs),
+            "slow_host": (sum(probed) > len(probed) / 2) if probed else None}
 
 
 def collectives(strategy: str) -> str:

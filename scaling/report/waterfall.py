@@ -21,6 +21,13 @@ They sum to ``T - T_ideal``; a term in points of efficiency is ``100 * term / T`
 T_ideal/T, so the points add up to 100 * (1 - efficiency)). A term that needs a control the records
 lack is None, and ``unsplit_s`` holds what those terms add up to, with the reason. At the baseline
 every term is 0 when b = 1 (the measured step is the ideal one by definition).
+
+Each term has a 95% interval from the same two-level bootstrap as the report's other figures
+(``scaling.report.intervals``): every input is drawn (steps within runs, repeats across runs; the
+no-communication control's per-run medians across runs only), the split is made once per draw, and the
+term's interval is that of its draws. A term whose interval spans zero is **within noise**: the findings
+never give it as a reason (the sentence folds such terms into one "within noise" part), the table and the
+plot show its interval.
 """
 
 from __future__ import annotations
@@ -31,6 +38,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from scaling.report import intervals as iv
+from scaling.report.intervals import Interval
 from scaling.report.study_folder import RunRecord, StudyRecords, collectives, common_straggler
 
 TERMS = ("batch", "contention", "data", "other", "interference", "comm_exposed", "comm_wait")
@@ -87,10 +98,10 @@ def split(x: Inputs) -> dict[str, float | None]:
     else:
         batch, start = 0.0, x.ideal_step_s
     contention = None
-    if None not in (x.nocomm_step_s, start, d, o):
+    if all(v is not None for v in (x.nocomm_step_s, start, d, o)):  # also for arrays of draws
         contention = x.nocomm_step_s - start - d - o
     # Records older than comm_wait_s: the waiting stays inside the exposed term.
-    exposed_only = None if exposed is None else exposed - (wait or 0.0)
+    exposed_only = None if exposed is None else exposed - (0.0 if wait is None else wait)
     interference = None
     if x.nocomm_step_s is not None and exposed is not None:
         interference = x.step_s - x.nocomm_step_s - exposed
@@ -114,6 +125,14 @@ class SizeWaterfall:
     exposed_label: str = TERM_LABELS["comm_exposed"]
     """The exposed-communication term named after the strategy's collectives ("exposed all-gather and
     reduce-scatter" under fsdp)."""
+    intervals: dict[str, Interval] = field(default_factory=dict)
+    """95% bootstrap intervals of each term (by term name), of ``ideal`` (T_ideal) and ``step`` (T), in seconds;
+    absent where an input has no steps to draw."""
+
+    def within_noise(self, term: str) -> bool:
+        """The term's interval spans zero: it may be nothing at all."""
+        found = self.intervals.get(term)
+        return found is not None and found.spans(0.0)
 
     @property
     def step_s(self) -> float:
@@ -196,7 +215,34 @@ def solo_missing(records: StudyRecords, batch: int | None) -> str:
     return f"no solo control at per-rank batch {batch} (run {name}, or the study with study.controls=true)"
 
 
-def size_waterfall(records: StudyRecords, world_size: int, baseline: int, t_base_s: float) -> SizeWaterfall | None:
+def _draws(runs: Sequence[RunRecord], key: str) -> np.ndarray | None:
+    return iv.point_draws(runs, key, iv.median_of(key)) if runs else None
+
+
+def term_intervals(inputs: Inputs, terms: dict[str, float | None], done: Sequence[RunRecord],
+                   solo: Sequence[RunRecord], base_draws: np.ndarray | None) -> dict[str, Interval]:
+    """Each term's interval: the split made once per bootstrap draw of its inputs."""
+    step = _draws(done, "step_s")
+    if step is None or base_draws is None:
+        return {}
+    scale = inputs.baseline / inputs.world_size if inputs.kind == "strong" else 1.0
+    drawn = Inputs(
+        kind=inputs.kind, world_size=inputs.world_size, baseline=inputs.baseline, step_s=step,
+        ideal_step_s=base_draws * scale, solo_step_s=_draws(solo, "step_s"),
+        nocomm_step_s=iv.value_draws([r.controls.get("nocomm_step_s") for r in done],
+                                     f"nocomm_step_s:{inputs.world_size}"),
+        comm_exposed_s=_draws(done, "comm_exposed_s"), comm_wait_s=_draws(done, "comm_wait_s"),
+        data_s=_draws(done, "data_s"), other_s=_draws(done, "other_s"),
+        solo_data_s=_draws(solo, "data_s"), solo_other_s=_draws(solo, "other_s"))
+    out = {"ideal": iv.of_draws(inputs.ideal_step_s, drawn.ideal_step_s), "step": iv.of_draws(inputs.step_s, step)}
+    for term, draws in split(drawn).items():
+        if terms.get(term) is not None and draws is not None:
+            out[term] = iv.of_draws(terms[term], np.broadcast_to(np.asarray(draws, dtype=float), step.shape))
+    return out
+
+
+def size_waterfall(records: StudyRecords, world_size: int, baseline: int, t_base_s: float,
+                   base_draws: np.ndarray | None = None) -> SizeWaterfall | None:
     done = [r for r in records.runs if r.completed and r.world_size == world_size]
     step_s = _of(done, "step_s")
     if step_s is None or step_s <= 0:
@@ -231,7 +277,7 @@ def size_waterfall(records: StudyRecords, world_size: int, baseline: int, t_base
     named = common_straggler(done)
     skew = named is None and any((r.summary.get("waiting") or {}).get("kind") == "skew" for r in done)
     return SizeWaterfall(world_size, batch, inputs, terms, tuple(missing), named, skew,
-                         exposed_label(records.strategy))
+                         exposed_label(records.strategy), term_intervals(inputs, terms, done, solo, base_draws))
 
 
 def exposed_label(strategy: str) -> str:
@@ -253,8 +299,9 @@ def study_waterfall(records: StudyRecords) -> StudyWaterfall:
     if not t_base:
         out.problem = "the baseline has no step time"
         return out
+    base_draws = _draws([r for r in done if r.world_size == baseline], "step_s")
     for world_size in sorted({r.world_size for r in done}):
-        size = size_waterfall(records, world_size, baseline, t_base)
+        size = size_waterfall(records, world_size, baseline, t_base, base_draws)
         if size is not None:
             out.sizes.append(size)
     return out
@@ -299,7 +346,12 @@ def sentence(size: SizeWaterfall) -> str:
     parts that round to 0 are left out."""
     total = size.points(size.loss_s)
     decimals = 0 if abs(total) >= 10 else 1
-    parts = [(term_label(t, size), size.points(v)) for t, v in size.terms_s.items() if v is not None]
+    parts = [(term_label(t, size), size.points(v)) for t, v in size.terms_s.items()
+             if v is not None and not size.within_noise(t)]
+    noise = [t for t, v in size.terms_s.items() if v is not None and size.within_noise(t)]
+    if noise:  # never a reason: together, under their own name
+        parts.append((f"within noise ({', '.join(term_label(t, size) for t in noise)}: intervals span 0)",
+                      sum(size.points(size.terms_s[t]) for t in noise)))
     if size.unsplit_s is not None:
         parts.append((f"not split ({'; '.join(size.missing)})", size.points(size.unsplit_s)))
     shown = [(label, value) for (label, _), value in zip(parts, rounded([p for _, p in parts], decimals)) if value]
@@ -333,10 +385,14 @@ def ms(seconds: float, decimals: int | None = None) -> str:
 NULL = "–"
 
 
-def cell(size: SizeWaterfall, seconds: float | None) -> str:
+def cell(size: SizeWaterfall, seconds: float | None, term: str | None = None) -> str:
     if seconds is None:
         return NULL
-    return f"{ms(seconds, ms_decimals(size.step_s) + 1)} ms ({size.points(seconds):+.1f} pts)"
+    places = ms_decimals(size.step_s) + 1
+    found = size.intervals.get(term) if term else None
+    spread = f" ± {ms(found.half_width, places)}" if found is not None else ""
+    noise = ", within noise" if term and size.within_noise(term) else ""
+    return f"{ms(seconds, places)}{spread} ms ({size.points(seconds):+.1f} pts{noise})"
 
 
 def table(waterfall: StudyWaterfall) -> tuple[list[str], list[list[str]]]:
@@ -345,7 +401,7 @@ def table(waterfall: StudyWaterfall) -> tuple[list[str], list[list[str]]]:
     headers = ["", *(procs(s.world_size) for s in sizes)]
     rows = [["ideal step T_ideal", *(f"{ms(s.ideal_step_s, ms_decimals(s.step_s) + 1)} ms" for s in sizes)]]
     labels = {**TERM_LABELS, "comm_exposed": sizes[0].exposed_label if sizes else TERM_LABELS["comm_exposed"]}
-    rows += [[f"+ {labels[t]}", *(cell(s, s.terms_s[t]) for s in sizes)] for t in TERMS]
+    rows += [[f"+ {labels[t]}", *(cell(s, s.terms_s[t], t) for s in sizes)] for t in TERMS]
     if any(s.unsplit_s is not None for s in sizes):
         rows.append(["+ not split (control missing)", *(cell(s, s.unsplit_s) for s in sizes)])
     rows.append(["= measured step T", *(f"{ms(s.step_s, ms_decimals(s.step_s) + 1)} ms" for s in sizes)])

@@ -17,6 +17,7 @@ from torch.distributed import DistError
 
 from scaling import config
 from scaling.errors import describe
+from scaling.instruments import hostprobe
 from scaling.launch import group
 from scaling.records import provenance
 from scaling.records.files import BUCKETS_JSON, OPS_JSON, RunFiles, read_json, write_json, write_run
@@ -82,6 +83,8 @@ def train(cfg: DictConfig | config.RunConfig, sinks: list[Sink] | None = None) -
     # Signals become exceptions from here on, so that an early stop (Slurm's
     # USR1, the launcher's TERM) is never a silent death.
     with failure.SignalGuard() as guard:
+        if run_cfg.dist.pin:
+            hostprobe.pin(job.launch.local_rank, job.launch.local_world_size)
         ctx = group.init(job.launch, run_cfg.dist)
         try:
             return run_job(job, ctx, log, guard, sinks)
@@ -117,8 +120,14 @@ def run_job(job: Job, ctx: group.Context, log: logging.Logger, guard: failure.Si
         ops = trainer.ops_report(hardware)
         if ops is not None:
             summary.update(ops["summary"])
+        host = trainer.host_report()  # after the ceilings: their probes fill the cache it reads
+        if host is not None:
+            summary["slow_hosts"] = host["slow_ranks"]
+            if summary.get("straggler"):
+                summary["straggler"]["slow_host"] = summary["straggler"]["rank"] in host["slow_ranks"]
         run.update(status="completed", finished_at=time.time(), summary=summary, controls=trainer.controls,
-                   memory=memory, hardware=hardware, flops=trainer.flops_report(summary, ops), **sharding)
+                   memory=memory, hardware=hardware, host_probe=host, flops=trainer.flops_report(summary, ops),
+                   **sharding)
     except BaseException as exc:
         guard.handling = True
         try:

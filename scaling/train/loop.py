@@ -23,7 +23,8 @@ from scaling.config import RunConfig
 from scaling.train.data import Batches, build_dataset, check_dataset_size
 from scaling.launch.group import Context
 from scaling.launch.layout import Launch
-from scaling.instruments import flops as flops_mod, membw, memory as mem, ops as ops_mod
+from scaling.instruments import flops as flops_mod, hostprobe, membw, memory as mem, ops as ops_mod
+from scaling.instruments import probecache
 from scaling.instruments import roofline
 from scaling.instruments.clock import clock_for
 from scaling.instruments.comm import CommTimer, bucket_records, bucket_timeline, timeline_array
@@ -113,6 +114,7 @@ class Trainer:
         self._timelines: list[list[tuple[int, float, float, int, int]]] = []  # per measured step, this rank's buckets
         self.buckets: list[dict[str, Any]] | None = None  # buckets.json, every rank's timeline reduced
         self.faults = faults.Injector.from_env(self.ctx.rank, self.ctx.world_size)
+        self.host_probes: dict[str, dict[str, float]] = {}  # "before" / "after" the measured steps
         self.rss_at_start = mem.rss_bytes()
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -146,6 +148,7 @@ class Trainer:
         self.timer.restart()
         for step in range(total):
             if step == train.warmup_steps:
+                self._probe_host("before")
                 self._begin_measuring()
             inputs, targets = self.batches.next()
             if self.faults:
@@ -180,6 +183,7 @@ class Trainer:
             self._previous = PendingStep(step, self.timer.finish(), self.comm.take_step())
         self.last_loss = float(loss.detach()) if total else float("nan")  # once, after the loop: no per-step sync
         self._end_measuring()
+        self._probe_host("after")
         self._run_controls(total)
         # The profiler's buffers must not count in the run's memory peaks.
         self.memory["peak"] = mem.peak_bytes(self.ctx.device, self.rss_at_start)
@@ -247,6 +251,37 @@ class Trainer:
         self.op_measurement = ops_mod.profile_ops(step, cfg.instrument.ops_steps, self.ctx.device,
                                                   runs_in_tf32=flops_mod.runs_in_tf32)
 
+    def _probe_host(self, when: str) -> None:
+        """The short GEMM and copy probe (scaling.instruments.hostprobe), outside the steps and the memory peaks."""
+        if not (self.instrumented and self.job.cfg.instrument.host_probe):
+            return
+        with mem.outside_peaks(self.ctx.device):
+            self.host_probes[when] = hostprobe.probe(self.ctx.device)
+
+    def host_report(self) -> dict[str, Any] | None:
+        """run.json ``host_probe``: every rank's two probes against the cached fp32 ceilings (or the config's).
+
+        Only a ceiling already cached is read (the op profile's ceilings, when they ran, have just filled the
+        cache); none is probed here, so that a job without the op profile never pays for the long probes."""
+        if set(self.host_probes) != set(hostprobe.PROBES):
+            return None
+        cfg, device, concurrent = self.job.cfg, self.ctx.device, self.job.launch.local_world_size
+        row = [self.host_probes[w][k] for w in hostprobe.PROBES for k in ("flops_per_s", "membw_Bps", "seconds")]
+        table = self.ctx.gather_tensor(torch.tensor(row, dtype=torch.float64)).tolist()
+        cores = self.ctx.gather_object(hostprobe.cores())
+        if cfg.peak_tflops is not None:
+            flops, flops_source = cfg.peak_tflops * 1e12, "config"
+        else:
+            flops = probecache.lookup("peak_flops", flops_mod.cache_key(device, torch.float32, concurrent))
+            flops_source = "cache" if flops else None
+        if cfg.peak_membw_GBps is not None:
+            bandwidth, membw_source = cfg.peak_membw_GBps * 1e9, "config"
+        else:
+            found = probecache.lookup("peak_membw", membw.cache_key(device, torch.float32, concurrent))
+            bandwidth = found.get("peak_membw_Bps") if isinstance(found, dict) else None
+            membw_source = "cache" if bandwidth else None
+        return hostprobe.record(table, self.ctx.hostnames, cores, flops, bandwidth, flops_source, membw_source)
+
     def ceilings(self) -> dict[str, Any] | None:
         """``hardware``: peak FLOP/s of each precision the operators use, peak bytes/s, the ridges.
 
@@ -272,7 +307,7 @@ class Trainer:
             torch.cuda.synchronize()  # once, so that the wall clock starts on an idle device
             # The first steps (DDP's bucket rebuild among them) hold more than
             # any measured step: the peak is that of the measured steps.
-            torch.cuda.reset_peak_memory_stats(self.ctx.device)
+            mem.reset_cuda_peak(self.ctx.device)
         self.wall_start = time.perf_counter()
         self.timer.restart()
 
