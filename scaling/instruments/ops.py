@@ -35,8 +35,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry
-
+from scaling import compat
 from scaling.instruments import roofline
 
 ANNOTATION = "scaling::"
@@ -105,8 +104,9 @@ class OpCounter(TorchDispatchMode):
         inputs = _tensors((args, {k: v for k, v in kwargs.items() if k != "out"}))
         outputs = _tensors(out)
         packet = func.overloadpacket
-        if packet in flop_registry:
-            count.flops += flop_registry[packet](*args, **kwargs, out_val=out)
+        formula = compat.flop_formula(packet)
+        if formula is not None:
+            count.flops += formula(*args, **kwargs, out_val=out)
             count.flops_from = "flop_counter"
         elif name not in COPIES and outputs and torch.Tag.pointwise in func.tags:
             count.flops += max(t.numel() for t in outputs)

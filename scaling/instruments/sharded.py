@@ -34,14 +34,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 
+from scaling import compat
 from scaling.instruments.comm import CommTimer
 
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+AllGather, ReduceScatter = compat.fsdp_comm_bases()
 
 
 def nbytes(tensor: torch.Tensor) -> int:
@@ -105,7 +104,7 @@ class TimedAllGather(_Timed, AllGather):
                  async_op: bool = False) -> Any:
         kind = "allgather_bwd" if self.comm.in_backward else "allgather_fwd"
         work = self.comm.issue(kind, nbytes(output_tensor),
-                               lambda: _all_gather(output_tensor, input_tensor, group=group, async_op=async_op))
+                               lambda: compat.all_gather_into(output_tensor, input_tensor, group=group, async_op=async_op))
         if self.tracker is not None:
             self.tracker.gathered(output_tensor)
         return work
@@ -119,8 +118,8 @@ class TimedReduceScatter(_Timed, ReduceScatter):
         if self.tracker is not None:
             self.tracker.reduced(input_tensor)
         return self.comm.issue("reducescatter", nbytes(input_tensor),
-                               lambda: _reduce_scatter(output_tensor, input_tensor, op=op, group=group,
-                                                       async_op=async_op))
+                               lambda: compat.reduce_scatter_into(output_tensor, input_tensor, op=op, group=group,
+                                                                 async_op=async_op))
 
 
 class TimedZeroRedundancyOptimizer(ZeroRedundancyOptimizer):
@@ -132,8 +131,7 @@ class TimedZeroRedundancyOptimizer(ZeroRedundancyOptimizer):
 
     def __init__(self, params: Any, optimizer_class: type, comm: CommTimer | None = None, **defaults: Any) -> None:
         super().__init__(params, optimizer_class=optimizer_class, **defaults)
-        if not callable(getattr(ZeroRedundancyOptimizer, "_sync_params", None)):
-            raise RuntimeError("this torch's ZeroRedundancyOptimizer has no _sync_params: its broadcast cannot be timed")
+        compat.zero_sync_params(ZeroRedundancyOptimizer)
         self.comm = comm
         self.broadcasting = True
         # Every parameter is broadcast once per step, from the rank that owns it.
