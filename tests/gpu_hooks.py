@@ -20,7 +20,7 @@ _state: dict[str, object] = {}
 
 
 def _cycles_per_second() -> float:
-    """Measured once: how many spin cycles ``torch.cuda._sleep`` takes per second on this device."""
+    """Measured once: how many spin cycles ``torch.cuda._sleep`` takes per second on the current device."""
     if "rate" not in _state:
         cycles = 50_000_000
         torch.cuda._sleep(cycles)  # warm-up
@@ -36,17 +36,20 @@ def _cycles_per_second() -> float:
 def device_delayed_allreduce(state, bucket):
     delay = float(os.environ.get("SCALING_TEST_DELAY_S", "0"))
 
+    device = bucket.buffer().device
+
     def late(fut):
+        # Called on the backend's worker thread, whose current device is GPU 0: the bucket's own
+        # device is made current, or the delay would run on GPU 0 for every rank.
         result = fut.value()
         if delay > 0:
-            if "stream" not in _state:
-                _state["stream"] = torch.cuda.Stream()
-            channel = _state["stream"]
-            current = torch.cuda.current_stream()
-            channel.wait_stream(current)
-            with torch.cuda.stream(channel):
-                torch.cuda._sleep(int(delay * _cycles_per_second()))
-            current.wait_stream(channel)
+            with torch.cuda.device(device):
+                channel = _state.setdefault(f"stream{device.index}", torch.cuda.Stream(device))
+                current = torch.cuda.current_stream(device)
+                channel.wait_stream(current)
+                with torch.cuda.stream(channel):
+                    torch.cuda._sleep(int(delay * _cycles_per_second()))
+                current.wait_stream(channel)
         return result
 
     return default_hooks.allreduce_hook(state, bucket).then(late)

@@ -145,3 +145,58 @@ class TimedZeroRedundancyOptimizer(ZeroRedundancyOptimizer):
             sync()
         else:
             self.comm.issue("broadcast", self.broadcast_bytes, sync)
+
+
+def time_compute_waits(module: torch.nn.Module, comm: CommTimer) -> bool:
+    """On CUDA: FSDP's collectives' exposed time measured where the compute stream waits for them.
+
+    FSDP runs its all-gathers and reduce-scatters on streams of its own and makes the
+    compute stream wait for them only where it needs their result. Marks on the
+    compute stream just before and after each such wait (``CommTimer.waited``) time
+    what the compute stream actually waited for: for an all-gather, before the gathered
+    block is copied out (``FSDPParamGroup.wait_for_unshard``, the wait made here
+    first, so FSDP's own finds it done); for the reduce-scatters, FSDP's end-of-backward
+    callback, where the compute stream waits for those still in flight. A reduce-scatter
+    waited for earlier (FSDP limits how many are in flight) is not counted: a lower bound.
+
+    False, with the exposure left at the issuing call's hold (an upper bound), where this
+    torch lacks those internals.
+    """
+    try:
+        groups = compat.fsdp_param_groups(module)
+        root = compat.fsdp_root_state(module)
+        originals = [getattr(g, compat.FSDP_ALL_GATHER_WAIT) for g in groups]
+        final = getattr(root, compat.FSDP_BACKWARD_END)
+    except AttributeError:
+        return False
+    for group, original in zip(groups, originals):
+        setattr(group, compat.FSDP_ALL_GATHER_WAIT, _all_gather_wait(group, original, comm))
+    setattr(root, compat.FSDP_BACKWARD_END, _backward_end_wait(final, comm))
+    comm.waited_kinds = frozenset({"allgather_fwd", "allgather_bwd", "reducescatter"})
+    return True
+
+
+def _all_gather_wait(group: Any, original: Any, comm: CommTimer) -> Any:
+    def wait_for_unshard(*args: Any, **kwargs: Any) -> Any:
+        pending = compat.all_gather_in_flight(group)
+        if pending is not None:
+            event, work = pending
+            start = comm.clock.mark()
+            if event is not None:
+                torch.cuda.current_stream().wait_event(event)
+            if isinstance(work, dist.Work):
+                work.wait()
+            comm.waited("allgather_bwd" if comm.in_backward else "allgather_fwd", start, comm.clock.mark())
+        return original(*args, **kwargs)
+
+    return wait_for_unshard
+
+
+def _backward_end_wait(original: Any, comm: CommTimer) -> Any:
+    def root_post_backward_final_callback(*args: Any, **kwargs: Any) -> Any:
+        start = comm.clock.mark()
+        out = original(*args, **kwargs)
+        comm.waited("reducescatter", start, comm.clock.mark())
+        return out
+
+    return root_post_backward_final_callback

@@ -37,7 +37,8 @@ from scaling.config import OptimConfig, RunConfig
 from scaling.instruments import memory as mem
 from scaling.instruments.comm import CommTimer, wire_count
 from scaling.instruments.memory_model import ParamSpec, predict
-from scaling.instruments.sharded import GatherTracker, TimedAllGather, TimedReduceScatter, TimedZeroRedundancyOptimizer
+from scaling.instruments.sharded import (GatherTracker, TimedAllGather, TimedReduceScatter,
+                                         TimedZeroRedundancyOptimizer, time_compute_waits)
 from scaling.launch.group import Context
 from scaling.records.schema import STRATEGY_KINDS
 from scaling.train import hooks
@@ -231,6 +232,8 @@ def _fsdp(module: nn.Module, cfg: RunConfig, ctx: Context, comm: CommTimer, inst
             if isinstance(sharded, FSDPModule):
                 sharded.set_custom_all_gather(TimedAllGather(comm, tracker))
                 sharded.set_custom_reduce_scatter(TimedReduceScatter(comm, tracker))
+        if ctx.device.type == "cuda":
+            time_compute_waits(module, comm)
     optimizer = make_optimizer(cfg.optim, module.parameters())
     return Parallel("fsdp", "fsdp", module, optimizer, specs=specs, blocks=[name for name, _ in blocks],
                     tracker=tracker, note=NO_CONTROLS_FSDP if cfg.instrument.control_steps else None)
