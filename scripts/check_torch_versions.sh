@@ -23,8 +23,8 @@ THREADS=${THREADS:-1}
 SUBSET=(
     tests/test_compat.py
     tests/test_cuda_logic.py
-    "tests/test_train.py::test_parts_add_up_to_the_step"
-    "tests/test_train.py::test_comm_and_memory_bytes_match_the_model"
+    "tests/test_train.py::test_parts_add_up_to_the_step[mlp]"
+    "tests/test_train.py::test_comm_and_memory_bytes_match_the_model[mlp]"
     "tests/test_ops.py::test_each_operator_in_its_pass"
     "tests/test_study.py::test_strong_study_runs_every_point_as_a_torchrun_job"
     "tests/test_faults.py::test_a_rank_that_raises"

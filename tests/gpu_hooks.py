@@ -53,3 +53,39 @@ def device_delayed_allreduce(state, bucket):
         return result
 
     return default_hooks.allreduce_hook(state, bucket).then(late)
+
+
+def delay_collectives() -> None:
+    """Put SCALING_TEST_DELAY_S of spin on the device before every collective of SCALING_TEST_DELAY_KIND.
+
+    ``reducescatter`` / ``allgather``: FSDP's (through ``scaling.compat``, which the timed FSDP
+    collectives call), on the stream FSDP issues them on; ``broadcast``: ZeRO-1's parameter
+    broadcast of CUDA tensors, on the compute stream. Called in each rank before the training
+    job starts (``scripts/gpu_check.py``'s exposure group); without the two variables it does nothing.
+    """
+    import torch.distributed as dist
+
+    from scaling import compat
+
+    kind, delay = os.environ.get("SCALING_TEST_DELAY_KIND"), float(os.environ.get("SCALING_TEST_DELAY_S", "0"))
+    if not kind or delay <= 0:
+        return
+
+    def delayed(call, tensor_of):
+        def collective(*args, **kwargs):
+            tensor = tensor_of(args, kwargs)
+            if tensor is not None and tensor.is_cuda:
+                with torch.cuda.device(tensor.device):
+                    torch.cuda._sleep(int(delay * _cycles_per_second()))
+            return call(*args, **kwargs)
+
+        return collective
+
+    if kind == "reducescatter":
+        compat.reduce_scatter_into = delayed(compat.reduce_scatter_into, lambda a, k: a[1] if len(a) > 1 else None)
+    elif kind == "allgather":
+        compat.all_gather_into = delayed(compat.all_gather_into, lambda a, k: a[1] if len(a) > 1 else None)
+    elif kind == "broadcast":
+        dist.broadcast = delayed(dist.broadcast, lambda a, k: k.get("tensor", a[0] if a else None))
+    else:
+        raise ValueError(f"SCALING_TEST_DELAY_KIND={kind}: reducescatter, allgather or broadcast")
