@@ -16,7 +16,7 @@ What differs inside the range, each in one function here:
   ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` (every release).
 - ``ddp_buffer_sync``: DDP's switch for the buffer broadcast before forward,
   ``forward_sync_buffers`` in newer releases, ``broadcast_buffers`` before.
-- ``fsdp_comm_bases`` and ``fsdp_param_groups`` / ``fsdp_root_state``: FSDP2's comm
+- ``fsdp_comm_bases`` and ``fsdp_param_groups`` / ``fsdp_states``: FSDP2's comm
   bases and the internal objects at which the compute stream waits for a
   collective (timed on CUDA, ``scaling.instruments.sharded``).
 - ``zero_sync_params``: ZeRO-1's parameter broadcast, ``ZeroRedundancyOptimizer._sync_params``.
@@ -184,14 +184,19 @@ def fsdp_param_groups(module: Any) -> list[Any]:
     return groups
 
 
-def fsdp_root_state(module: Any) -> Any:
-    """The root module's FSDP state: its end-of-backward callback is where the compute stream waits for the
-    last reduce-scatters."""
-    return module._get_fsdp_state()
+def fsdp_states(module: Any) -> list[Any]:
+    """The FSDP state of every ``fully_shard``-ed module under ``module``: whichever of them backward reaches
+    first queues the end-of-backward callback (where the compute stream waits for the last reduce-scatters)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [sub._get_fsdp_state() for sub in module.modules() if isinstance(sub, FSDPModule)]
 
 
 FSDP_ALL_GATHER_WAIT = "wait_for_unshard"
 """FSDPParamGroup's method that makes the compute stream wait for the group's all-gather (then copies out)."""
+FSDP_POST_BACKWARD = "post_backward"
+"""FSDPParamGroup's method run as a block's gradients are ready: it issues the block's reduce-scatter and, where
+too many are in flight, makes the compute stream wait for the oldest."""
 FSDP_BACKWARD_END = "_root_post_backward_final_callback"
 """FSDPState's end-of-backward callback: the compute stream waits there for the reduce-scatters in flight."""
 

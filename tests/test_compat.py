@@ -165,7 +165,8 @@ def test_fsdp_internals_the_cuda_timing_waits_at(one_rank_group):
     groups = compat.fsdp_param_groups(model)
     assert len(groups) == 2  # the root has no parameters of its own
     assert all(callable(getattr(g, compat.FSDP_ALL_GATHER_WAIT)) for g in groups)
-    assert callable(getattr(compat.fsdp_root_state(model), compat.FSDP_BACKWARD_END))
+    assert all(callable(getattr(g, compat.FSDP_POST_BACKWARD)) for g in groups)
+    assert all(callable(getattr(state, compat.FSDP_BACKWARD_END)) for state in compat.fsdp_states(model))
     all_gather, reduce_scatter = compat.fsdp_comm_bases()
     assert callable(all_gather.__call__) and callable(reduce_scatter.__call__)
     assert all(compat.all_gather_in_flight(g) is None for g in groups)  # none left after a step

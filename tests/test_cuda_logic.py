@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import threading
+from collections import Counter
 
 import pytest
 import torch
@@ -108,6 +109,38 @@ def test_without_measured_waits_exposure_is_the_issuing_hold():
     timer.waited("allgather_fwd", 1.2, 1.25)  # not a waited kind here: ignored
     out = timer.resolve(timer.take_step())
     assert out["comm_allgather_fwd_exposed_s"] == pytest.approx(0.25)
+
+
+def test_fsdp_reaches_every_wait_the_exposure_marks():
+    """The marks around FSDP's waits, installed as on CUDA, on a one-process CPU FSDP model: per step both
+    blocks' forward all-gathers, their backward re-gathers, their post-backwards and the end-of-backward
+    callback (queued by whichever block backward reaches first, not by the root)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from scaling.instruments.sharded import time_compute_waits
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        mesh = init_device_mesh("cpu", (1,))
+        for block in model:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        timer = CommTimer(HostClock(), world_size=1, kinds=FSDP_KINDS)
+        assert time_compute_waits(model, timer)
+        assert timer.waited_kinds == frozenset(FSDP_KINDS)
+        for _ in range(2):
+            out = model(torch.ones(2, 4))
+            timer.begin_backward(timer.clock.mark())
+            out.sum().backward()
+            waits = timer.take_step().waits
+            assert Counter(kind for kind, _, _ in waits) == {"allgather_fwd": 2, "allgather_bwd": 2,
+                                                             "reducescatter": 3}
+            assert all(end >= start for _, start, end in waits)
+    finally:
+        dist.destroy_process_group()
 
 
 # -- the CUDA clock's device --------------------------------------------------------------------------

@@ -155,23 +155,27 @@ def time_compute_waits(module: torch.nn.Module, comm: CommTimer) -> bool:
     compute stream just before and after each such wait (``CommTimer.waited``) time
     what the compute stream actually waited for: for an all-gather, before the gathered
     block is copied out (``FSDPParamGroup.wait_for_unshard``, the wait made here
-    first, so FSDP's own finds it done); for the reduce-scatters, FSDP's end-of-backward
-    callback, where the compute stream waits for those still in flight. A reduce-scatter
-    waited for earlier (FSDP limits how many are in flight) is not counted: a lower bound.
+    first, so FSDP's own finds it done); for the reduce-scatters, each block's
+    post-backward (where FSDP makes the compute stream wait for the oldest one when too
+    many are in flight; the reduce-scatter itself is issued on its own stream) and FSDP's
+    end-of-backward callback, where the compute stream waits for those still in flight.
+    The compute stream's few kernels inside those two (gradient casts) count as waiting.
 
     False, with the exposure left at the issuing call's hold (an upper bound), where this
     torch lacks those internals.
     """
     try:
         groups = compat.fsdp_param_groups(module)
-        root = compat.fsdp_root_state(module)
-        originals = [getattr(g, compat.FSDP_ALL_GATHER_WAIT) for g in groups]
-        final = getattr(root, compat.FSDP_BACKWARD_END)
+        states = compat.fsdp_states(module)
+        originals = [(getattr(g, compat.FSDP_ALL_GATHER_WAIT), getattr(g, compat.FSDP_POST_BACKWARD)) for g in groups]
+        finals = [getattr(state, compat.FSDP_BACKWARD_END) for state in states]
     except AttributeError:
         return False
-    for group, original in zip(groups, originals):
-        setattr(group, compat.FSDP_ALL_GATHER_WAIT, _all_gather_wait(group, original, comm))
-    setattr(root, compat.FSDP_BACKWARD_END, _backward_end_wait(final, comm))
+    for group, (wait_for_unshard, post_backward) in zip(groups, originals):
+        setattr(group, compat.FSDP_ALL_GATHER_WAIT, _all_gather_wait(group, wait_for_unshard, comm))
+        setattr(group, compat.FSDP_POST_BACKWARD, _marked(post_backward, "reducescatter", comm))
+    for state, final in zip(states, finals):
+        setattr(state, compat.FSDP_BACKWARD_END, _marked(final, "reducescatter", comm))
     comm.waited_kinds = frozenset({"allgather_fwd", "allgather_bwd", "reducescatter"})
     return True
 
@@ -192,11 +196,13 @@ def _all_gather_wait(group: Any, original: Any, comm: CommTimer) -> Any:
     return wait_for_unshard
 
 
-def _backward_end_wait(original: Any, comm: CommTimer) -> Any:
-    def root_post_backward_final_callback(*args: Any, **kwargs: Any) -> Any:
+def _marked(original: Any, kind: str, comm: CommTimer) -> Any:
+    """``original`` between two marks on the current (compute) stream: the wait for ``kind`` inside it."""
+
+    def marked(*args: Any, **kwargs: Any) -> Any:
         start = comm.clock.mark()
         out = original(*args, **kwargs)
-        comm.waited("reducescatter", start, comm.clock.mark())
+        comm.waited(kind, start, comm.clock.mark())
         return out
 
-    return root_post_backward_final_callback
+    return marked
