@@ -20,7 +20,8 @@ What differs inside the range, each in one function here:
   bases and the internal objects at which the compute stream waits for a
   collective (timed on CUDA, ``scaling.instruments.sharded``).
 - ``zero_sync_params``: ZeRO-1's parameter broadcast, ``ZeroRedundancyOptimizer._sync_params``.
-- ``flop_formula``: ``torch.utils.flop_counter``'s formula of an operator.
+- ``flop_formula``: ``torch.utils.flop_counter``'s formula of an operator; ``is_reduction``:
+  the ``reduction`` operator tag (newer releases), else the operators it marks, by name.
 
 The version check reads the installed distribution's metadata, without importing
 torch; the rest imports torch when first called.
@@ -89,13 +90,14 @@ def refusal(version: str | None = None) -> str | None:
 
 def exit_if_unsupported(prog: str) -> None:
     """For an entry point, before it imports torch-dependent modules: one line on stderr and exit 2."""
-    import os
     import sys
+
+    from scaling.launch.layout import launch_rank
 
     line = refusal()
     if line is None:
         return
-    if os.environ.get("RANK", "0") in ("", "0"):  # one line per job, not per rank
+    if launch_rank() == 0:  # one line per job, not per rank (torchrun, Slurm, MPI)
         print(f"{prog}: error: {line}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -152,6 +154,26 @@ def zero_sync_params(optimizer_class: type) -> str:
         raise RuntimeError(f"this torch's ZeroRedundancyOptimizer has no {ZERO_SYNC}: its broadcast cannot be timed "
                            f"({range_text()} has it)")
     return ZERO_SYNC
+
+
+REDUCTIONS = frozenset({
+    "all", "amax", "amin", "aminmax", "any", "argmax", "argmin", "count_nonzero", "linalg__powsum",
+    "linalg_vector_norm", "logsumexp", "max", "mean", "min", "nansum", "norm", "prod", "std", "std_mean", "sum",
+    "var", "var_mean"})
+"""The aten operators torch 2.14's ``reduction`` tag marks (the tag is newer than 2.9)."""
+
+
+def is_reduction(func: Any, tags: Any = None) -> bool:
+    """Whether an operator overload reduces its input: by its tag where this torch has one, else by name
+    (``max.other`` and ``min.other`` are elementwise, not reductions)."""
+    if tags is None:
+        import torch
+
+        tags = torch.Tag
+    if hasattr(tags, "reduction"):
+        return tags.reduction in func.tags
+    packet, _, overload = func.name().removeprefix("aten::").partition(".")
+    return func.namespace == "aten" and packet in REDUCTIONS and overload != "other"
 
 
 def flop_formula(packet: Any) -> Callable[..., int] | None:

@@ -13,6 +13,7 @@ import sys
 import tomllib
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -143,6 +144,15 @@ def test_zero_parameter_sync_is_named_or_refused():
     assert compat.zero_sync_params(ZeroRedundancyOptimizer) == "_sync_params"
     with pytest.raises(RuntimeError, match=re.escape("torch>=2.9,<2.16")):
         compat.zero_sync_params(type("Without", (), {}))
+
+
+@pytest.mark.parametrize("end", ["this torch", "without the reduction tag"])
+def test_reductions_are_known_at_each_end(end):
+    tags = torch.Tag if end == "this torch" else SimpleNamespace(pointwise=torch.Tag.pointwise)
+    aten = torch.ops.aten
+    assert [compat.is_reduction(op, tags) for op in (aten.sum.dim_IntList, aten.mean.default, aten.amax.default,
+                                                     aten.max.default)] == [True] * 4
+    assert [compat.is_reduction(op, tags) for op in (aten.add.Tensor, aten.max.other, aten.mm.default)] == [False] * 3
 
 
 def test_flop_formula_of_a_matrix_product():

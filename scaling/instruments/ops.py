@@ -114,7 +114,7 @@ class OpCounter(TorchDispatchMode):
         elif name not in COPIES and outputs and torch.Tag.pointwise in func.tags:
             count.flops += max(t.numel() for t in outputs)
             count.flops_from = "elementwise"
-        elif torch.Tag.reduction in func.tags and inputs:
+        elif compat.is_reduction(func) and inputs:
             count.flops += inputs[0].numel()
             count.flops_from = "elementwise"
         elif name.startswith("aten::_foreach_") and args and isinstance(args[0], (list, tuple)):
