@@ -44,7 +44,9 @@ def device_delayed_allreduce(state, bucket):
         result = fut.value()
         if delay > 0:
             with torch.cuda.device(device):
-                channel = _state.setdefault(f"stream{device.index}", torch.cuda.Stream(device))
+                if f"stream{device.index}" not in _state:
+                    _state[f"stream{device.index}"] = torch.cuda.Stream(device)
+                channel = _state[f"stream{device.index}"]
                 current = torch.cuda.current_stream(device)
                 channel.wait_stream(current)
                 with torch.cuda.stream(channel):
