@@ -9,7 +9,6 @@ file on the oldest and the newest supported torch.
 from __future__ import annotations
 
 import re
-import sys
 import tomllib
 import warnings
 from pathlib import Path
