@@ -544,9 +544,10 @@ def check_hooks(check: Check, root: Path) -> None:
 MAPPING_SCRIPT = r"""
 import json, os, sys
 import torch, torch.distributed as dist
-from scaling.config import DistConfig
+from scaling import cli, config
 from scaling.launch import detect, group
-ctx = group.init(detect.detect(), DistConfig(backend="nccl"))
+cfg = config.parse(cli.compose_config(["+exp=mlp", "dist.backend=nccl"]))
+ctx = group.init(detect.detect(), cfg.dist)
 x = torch.full((1,), float(ctx.rank), device=ctx.device)
 dist.all_reduce(x)
 json.dump({"device": ctx.device.index, "current": torch.cuda.current_device(), "sum": float(x)},
