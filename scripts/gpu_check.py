@@ -732,6 +732,16 @@ def run_groups(check: Check, selected: list[str], root: Path, gpus: int, steps: 
     return not cut
 
 
+def torch_warning(version: str) -> str | None:
+    """A warning line when this torch is not the release CI runs the suite on (build tags aside)."""
+    from scaling import compat
+
+    if compat.release(version)[0] == compat.release(compat.CI_TORCH)[0]:
+        return None
+    return (f"gpu_check: warning: torch {version} is not CI's ({compat.CI_TORCH}): a failing row may be this "
+            "torch's difference")
+
+
 def parse_only(value: str | None) -> list[str]:
     if value is None:
         return list(GROUPS)
@@ -778,9 +788,9 @@ def main(argv: list[str] | None = None) -> int:
               "gpus": gpus, "nccl": ".".join(map(str, torch.cuda.nccl.version()))}
     print(f"torch {header['torch']}, CUDA {header['cuda']}, NCCL {header['nccl']}, {gpus} x {header['device']}",
           flush=True)
-    if compat.release(torch.__version__)[0] != compat.release(compat.CI_TORCH)[0]:
-        print(f"gpu_check: warning: torch {torch.__version__} is not CI's ({compat.CI_TORCH}): a failing row may be "
-              "this torch's difference", flush=True)
+    warning = torch_warning(torch.__version__)
+    if warning:
+        print(warning, flush=True)
     if not _importable("torchvision"):
         print("gpu_check: warning: no torchvision (install the one built for this torch): the resnet rows fail",
               flush=True)

@@ -59,6 +59,12 @@ def test_an_unknown_group_is_one_line(gpu_check, capsys):
     assert len(err) == 1 and "no such group ['nosuch']" in err[0] and "multi_gpu" in err[0]
 
 
+def test_a_torch_other_than_cis_is_named(gpu_check):
+    assert gpu_check.torch_warning("2.14.1+cu130") is None
+    assert gpu_check.torch_warning("2.11.0+cu130") == ("gpu_check: warning: torch 2.11.0+cu130 is not CI's (2.14.1): "
+                                                       "a failing row may be this torch's difference")
+
+
 def test_every_group_has_its_rows(gpu_check):
     assert all(callable(gpu_check.group_function(name)) for name in gpu_check.GROUPS)
 
