@@ -14,6 +14,8 @@ unsharded input of a reduce-scatter, FSDP's dim-0 padding included.
 
 On CPU every one of them waits for completion before FSDP goes on (gloo,
 ``async_op=False``): busy and exposed are equal, nothing hides behind compute.
+On CUDA they run on FSDP's own streams: busy is timed there, exposed where the
+compute stream waits for them (``time_compute_waits``).
 
 ZeRO-1's parameter broadcast (``ZeroRedundancyOptimizer.step`` broadcasts each
 rank's updated partition, waiting for all of them before it returns) is timed
