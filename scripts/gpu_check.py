@@ -20,11 +20,11 @@ as not run, with the reason):
               the peak against a plain fully_shard loop
   exposure    FSDP and ZeRO-1 on CUDA: a device delay put into the reduce-scatters, the all-gathers, ZeRO's
               broadcast, recovered in the right kind's busy and exposed time; busy never a sum of overlaps
-  hooks       the fp16, bf16 and PowerSGD comm hooks on CUDA tensors: wire bytes, a finite loss
   ops         the op profile on CUDA: kernel times vs compute_s, pass labels (no backward operator in the
               device copy of forward), bf16/TF32/fp32 peaks, device bandwidth, mlp memory- vs arithmetic-bound
   multi_gpu   with 2 or more GPUs: one GPU per local rank, more NCCL ranks than GPUs refused in one line, a
               2-rank NCCL DDP job with the device delay recovered
+  hooks       the fp16, bf16 and PowerSGD comm hooks on CUDA tensors: wire bytes, a finite loss
   inference   python -m scaling.infer on CUDA: latency, samples/s, memory, a host stall, the server answer
 
 First the dependencies (Hydra, OmegaConf and its parser; scripts/make_wheels.sh makes them as wheels in
@@ -683,12 +683,14 @@ GROUPS: dict[str, tuple[str, int, int]] = {
     "nccl": ("commbench all_reduce on NCCL, 1 rank", 1, 15),
     "fsdp": ("fsdp on 2 ranks: model state, bytes, gathered memory, peak vs a plain loop", 1, 40),
     "exposure": ("fsdp and zero1 exposure with a device delay per collective kind; busy as a union", 1, 75),
-    "hooks": ("fp16, bf16 and PowerSGD comm hooks on CUDA tensors", 1, 40),
     "ops": ("op profile on CUDA: kernel times, pass labels, precisions, bandwidth, bounds", 1, 60),
     "multi_gpu": ("one GPU per local rank, too many NCCL ranks refused, 2-rank NCCL DDP", 2, 45),
+    "hooks": ("fp16, bf16 and PowerSGD comm hooks on CUDA tensors", 1, 40),
     "inference": ("scaling.infer on CUDA: latency, samples/s, memory, stall, server", 1, 45),
 }
-"""name -> (what it checks, GPUs it needs, seconds it takes on one H100/H200, about)."""
+"""name -> (what it checks, GPUs it needs, seconds it takes on one H100/H200, about: estimates, not yet measured).
+
+In the order they run: the claims most often relied on first, so that a deadline cuts the others."""
 
 DEPENDENCIES = {"hydra": "hydra-core==1.3.2", "omegaconf": "omegaconf==2.3.0", "antlr4": "antlr4-python3-runtime==4.9.3",
                 "packaging": "packaging", "yaml": "PyYAML", "numpy": "numpy", "psutil": "psutil"}
