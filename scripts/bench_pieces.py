@@ -39,7 +39,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from scaling.instruments.clock import HostClock
 from scaling.instruments.comm import CommTimer, wire_count
 from scaling.instruments.timing import StepTimer
-from scaling.train.strategy import broadcast_buffers, forward_buffer_sync, scaled_backward
+from scaling.compat import ddp_buffer_sync
+from scaling.train.strategy import broadcast_buffers, scaled_backward
 
 VARIANTS = ("builtin", "hook", "wrapped", "buffers", "all")
 WARMUP = 5
@@ -51,7 +52,7 @@ class Variant:
         timed_buffers = name in ("buffers", "all")
         self.name = name
         self.model = DDP(torchvision.models.resnet18(weights=None, num_classes=10),
-                         **forward_buffer_sync(not timed_buffers))
+                         **ddp_buffer_sync(not timed_buffers))
         self.buffers = list(self.model.module.buffers()) if timed_buffers else []
         self.clock = HostClock()
         self.comm: CommTimer | None = None

@@ -1,40 +1,44 @@
-"""Every CUDA claim of the training job, checked on one GPU against a cause of known size, in one table.
+"""Every CUDA claim of the training job, checked against a cause of known size, in one table.
 
-    python scripts/gpu_check.py [--out results.json] [--quick]
+    python scripts/gpu_check.py [--out results.json] [--only GROUP[,GROUP]] [--deadline-s 360] [--steps 30]
 
-Each row runs real jobs (``python -m scaling.train`` or ``torchrun``) and
-compares what the records say with something measured independently of the
-instruments: a plain loop written here, ``torch.cuda.max_memory_allocated``
-taken by that loop, a delay injected on purpose. Rows:
+Each row runs real jobs (``python -m scaling.train`` or ``torchrun``) or a
+short script on the package's own instruments, and compares what they say
+with something measured independently: a plain loop written here,
+``torch.cuda.max_memory_allocated`` taken by that loop, a delay injected on
+purpose. Groups (``--only`` runs some of them; every group left out is listed
+as not run, with the reason):
 
-  timing     CUDA-event step time vs the wall clock of the same run, and vs a plain loop
-  overhead   the framework's wall throughput vs the plain loop
-  memory     the run's CUDA peak vs the plain loop's max_memory_allocated
-  mfu        MFU against a bf16 peak in the GPU's range; fp32 matmul models against the fp32 (not TF32) peak
-  stall      a 50 ms data stall per step recovered in data_s
-  comm       2 ranks on one GPU (gloo on CUDA tensors): a 30 ms delay per bucket recovered in comm_s
-  straggler  one of the 2 ranks stalled 60 ms per step: bound=straggler, that rank named, comm_wait_s recovered
-  nccl       NCCL initialises and all-reduces (commbench, 1 rank)
-  fsdp       dist.strategy=fsdp on 2 ranks (NCCL with 2 GPUs; with one GPU gloo on CUDA tensors, since NCCL
-             refuses two ranks on one device), bf16 MixedPrecisionPolicy: model state per rank against the
-             formula, gathered bf16 bytes and reduce-scattered fp32 bytes per step, the run's peak against a
-             plain fully_shard loop's max_memory_allocated
-  ops        the op profile on CUDA: kernel times from the profiler against compute_s, backward operators
-             counted on the autograd thread, bf16/TF32/fp32 peaks per operator precision, device bandwidth,
-             an mlp memory-bound at batch 1 and arithmetic-bound at batch 512
-  inference  python -m scaling.infer on CUDA (resnet50, bf16): single-stream latency (wall clock, device
-             synchronised) and offline samples/s against CUDA events of a plain loop, peak device memory per
-             batch size against its max_memory_allocated, a 20 ms host stall recovered in p50, the server
-             answer served live on the GPU
+  single_gpu  CUDA-event step time vs the wall clock and vs a plain loop; overhead; the memory peak vs
+              max_memory_allocated; MFU against the right peak; a 50 ms data stall recovered in data_s
+  two_ranks   2 ranks (gloo on CUDA tensors): a device delay per bucket recovered in comm_s, buckets.json,
+              a stalled rank recovered as straggler
+  ddp_hook    the NCCL DDP hook path: a 1-rank NCCL group, torch.cuda._sleep on the stream before an async
+              all-reduce, completion stamped at least the sleep after launch
+  nccl        NCCL initialises and all-reduces (commbench, 1 rank)
+  fsdp        dist.strategy=fsdp on 2 ranks, bf16 MixedPrecisionPolicy: model state, bytes, gathered memory,
+              the peak against a plain fully_shard loop
+  exposure    FSDP and ZeRO-1 on CUDA: a device delay put into the reduce-scatters, the all-gathers, ZeRO's
+              broadcast, recovered in the right kind's busy and exposed time; busy never a sum of overlaps
+  ops         the op profile on CUDA: kernel times vs compute_s, pass labels (no backward operator in the
+              device copy of forward), bf16/TF32/fp32 peaks, device bandwidth, mlp memory- vs arithmetic-bound
+  multi_gpu   with 2 or more GPUs: one GPU per local rank, more NCCL ranks than GPUs refused in one line, a
+              2-rank NCCL DDP job with the device delay recovered
+  hooks       the fp16, bf16 and PowerSGD comm hooks on CUDA tensors: wire bytes, a finite loss
+  inference   python -m scaling.infer on CUDA: latency, samples/s, memory, a host stall, the server answer
 
-Exit status 0 when every row passes. Needs one CUDA device; it takes about
-4 minutes on an H100.
+First the dependencies (Hydra, OmegaConf and its parser; scripts/make_wheels.sh makes them as wheels in
+.whl/, which gpu_check.sh installs), then CUDA: without one it says so in one line and exits 2. A torch
+other than CI's is named in a warning. Each row is printed, and written to ``--out`` (JSON, rewritten
+after every row), as it finishes. A group that would not finish before ``--deadline-s`` is not started.
+Exit status 0 when every row run passed and no group was cut by the deadline.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -132,15 +136,50 @@ dist.destroy_process_group()
 
 
 class Check:
-    def __init__(self) -> None:
+    """The table: rows as they finish, printed and (``out``) written at once; groups not run listed as such."""
+
+    def __init__(self, out: Path | None = None, header: dict | None = None) -> None:
         self.rows: list[dict] = []
+        self.out = out
+        self.header = header or {}
 
     def row(self, name: str, what: str, measured: str, expected: str, ok: bool) -> None:
-        self.rows.append({"check": name, "what": what, "measured": measured, "expected": expected, "ok": bool(ok)})
+        self._add({"check": name, "what": what, "measured": measured, "expected": expected, "ok": bool(ok),
+                   "status": "pass" if ok else "fail"})
         print(f"[{'PASS' if ok else 'FAIL'}] {name}: {what}: {measured} (expected {expected})", flush=True)
 
     def fail(self, name: str, error: str) -> None:
         self.row(name, "ran", error[-400:].replace("\n", " | "), "exit 0", False)
+
+    def not_run(self, name: str, what: str, reason: str) -> None:
+        self._add({"check": name, "what": what, "measured": None, "expected": None, "ok": None, "status": "not run",
+                   "reason": reason})
+        print(f"[NOT RUN] {name}: {reason}", flush=True)
+
+    def _add(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.out is not None:  # rewritten whole after every row: a cut run leaves a readable file
+            partial = self.out.with_name(self.out.name + ".partial")
+            partial.write_text(json.dumps({**self.header, "rows": self.rows}, indent=1))
+            partial.replace(self.out)
+
+    @property
+    def passed(self) -> bool:
+        return all(r["ok"] for r in self.rows if r["status"] != "not run")
+
+
+class Deadline:
+    """The whole call's time limit: no group starts that would not finish, no job outlives it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+DEADLINE = Deadline(float("inf"))
+"""Replaced by main() with the one given; every job's timeout is cut to what is left of it."""
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -152,22 +191,30 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def run(cmd: list[str], timeout: float = 240, **extra: str) -> subprocess.CompletedProcess:
+    timeout = max(1.0, min(timeout, DEADLINE.left()))
     proc = subprocess.run(cmd, cwd=REPO, env=env(**extra), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"exit {proc.returncode}: {' '.join(cmd[:6])}…\n{proc.stdout[-1500:]}\n{proc.stderr[-2500:]}")
     return proc
 
 
-def train(root: Path, name: str, overrides: list[str], nproc: int = 1, **extra: str) -> dict:
+def train(root: Path, name: str, overrides: list[str], nproc: int = 1, prelude: str | None = None,
+          **extra: str) -> dict:
+    """One training job; ``prelude``: Python run in each rank before ``scaling.train`` (a delay put in place)."""
     args = ["-m", "scaling.train", *overrides, f"paths.root={root}", f"study.name={name}"]
+    if prelude is not None:
+        code = f"{prelude}\nimport runpy; runpy.run_module('scaling.train', run_name='__main__', alter_sys=True)"
+        args = ["-c", code, *args[2:]]
     if nproc == 1:
         run([sys.executable, *args], **extra)
     else:
-        run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
-            **extra)
+        launcher = ["--no-python", sys.executable] if prelude is not None else []
+        run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *launcher,
+             *args], **extra)
     run_dir = next(p for p in (root / name).iterdir() if p.is_dir())
     record = json.loads((run_dir / "run.json").read_text())
     record["_steps"] = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines() if line]
+    record["_dir"] = str(run_dir)
     return record
 
 
@@ -285,6 +332,13 @@ def check_ops(check: Check, root: Path) -> None:
               f"convolution_backward {conv_back / 1e9:.0f} GFLOP, backward bytes "
               f"{sum(r['bytes'] for r in backward) / 2**30:.1f} GiB", "both > 0",
               conv_back > 0 and sum(r["bytes"] for r in backward) > 0)
+    forward_ops = {r["op"] for r in ops["rows"] if r["pass"] == "forward"}
+    misplaced = sorted(op for op in forward_ops if "backward" in op)
+    other_s = sum(r["time_s"] for r in ops["rows"] if r["kind"] == "other")
+    total_s = sum(r["time_s"] for r in ops["rows"]) or 1.0
+    check.row("ops", "pass labels on CUDA: no backward operator in forward, counted operators keep their kind",
+              f"backward operators in forward: {misplaced or 'none'}; kind other {100 * other_s / total_s:.1f} % "
+              "of kernel time", "none, < 5 %", not misplaced and other_s < 0.05 * total_s)
     hardware = ops["hardware"]
     peak_bf16, membw = hardware["peak_flops_per_s"].get("bf16", 0.0), hardware["peak_membw_Bps"]
     check.row("ops", "bf16 roof and device-to-device bandwidth (STREAM copy/scale/add/triad)",
@@ -360,6 +414,178 @@ def check_nccl(check: Check, root: Path) -> None:
     check.row("nccl", "commbench all_reduce on NCCL (1 rank)",
               f"backend {result['backend']}, {largest['bytes'] >> 20} MiB in {largest['time_s'] * 1e6:.0f} us",
               "backend nccl, a time > 0", result["backend"] == "nccl" and largest["time_s"] > 0)
+
+
+DDP_HOOK_SCRIPT = r"""
+import json, sys
+import torch, torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from scaling.instruments.clock import CudaClock
+from scaling.instruments.comm import CommTimer
+sleep_s, out = float(sys.argv[1]), sys.argv[2]
+device = torch.device("cuda", 0)
+torch.cuda.set_device(device)
+dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=device)
+start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+torch.cuda._sleep(10_000_000)
+start.record(); torch.cuda._sleep(100_000_000); end.record(); end.synchronize()
+cycles = int(sleep_s * 100_000_000 / (start.elapsed_time(end) / 1e3))
+
+def sleepy_allreduce(state, bucket):  # the device busy on this stream before the async all-reduce
+    torch.cuda._sleep(cycles)
+    return default_hooks.allreduce_hook(state, bucket)
+
+clock = CudaClock(device)
+timer = CommTimer(clock, 1)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(1024, 1024).to(device), device_ids=[0],
+                                                  bucket_cap_mb=1)
+model.register_comm_hook(None, timer.wrap(sleepy_allreduce))
+gaps = []
+for step in range(6):
+    timer.begin_backward(clock.mark())
+    model(torch.randn(64, 1024, device=device)).sum().backward()
+    events = timer.take_step().events
+    if step >= 2:  # after DDP's bucket rebuild
+        gaps += [clock.seconds_between(e.launch, e.done) for e in events]
+json.dump({"gaps_s": gaps, "buckets": len(events)}, open(out, "w"))
+dist.destroy_process_group()
+"""
+
+
+def check_ddp_hook(check: Check, root: Path) -> None:
+    out = root / "ddp_hook.json"
+    run([sys.executable, "-c", DDP_HOOK_SCRIPT, "0.02", str(out)])
+    done = json.loads(out.read_text())
+    gaps = done["gaps_s"]
+    check.row("ddp_hook", "NCCL DDP hook path (1 rank): 20 ms device sleep before each async all-reduce, "
+              "completion - launch per bucket (CUDA events)",
+              f"{min(gaps) * 1e3:.1f} .. {max(gaps) * 1e3:.1f} ms over {len(gaps)} buckets", ">= 20 ms, < 25 ms",
+              bool(gaps) and min(gaps) >= 0.0199 and max(gaps) < 0.025)
+
+
+DELAY_PRELUDE = "import tests.gpu_hooks as hooks; hooks.delay_collectives()"
+
+
+def _gain(base: dict, slow: dict, key: str) -> float:
+    return slow["summary"][key] - base["summary"][key]
+
+
+def _busy_is_a_union(done: dict, kinds: tuple[str, ...]) -> bool:
+    """comm_s covers the longest kind and never exceeds the kinds' sum (rank 0's steps)."""
+    steps = [json.loads(line) for line in (Path(done["_dir"]) / "logs" / "rank0.steps.jsonl").read_text().splitlines()
+             if line.strip()]
+    return all(max(st[f"comm_{k}_s"] for k in kinds) - 1e-6 <= st["comm_s"]
+               <= st["comm_sync_s"] + sum(st[f"comm_{k}_s"] for k in kinds) + 1e-6 for st in steps)
+
+
+def check_exposure(check: Check, root: Path) -> None:
+    import torch
+
+    backend = "nccl" if torch.cuda.device_count() >= 2 else "gloo"
+    where = "NCCL, 2 GPUs" if backend == "nccl" else "gloo on CUDA tensors, 2 ranks on 1 GPU"
+    fsdp = [*FSDP_MLP, f"dist.backend={backend}", "dist.device=cuda", "train.steps=6", "train.warmup_steps=2"]
+    delay = "0.01"
+    base = train(root, "exp-fsdp", fsdp, nproc=2, prelude=DELAY_PRELUDE)
+    rs = train(root, "exp-fsdp-rs", fsdp, nproc=2, prelude=DELAY_PRELUDE, SCALING_TEST_DELAY_KIND="reducescatter",
+               SCALING_TEST_DELAY_S=delay)
+    calls = rs["summary"]["comm_buckets"]
+    busy = _gain(base, rs, "comm_reducescatter_s")
+    exposed, slower = _gain(base, rs, "comm_reducescatter_exposed_s"), _gain(base, rs, "step_s")
+    gathers = _gain(base, rs, "comm_allgather_fwd_exposed_s") + _gain(base, rs, "comm_allgather_bwd_exposed_s")
+    check.row("exposure", f"fsdp ({where}): 10 ms on the device per reduce-scatter x {calls:.0f}: busy gain, "
+              "exposed gain vs step_s gain, all-gather exposure",
+              f"+{busy * 1e3:.1f} ms busy, +{exposed * 1e3:.1f} of +{slower * 1e3:.1f} ms exposed, all-gathers "
+              f"{gathers * 1e3:+.1f} ms", f"busy {calls * 10:.0f} ms within 20 %, exposed within 20 % of the step's "
+              "gain, all-gathers within 2 ms",
+              within(busy, calls * 0.01, 0.20) and within(exposed, slower, 0.20) and abs(gathers) < 0.002)
+    ag = train(root, "exp-fsdp-ag", fsdp, nproc=2, prelude=DELAY_PRELUDE, SCALING_TEST_DELAY_KIND="allgather",
+               SCALING_TEST_DELAY_S=delay)
+    exposed = _gain(base, ag, "comm_allgather_fwd_exposed_s") + _gain(base, ag, "comm_allgather_bwd_exposed_s")
+    slower, scatters = _gain(base, ag, "step_s"), _gain(base, ag, "comm_reducescatter_exposed_s")
+    check.row("exposure", f"fsdp ({where}): 10 ms on the device per all-gather: exposed all-gather gain vs step_s "
+              "gain, reduce-scatter exposure",
+              f"+{exposed * 1e3:.1f} of +{slower * 1e3:.1f} ms, reduce-scatters {scatters * 1e3:+.1f} ms",
+              "within 20 %, reduce-scatters within 2 ms", within(exposed, slower, 0.20) and abs(scatters) < 0.002)
+    kinds = ("allgather_fwd", "allgather_bwd", "reducescatter")
+    check.row("exposure", "fsdp busy time: comm_s a union of the kinds' intervals (every step, rank 0)",
+              f"{base['summary']['comm_s'] * 1e3:.1f} ms vs kinds' sum "
+              f"{sum(base['summary'][f'comm_{k}_s'] for k in kinds) * 1e3:.1f} ms",
+              "max kind <= comm_s <= sum", _busy_is_a_union(base, kinds) and _busy_is_a_union(rs, kinds))
+    zero = [*MLP, "dist.strategy=zero1", "optim=adamw", f"dist.backend={backend}", "dist.device=cuda",
+            "train.steps=6", "train.warmup_steps=2", "instrument.control_steps=0"]
+    zbase = train(root, "exp-zero", zero, nproc=2, prelude=DELAY_PRELUDE)
+    zslow = train(root, "exp-zero-bc", zero, nproc=2, prelude=DELAY_PRELUDE, SCALING_TEST_DELAY_KIND="broadcast",
+                  SCALING_TEST_DELAY_S=delay)
+    exposed, slower = _gain(zbase, zslow, "comm_broadcast_exposed_s"), _gain(zbase, zslow, "step_s")
+    reduced = _gain(zbase, zslow, "comm_allreduce_exposed_s")
+    check.row("exposure", f"zero1 ({where}): 10 ms on the device per broadcast: exposed broadcast gain vs step_s "
+              "gain, all-reduce exposure", f"+{exposed * 1e3:.1f} of +{slower * 1e3:.1f} ms, all-reduce "
+              f"{reduced * 1e3:+.1f} ms", "within 15 %, all-reduce within 2 ms",
+              within(exposed, slower, 0.15) and abs(reduced) < 0.002)
+
+
+def check_hooks(check: Check, root: Path) -> None:
+    import torch
+
+    backend = "nccl" if torch.cuda.device_count() >= 2 else "gloo"
+    shared = [*MLP, f"dist.backend={backend}", "dist.device=cuda", "train.steps=6", "train.warmup_steps=3",
+              "instrument.control_steps=0", "instrument.ops=false"]
+    for hook, share in (("fp16", (0.5, 0.5)), ("bf16", (0.5, 0.5)), ("powersgd", (0.0, 0.1))):
+        done = train(root, f"hook-{hook}", [*shared, f"comm.hook={hook}"], nproc=2)
+        steps = done["_steps"]
+        ratio = statistics.median(st["comm_wire_bytes"] / st["comm_bytes"] for st in steps)
+        loss = done["final_loss"]
+        check.row("hooks", f"comm.hook={hook} on CUDA tensors ({backend}): wire bytes / gradient bytes, loss",
+                  f"{ratio:.3f}, loss {loss:.4f}, comm_s {done['summary']['comm_s'] * 1e3:.2f} ms",
+                  f"{share[0]}..{share[1]}, a finite loss, comm_s > 0",
+                  share[0] <= ratio <= share[1] + 1e-9 and math.isfinite(loss) and done["summary"]["comm_s"] > 0)
+
+
+MAPPING_SCRIPT = r"""
+import json, os, sys
+import torch, torch.distributed as dist
+from scaling import cli, config
+from scaling.launch import detect, group
+cfg = config.parse(cli.compose_config(["+exp=mlp", "dist.backend=nccl"]))
+ctx = group.init(detect.detect(), cfg.dist)
+x = torch.full((1,), float(ctx.rank), device=ctx.device)
+dist.all_reduce(x)
+json.dump({"device": ctx.device.index, "current": torch.cuda.current_device(), "sum": float(x)},
+          open(f"{sys.argv[1]}.{ctx.rank}", "w"))
+group.teardown()
+"""
+
+
+def check_multi_gpu(check: Check, root: Path) -> None:
+    import torch
+
+    gpus = torch.cuda.device_count()
+    out = root / "mapping"
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "--no-python",
+         sys.executable, "-c", MAPPING_SCRIPT, str(out)])
+    seen = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(gpus)]
+    check.row("multi_gpu", f"one GPU per local rank ({gpus} ranks, NCCL): device and current device per rank",
+              f"{[(s['device'], s['current']) for s in seen]}, all-reduce {seen[0]['sum']:.0f}",
+              f"rank r on GPU r, all-reduce {gpus * (gpus - 1) // 2}",
+              [(s["device"], s["current"]) for s in seen] == [(r, r) for r in range(gpus)]
+              and seen[0]["sum"] == gpus * (gpus - 1) // 2)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={gpus + 1}", "-m", "scaling.train", *MLP, "dist.backend=nccl",
+                           "train.steps=2", f"paths.root={root}"], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=max(1.0, min(120, DEADLINE.left())))
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("scaling.train: error:")]
+    check.row("multi_gpu", f"{gpus + 1} NCCL ranks on {gpus} GPUs: refused before any process group, one line",
+              f"exit {proc.returncode}: {lines[0][:120] if lines else proc.stderr[-200:]}",
+              "exit != 0, 'dist.backend=nccl: N processes on this node and M visible GPUs'",
+              proc.returncode != 0 and len(lines) == 1 and "visible GPUs" in lines[0])
+    shared = [*MLP, "dist.backend=nccl", "train.steps=6", "train.warmup_steps=2",
+              "comm.hook=tests.gpu_hooks:device_delayed_allreduce"]
+    base = train(root, "nccl0", shared, nproc=2, SCALING_TEST_DELAY_S="0")
+    slow = train(root, "nccl1", shared, nproc=2, SCALING_TEST_DELAY_S="0.02")
+    buckets, grown = slow["summary"]["comm_buckets"], _gain(base, slow, "comm_s")
+    check.row("multi_gpu", f"2-rank NCCL DDP: 20 ms on the device per bucket x {buckets:.0f}, seen in comm_s",
+              f"+{grown * 1e3:.1f} ms, bound {slow['summary']['bound']}", f"{buckets * 20:.0f} ms within 20 %, "
+              "bound communication", within(grown, buckets * 0.02, 0.20) and slow["summary"]["bound"] == "communication")
 
 
 INFER_RESNET = ["+exp=resnet", "model=resnet50", "data.image_size=224", "train.amp=bf16", "data.num_samples=64",
@@ -450,41 +676,140 @@ def check_inference(check: Check, root: Path) -> None:
               len(served) == 2 and all(t["queries"] >= 662 for t in served))
 
 
-def main() -> int:
+GROUPS: dict[str, tuple[str, int, int]] = {
+    "single_gpu": ("timing, overhead, memory, mfu, stall (resnet50 bf16, fp32 transformer)", 1, 75),
+    "two_ranks": ("comm, buckets, straggler: 2 ranks, gloo on CUDA tensors", 1, 45),
+    "ddp_hook": ("the NCCL DDP hook path: completion at least the device sleep after launch", 1, 15),
+    "nccl": ("commbench all_reduce on NCCL, 1 rank", 1, 15),
+    "fsdp": ("fsdp on 2 ranks: model state, bytes, gathered memory, peak vs a plain loop", 1, 40),
+    "exposure": ("fsdp and zero1 exposure with a device delay per collective kind; busy as a union", 1, 75),
+    "ops": ("op profile on CUDA: kernel times, pass labels, precisions, bandwidth, bounds", 1, 60),
+    "multi_gpu": ("one GPU per local rank, too many NCCL ranks refused, 2-rank NCCL DDP", 2, 45),
+    "hooks": ("fp16, bf16 and PowerSGD comm hooks on CUDA tensors", 1, 40),
+    "inference": ("scaling.infer on CUDA: latency, samples/s, memory, stall, server", 1, 45),
+}
+"""name -> (what it checks, GPUs it needs, seconds it takes on one H100/H200, about: estimates, not yet measured).
+
+In the order they run: the claims most often relied on first, so that a deadline cuts the others."""
+
+DEPENDENCIES = {"hydra": "hydra-core==1.3.2", "omegaconf": "omegaconf==2.3.0", "antlr4": "antlr4-python3-runtime==4.9.3",
+                "packaging": "packaging", "yaml": "PyYAML", "numpy": "numpy", "psutil": "psutil"}
+"""What the jobs import beyond torch (module -> requirement); scripts/make_wheels.sh makes each a wheel."""
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def missing_dependencies(importable=_importable) -> list[str]:
+    """The requirements of the jobs that this Python cannot import (Hydra and its parser among them)."""
+    return [requirement for module, requirement in DEPENDENCIES.items() if not importable(module)]
+
+
+def group_function(name: str):
+    return globals()[f"check_{name}"]
+
+
+def run_groups(check: Check, selected: list[str], root: Path, gpus: int, steps: int, deadline: Deadline,
+               groups: dict[str, tuple[str, int, int]] = GROUPS, function=group_function) -> bool:
+    """Every group in ``groups`` order: run, or listed as not run with the reason. False when the deadline cut one."""
+    cut = False
+    for name, (what, needs, estimate_s) in groups.items():
+        if name not in selected:
+            check.not_run(name, what, "not selected (--only)")
+        elif gpus < needs:
+            check.not_run(name, what, f"needs {needs} GPUs, {gpus} visible")
+        elif deadline.left() < estimate_s:
+            check.not_run(name, what, f"deadline: {max(0.0, deadline.left()):.0f} s left, the group takes "
+                                      f"about {estimate_s} s")
+            cut = True
+        else:
+            try:
+                call = function(name)
+                call(check, root, steps) if name == "single_gpu" else call(check, root)
+            except Exception as exc:  # one failing group must not hide the others
+                check.fail(name, str(exc))
+    return not cut
+
+
+def torch_warning(version: str) -> str | None:
+    """A warning line when this torch is not the release CI runs the suite on (build tags aside)."""
+    from scaling import compat
+
+    if compat.release(version)[0] == compat.release(compat.CI_TORCH)[0]:
+        return None
+    return (f"gpu_check: warning: torch {version} is not CI's ({compat.CI_TORCH}): a failing row may be this "
+            "torch's difference")
+
+
+def parse_only(value: str | None) -> list[str]:
+    if value is None:
+        return list(GROUPS)
+    chosen = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in GROUPS]
+    if unknown or not chosen:
+        print(f"gpu_check: error: --only {value}: no such group {unknown or value!r}; groups: {', '.join(GROUPS)}",
+              file=sys.stderr)
+        raise SystemExit(2)
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    global DEADLINE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", help="also write the table as JSON here")
+    parser.add_argument("--out", type=Path, help="the table as JSON, rewritten as each row finishes")
+    parser.add_argument("--only", help=f"comma-separated groups to run: {', '.join(GROUPS)}")
+    parser.add_argument("--deadline-s", type=float, default=360.0, help="no group starts that would end after this")
     parser.add_argument("--steps", type=int, default=30)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    selected = parse_only(args.only)
+    missing = missing_dependencies()
+    if missing:
+        print(f"gpu_check: error: this Python ({sys.version.split()[0]}) lacks {', '.join(missing)}: make the wheels "
+              "with `bash scripts/make_wheels.sh` where a package index is reachable and copy .whl/ here "
+              "(bash scripts/gpu_check.sh installs them)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(REPO))
+    from scaling import compat
+
+    refusal = compat.refusal()
+    if refusal is not None:
+        print(f"gpu_check: error: {refusal}", file=sys.stderr)
+        return 2
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device visible; nothing to check", file=sys.stderr)
+        print(f"gpu_check: error: no CUDA device visible (torch {torch.__version__}, CUDA build "
+              f"{torch.version.cuda or 'none'}); nothing to check", file=sys.stderr)
         return 2
-    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}, "
-          f"{torch.cuda.get_device_name()}", flush=True)
-    check = Check()
+    DEADLINE = Deadline(args.deadline_s)
+    gpus = torch.cuda.device_count()
+    header = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(),
+              "gpus": gpus, "nccl": ".".join(map(str, torch.cuda.nccl.version()))}
+    print(f"torch {header['torch']}, CUDA {header['cuda']}, NCCL {header['nccl']}, {gpus} x {header['device']}",
+          flush=True)
+    warning = torch_warning(torch.__version__)
+    if warning:
+        print(warning, flush=True)
+    if not _importable("torchvision"):
+        print("gpu_check: warning: no torchvision (install the one built for this torch): the resnet rows fail",
+              flush=True)
+    check = Check(args.out, header)
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for name, step in (("single-gpu", lambda: check_single_gpu(check, root, args.steps)),
-                           ("two-ranks", lambda: check_two_ranks(check, root)),
-                           ("nccl", lambda: check_nccl(check, root)),
-                           ("fsdp", lambda: check_fsdp(check, root)),
-                           ("ops", lambda: check_ops(check, root)),
-                           ("inference", lambda: check_inference(check, root))):
-            try:
-                step()
-            except Exception as exc:  # one failing group must not hide the others
-                check.fail(name, str(exc))
-    print(f"\n{'check':<10} {'ok':<5} {'what':<78} measured  [expected]")
+        complete = run_groups(check, selected, Path(tmp), gpus, args.steps, DEADLINE)
+    print(f"\n{'check':<10} {'':<7} {'what':<78} measured  [expected]")
     for r in check.rows:
-        print(f"{r['check']:<10} {'PASS' if r['ok'] else 'FAIL':<5} {r['what'][:78]:<78} {r['measured']}  [{r['expected']}]")
-    print(f"\n{sum(r['ok'] for r in check.rows)} passed, {sum(not r['ok'] for r in check.rows)} failed "
-          f"in {time.time() - started:.0f} s")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(),
-                                              "rows": check.rows}, indent=1))
-    return 0 if all(r["ok"] for r in check.rows) else 1
+        if r["status"] == "not run":
+            print(f"{r['check']:<10} {'NOT RUN':<7} {r['what'][:78]:<78} ({r['reason']})")
+        else:
+            print(f"{r['check']:<10} {r['status'].upper():<7} {r['what'][:78]:<78} {r['measured']}  [{r['expected']}]")
+    ran = [r for r in check.rows if r["status"] != "not run"]
+    print(f"\n{sum(r['ok'] for r in ran)} passed, {sum(not r['ok'] for r in ran)} failed, "
+          f"{len(check.rows) - len(ran)} groups not run, in {time.time() - started:.0f} s")
+    return 0 if check.passed and complete else 1
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from scaling import compat
 from scaling.bench import commfit, commplot
 from scaling.config import ConfigError, DistConfig, PathsConfig, to_container
 from scaling.launch import detect
@@ -191,11 +192,11 @@ def torch_case(op: str, elements: int, world_size: int, device: torch.device) ->
     elif op == "all_gather":
         inp = torch.empty(per_rank, dtype=torch.float32, device=device)
         out = torch.empty(elements, dtype=torch.float32, device=device)
-        run = lambda: dist.all_gather_single(out, inp)  # noqa: E731
+        run = lambda: compat.all_gather_into(out, inp)  # noqa: E731
     elif op == "reduce_scatter":
         inp = torch.empty(elements, dtype=torch.float32, device=device)
         out = torch.empty(per_rank, dtype=torch.float32, device=device)
-        run = lambda: dist.reduce_scatter_single(out, inp)  # noqa: E731
+        run = lambda: compat.reduce_scatter_into(out, inp)  # noqa: E731
     else:
         buf = torch.empty(elements, dtype=torch.float32, device=device)
         inp, out, run = buf, buf, lambda: dist.broadcast(buf, src=0)

@@ -31,12 +31,20 @@ ZeRO-1's parameter broadcast: ``CommTimer.issue``) are timed at the call
 that issues them: busy from the issue to completion, exposed while the
 calling thread is held in the call. Per kind of collective (``COMM_KINDS``
 in the schema) a step has ``comm_<kind>_s``, ``comm_<kind>_exposed_s`` and
-``comm_<kind>_bytes``; the kinds' busy times plus ``comm_sync_s`` are
-``comm_s``, their exposed times plus ``comm_sync_s`` are ``comm_exposed_s``,
-their bytes are ``comm_bytes``/``comm_wire_bytes``. On CUDA a mark is an
-event on the stream the collective runs on, so an FSDP collective's exposed
-time equals its busy time there: an upper bound (the compute stream's own
-waits are not timed).
+``comm_<kind>_bytes``. ``comm_s`` is the union of every interval of every kind
+and of ``comm_sync_s``, never a sum: on CUDA an all-gather and a reduce-scatter
+run at once on streams of their own, and summing them would count the same
+second twice (and halve algbw/busbw). ``comm_exposed_s`` is the union of the
+exposed intervals the same way; the bytes add up to ``comm_bytes``/``comm_wire_bytes``.
+
+On CUDA a mark is an event on the current stream. FSDP issues its collectives
+on streams of its own, so the issuing call's hold says nothing of what the
+compute stream waited for; for those kinds (``waited_kinds``) the exposed
+time is measured instead where the compute stream waits (``waited``: events
+on the compute stream just before and after the wait,
+``scaling.instruments.sharded``). ZeRO-1's broadcast is waited for by the
+optimizer at once, on the compute stream: its issue-to-return interval is
+its wait.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -119,6 +127,15 @@ BUS_FACTORS = {"allreduce": lambda n: 2 * (n - 1) / n, "allgather_fwd": lambda n
 """nccl-tests' bus-bandwidth factor of each kind of collective."""
 
 
+class StepComm(NamedTuple):
+    """What one step's communication left: the marks ``CommTimer.resolve`` turns into seconds."""
+
+    events: list[BucketEvent]
+    syncs: list[tuple[Any, Any]]
+    collectives: list[CollectiveEvent]
+    waits: list[tuple[str, Any, Any]]
+
+
 @dataclass
 class CommTimer:
     """Wraps a comm hook; collects one BucketEvent per bucket per step."""
@@ -134,6 +151,10 @@ class CommTimer:
     """The kinds of collective the strategy issues (schema.STRATEGY_KINDS): the per-kind keys of every step."""
     collectives: list[CollectiveEvent] = field(default_factory=list)
     """This step's collectives issued through ``issue``."""
+    waits: list[tuple[str, Any, Any]] = field(default_factory=list)
+    """This step's (kind, start, end) marks around the compute stream's waits for a collective (``waited``)."""
+    waited_kinds: frozenset[str] = frozenset()
+    """The kinds whose exposed time is the measured waits, not the issuing call's hold (FSDP's on CUDA)."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _backward_start: Any = None
     _in_backward: bool = False
@@ -164,6 +185,11 @@ class CommTimer:
         with self._lock:
             self.collectives.append(event)
         return work
+
+    def waited(self, kind: str, start: Any, end: Any) -> None:
+        """Marks on the compute stream just before and after it waited for a collective of ``kind``."""
+        with self._lock:
+            self.waits.append((kind, start, end))
 
     def wrap(self, hook: Hook, count: WireCount | None = None) -> Hook:
         count = count or full_bytes
@@ -224,20 +250,20 @@ class CommTimer:
         collective()
         self.syncs.append((start, self.clock.mark()))
 
-    def take_step(self) -> tuple[list[BucketEvent], list[tuple[Any, Any]], list[CollectiveEvent]]:
+    def take_step(self) -> StepComm:
         """The events of the step that just finished; starts a new step."""
         with self._lock:
             events, self.events = self.events, []
             collectives, self.collectives = self.collectives, []
+            waits, self.waits = self.waits, []
         syncs, self.syncs = self.syncs, []
         self._in_backward = False
         if events:
             self.bucket_buffer_bytes = {e.index: e.nbytes for e in events}
-        return events, syncs, collectives
+        return StepComm(events, syncs, collectives, waits)
 
-    def resolve(self, taken: tuple[list[BucketEvent], list[tuple[Any, Any]], list[CollectiveEvent]]
-                ) -> dict[str, float]:
-        events, syncs, collectives = taken
+    def resolve(self, taken: StepComm) -> dict[str, float]:
+        events, syncs, collectives, waits = taken
         marks = [start for start, _ in syncs] + [e.launch for e in events] + [c.start for c in collectives]
         if not marks:
             return {"comm_s": 0.0, "comm_exposed_s": 0.0, "comm_sync_s": 0.0, "overlap": 0.0, "comm_bytes": 0.0,
@@ -245,14 +271,14 @@ class CommTimer:
                     **{f"comm_{kind}{suffix}": 0.0 for kind in self.kinds for suffix in ("_s", "_exposed_s", "_bytes")}}
         origin = marks[0]
         since = lambda mark: self.clock.seconds_between(origin, mark)  # noqa: E731
-        sync_s = union_length(sorted((since(start), since(end)) for start, end in syncs))
-        busy: dict[str, float] = {}
-        exposed: dict[str, float] = {}
+        sync_intervals = [(since(start), since(end)) for start, end in syncs]
+        busy: dict[str, list[tuple[float, float]]] = {}
+        exposed: dict[str, list[tuple[float, float]]] = {}
         payload: dict[str, float] = {}
         wire: dict[str, float] = {}
-        intervals = sorted((since(e.launch), since(e.done)) for e in events)
-        busy["allreduce"] = union_length(intervals)
-        exposed["allreduce"] = 0.0
+        intervals = [(since(e.launch), since(e.done)) for e in events]
+        busy["allreduce"] = intervals
+        exposed["allreduce"] = []
         if intervals:
             last_ready = max(start for start, _ in intervals)
             last_done = max(end for _, end in intervals)
@@ -260,17 +286,22 @@ class CommTimer:
             # hook held backward up before returning its future (a blocking
             # hook such as MPI's all-reduce hides nothing behind backward).
             blocking = [(since(e.launch), since(e.returned)) for e in events]
-            exposed["allreduce"] = union_length(sorted(blocking + [(last_ready, last_done)]))
+            exposed["allreduce"] = blocking + [(last_ready, last_done)]
         payload["allreduce"] = float(sum(e.nbytes for e in events))
         wire["allreduce"] = float(sum(e.wire_bytes for e in events))
         for kind in {c.kind for c in collectives}:
             mine = [c for c in collectives if c.kind == kind]
-            busy[kind] = union_length(sorted((since(c.start), since(c.done)) for c in mine))
-            exposed[kind] = union_length(sorted((since(c.start), since(c.returned)) for c in mine))
+            busy[kind] = [(since(c.start), since(c.done)) for c in mine]
+            if kind in self.waited_kinds:
+                exposed[kind] = [(since(start), since(end)) for k, start, end in waits if k == kind]
+            else:
+                exposed[kind] = [(since(c.start), since(c.returned)) for c in mine]
             payload[kind] = wire[kind] = float(sum(c.nbytes for c in mine))
-        transfer = sum(busy.values())  # kinds never overlap on CPU: each waits for the one before
-        total = transfer + sync_s
-        on_path = sync_s + sum(exposed.values())
+        every = lambda by_kind: [i for kind_intervals in by_kind.values() for i in kind_intervals]  # noqa: E731
+        transfer = union_length(sorted(every(busy)))
+        total = union_length(sorted(every(busy) + sync_intervals))
+        on_path = union_length(sorted(every(exposed) + sync_intervals))
+        sync_s = union_length(sorted(sync_intervals))
         sent = sum(wire.values())
         n = self.world_size
         algbw = sent / transfer / 1e9 if transfer > 0 else 0.0
@@ -287,8 +318,8 @@ class CommTimer:
             "busbw_GBps": busbw,
         }
         for kind in self.kinds:
-            out[f"comm_{kind}_s"] = busy.get(kind, 0.0)
-            out[f"comm_{kind}_exposed_s"] = exposed.get(kind, 0.0)
+            out[f"comm_{kind}_s"] = union_length(sorted(busy.get(kind, [])))
+            out[f"comm_{kind}_exposed_s"] = union_length(sorted(exposed.get(kind, [])))
             out[f"comm_{kind}_bytes"] = wire.get(kind, 0.0)
         return out
 

@@ -16,8 +16,10 @@ kernel: below composite operators such as ``aten::linear`` (which become
   copies, indexing).
 - ``bytes``: the operator's input and output tensors, each counted once per
   call (a view moves none): a lower bound of its memory traffic.
-- ``pass``: forward, backward or optimizer, from the time range the operator
-  started in (backward's operators may run on the autograd engine's threads).
+- ``pass``: forward, backward or optimizer, from the host-side time range the
+  operator started in (backward's operators may run on the autograd engine's
+  threads; the device-side copies of the ranges that CUDA profiles hold are
+  later on the GPU timeline and say nothing of where an operator was called).
 
 The rows are finished (intensity, achieved rates, kind) by
 ``scaling.instruments.roofline``.
@@ -33,10 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry
-
+from scaling import compat
 from scaling.instruments import roofline
 
 ANNOTATION = "scaling::"
@@ -105,13 +107,14 @@ class OpCounter(TorchDispatchMode):
         inputs = _tensors((args, {k: v for k, v in kwargs.items() if k != "out"}))
         outputs = _tensors(out)
         packet = func.overloadpacket
-        if packet in flop_registry:
-            count.flops += flop_registry[packet](*args, **kwargs, out_val=out)
+        formula = compat.flop_formula(packet)
+        if formula is not None:
+            count.flops += formula(*args, **kwargs, out_val=out)
             count.flops_from = "flop_counter"
         elif name not in COPIES and outputs and torch.Tag.pointwise in func.tags:
             count.flops += max(t.numel() for t in outputs)
             count.flops_from = "elementwise"
-        elif torch.Tag.reduction in func.tags and inputs:
+        elif compat.is_reduction(func) and inputs:
             count.flops += inputs[0].numel()
             count.flops_from = "elementwise"
         elif name.startswith("aten::_foreach_") and args and isinstance(args[0], (list, tuple)):
@@ -166,6 +169,17 @@ def _calls_any(event, names: set[str]) -> bool:
     return any(child.name in names or _calls_any(child, names) for child in event.cpu_children)
 
 
+def pass_ranges(events) -> list[tuple[float, float, str]]:
+    """(start, end, pass) of each annotated pass on the host timeline.
+
+    On CUDA the profiler also lists a device-side copy of every annotation, spanning the
+    kernels launched in it: later on the GPU timeline, overlapping the host's next pass.
+    Only the host's own ranges say in which pass an operator was called.
+    """
+    return sorted((e.time_range.start, e.time_range.end, e.name[len(ANNOTATION):]) for e in events
+                  if e.name.startswith(ANNOTATION) and e.device_type == DeviceType.CPU)
+
+
 def operator_times(events, cuda: bool, counted: set[str] = frozenset()) -> dict[tuple[str, str], OpTime]:
     """(pass, operator) -> calls and time, from the profiler's events.
 
@@ -175,8 +189,7 @@ def operator_times(events, cuda: bool, counted: set[str] = frozenset()) -> dict[
     it and its callees launched). Its pass is the annotated range it started
     in; operators outside the three passes (data loading) are left out.
     """
-    ranges = sorted((e.time_range.start, e.time_range.end, e.name[len(ANNOTATION):])
-                    for e in events if e.name.startswith(ANNOTATION))
+    ranges = pass_ranges(events)
     composite: dict[str, bool] = {}
     times: dict[tuple[str, str], OpTime] = {}
 

@@ -14,6 +14,8 @@ unsharded input of a reduce-scatter, FSDP's dim-0 padding included.
 
 On CPU every one of them waits for completion before FSDP goes on (gloo,
 ``async_op=False``): busy and exposed are equal, nothing hides behind compute.
+On CUDA they run on FSDP's own streams: busy is timed there, exposed where the
+compute stream waits for them (``time_compute_waits``).
 
 ZeRO-1's parameter broadcast (``ZeroRedundancyOptimizer.step`` broadcasts each
 rank's updated partition, waiting for all of them before it returns) is timed
@@ -34,14 +36,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 
+from scaling import compat
 from scaling.instruments.comm import CommTimer
 
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+AllGather, ReduceScatter = compat.fsdp_comm_bases()
 
 
 def nbytes(tensor: torch.Tensor) -> int:
@@ -105,7 +106,7 @@ class TimedAllGather(_Timed, AllGather):
                  async_op: bool = False) -> Any:
         kind = "allgather_bwd" if self.comm.in_backward else "allgather_fwd"
         work = self.comm.issue(kind, nbytes(output_tensor),
-                               lambda: _all_gather(output_tensor, input_tensor, group=group, async_op=async_op))
+                               lambda: compat.all_gather_into(output_tensor, input_tensor, group=group, async_op=async_op))
         if self.tracker is not None:
             self.tracker.gathered(output_tensor)
         return work
@@ -119,8 +120,8 @@ class TimedReduceScatter(_Timed, ReduceScatter):
         if self.tracker is not None:
             self.tracker.reduced(input_tensor)
         return self.comm.issue("reducescatter", nbytes(input_tensor),
-                               lambda: _reduce_scatter(output_tensor, input_tensor, op=op, group=group,
-                                                       async_op=async_op))
+                               lambda: compat.reduce_scatter_into(output_tensor, input_tensor, op=op, group=group,
+                                                                 async_op=async_op))
 
 
 class TimedZeroRedundancyOptimizer(ZeroRedundancyOptimizer):
@@ -132,8 +133,7 @@ class TimedZeroRedundancyOptimizer(ZeroRedundancyOptimizer):
 
     def __init__(self, params: Any, optimizer_class: type, comm: CommTimer | None = None, **defaults: Any) -> None:
         super().__init__(params, optimizer_class=optimizer_class, **defaults)
-        if not callable(getattr(ZeroRedundancyOptimizer, "_sync_params", None)):
-            raise RuntimeError("this torch's ZeroRedundancyOptimizer has no _sync_params: its broadcast cannot be timed")
+        compat.zero_sync_params(ZeroRedundancyOptimizer)
         self.comm = comm
         self.broadcasting = True
         # Every parameter is broadcast once per step, from the rank that owns it.
@@ -147,3 +147,64 @@ class TimedZeroRedundancyOptimizer(ZeroRedundancyOptimizer):
             sync()
         else:
             self.comm.issue("broadcast", self.broadcast_bytes, sync)
+
+
+def time_compute_waits(module: torch.nn.Module, comm: CommTimer) -> bool:
+    """On CUDA: FSDP's collectives' exposed time measured where the compute stream waits for them.
+
+    FSDP runs its all-gathers and reduce-scatters on streams of its own and makes the
+    compute stream wait for them only where it needs their result. Marks on the
+    compute stream just before and after each such wait (``CommTimer.waited``) time
+    what the compute stream actually waited for: for an all-gather, before the gathered
+    block is copied out (``FSDPParamGroup.wait_for_unshard``, the wait made here
+    first, so FSDP's own finds it done); for the reduce-scatters, each block's
+    post-backward (where FSDP makes the compute stream wait for the oldest one when too
+    many are in flight; the reduce-scatter itself is issued on its own stream) and FSDP's
+    end-of-backward callback, where the compute stream waits for those still in flight.
+    The compute stream's few kernels inside those two (gradient casts) count as waiting.
+
+    False, with the exposure left at the issuing call's hold (an upper bound), where this
+    torch lacks those internals.
+    """
+    try:
+        groups = compat.fsdp_param_groups(module)
+        states = compat.fsdp_states(module)
+        originals = [(getattr(g, compat.FSDP_ALL_GATHER_WAIT), getattr(g, compat.FSDP_POST_BACKWARD)) for g in groups]
+        finals = [getattr(state, compat.FSDP_BACKWARD_END) for state in states]
+    except AttributeError:
+        return False
+    for group, (wait_for_unshard, post_backward) in zip(groups, originals):
+        setattr(group, compat.FSDP_ALL_GATHER_WAIT, _all_gather_wait(group, wait_for_unshard, comm))
+        setattr(group, compat.FSDP_POST_BACKWARD, _marked(post_backward, "reducescatter", comm))
+    for state, final in zip(states, finals):
+        setattr(state, compat.FSDP_BACKWARD_END, _marked(final, "reducescatter", comm))
+    comm.waited_kinds = frozenset({"allgather_fwd", "allgather_bwd", "reducescatter"})
+    return True
+
+
+def _all_gather_wait(group: Any, original: Any, comm: CommTimer) -> Any:
+    def wait_for_unshard(*args: Any, **kwargs: Any) -> Any:
+        pending = compat.all_gather_in_flight(group)
+        if pending is not None:
+            event, work = pending
+            start = comm.clock.mark()
+            if event is not None:
+                torch.cuda.current_stream().wait_event(event)
+            if isinstance(work, dist.Work):
+                work.wait()
+            comm.waited("allgather_bwd" if comm.in_backward else "allgather_fwd", start, comm.clock.mark())
+        return original(*args, **kwargs)
+
+    return wait_for_unshard
+
+
+def _marked(original: Any, kind: str, comm: CommTimer) -> Any:
+    """``original`` between two marks on the current (compute) stream: the wait for ``kind`` inside it."""
+
+    def marked(*args: Any, **kwargs: Any) -> Any:
+        start = comm.clock.mark()
+        out = original(*args, **kwargs)
+        comm.waited(kind, start, comm.clock.mark())
+        return out
+
+    return marked

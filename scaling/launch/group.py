@@ -39,6 +39,22 @@ def resolve_device(requested: str, backend: str) -> str:
     return requested
 
 
+def cuda_device_index(local_rank: int, local_world_size: int, device_count: int, backend: str) -> int:
+    """The GPU of this process: its local rank, one GPU per process.
+
+    NCCL refuses two ranks on one GPU (a duplicate-GPU error that reads like the ranks
+    not reaching each other): more local processes than visible GPUs is a config error.
+    gloo moves CUDA tensors through the host and lets processes share a GPU.
+    """
+    if device_count < 1:
+        raise ConfigError("dist.device=cuda: no CUDA device is visible; use dist.device=auto or cpu")
+    if local_world_size > device_count and backend == "nccl":
+        raise ConfigError(f"dist.backend=nccl: {local_world_size} processes on this node and {device_count} visible "
+                          f"GPU{'s' if device_count > 1 else ''}: NCCL needs a GPU of its own per process; start at "
+                          f"most {device_count} per node (--nproc_per_node, PROCS_PER_NODE) or use dist.backend=gloo")
+    return local_rank % device_count
+
+
 @dataclass
 class Context:
     """The live distributed state of this process."""
@@ -106,7 +122,8 @@ def init(launch: Launch, cfg: DistConfig) -> Context:
     threads = resolve_threads("dist.threads", cfg.threads, launch.local_world_size, os.environ)
     torch.set_num_threads(threads)
     if resolve_device(cfg.device, backend) == "cuda":
-        device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", cuda_device_index(launch.local_rank, launch.local_world_size,
+                                                        torch.cuda.device_count(), backend))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

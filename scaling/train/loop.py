@@ -27,7 +27,7 @@ from scaling.instruments import flops as flops_mod, hostprobe, membw, memory as 
 from scaling.instruments import probecache
 from scaling.instruments import roofline
 from scaling.instruments.clock import clock_for
-from scaling.instruments.comm import CommTimer, bucket_records, bucket_timeline, timeline_array
+from scaling.instruments.comm import CommTimer, StepComm, bucket_records, bucket_timeline, timeline_array
 from scaling.instruments.timing import PHASES, StepMarks, StepTimer
 from scaling.train.models import build_model, loss_fn_for
 from scaling.records.files import RunFiles
@@ -82,7 +82,7 @@ CUDA_RESOLVE_LAG_STEPS = 2
 class PendingStep:
     step: int
     marks: StepMarks
-    comm: tuple[list, list]
+    comm: StepComm
 
 
 @dataclass
@@ -185,9 +185,6 @@ class Trainer:
         self._end_measuring()
         self._probe_host("after")
         self._run_controls(total)
-        # The profiler's buffers must not count in the run's memory peaks.
-        self.memory["peak"] = mem.peak_bytes(self.ctx.device, self.rss_at_start)
-        self.memory["rss_peak"] = mem.rss_peak_bytes()
         self._profile_ops()
 
     def _run_controls(self, first_step: int) -> None:
@@ -315,6 +312,10 @@ class Trainer:
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize()
         self.wall_s = time.perf_counter() - self.wall_start
+        # The peaks of the measured steps alone: read before the control steps and the profiled
+        # ones (whose buffers must not count) run.
+        self.memory["peak"] = mem.peak_bytes(self.ctx.device, self.rss_at_start)
+        self.memory["rss_peak"] = mem.rss_peak_bytes()
         self._take_previous()
         self._resolve_pending()
         self._gather_and_record()
@@ -368,7 +369,7 @@ class Trainer:
             if self.instrumented:
                 if self.ctx.world_size > 1:
                     values.update(self.comm.resolve(pending.comm))
-                    self._timelines.append(bucket_timeline(self.clock, pending.comm[0]))
+                    self._timelines.append(bucket_timeline(self.clock, pending.comm.events))
                 aggregate.derive(values)
             else:
                 values = {"step_s": values["step_s"]}

@@ -24,7 +24,6 @@ strategy (``effective`` is ``none``).
 
 from __future__ import annotations
 
-import inspect
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,11 +32,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from scaling import compat
 from scaling.config import OptimConfig, RunConfig
 from scaling.instruments import memory
 from scaling.instruments.comm import CommTimer, wire_count
 from scaling.instruments.memory_model import ParamSpec, predict
-from scaling.instruments.sharded import GatherTracker, TimedAllGather, TimedReduceScatter, TimedZeroRedundancyOptimizer
+from scaling.instruments.sharded import (GatherTracker, TimedAllGather, TimedReduceScatter,
+                                         TimedZeroRedundancyOptimizer, time_compute_waits)
 from scaling.launch.group import Context
 from scaling.records.schema import STRATEGY_KINDS
 from scaling.train import hooks
@@ -60,17 +61,6 @@ def make_optimizer(optim: OptimConfig, params) -> torch.optim.Optimizer:
 def scaled_backward(loss: torch.Tensor, scale: float) -> None:
     """Backward from ``loss * scale`` (from ``loss`` itself where the scale is 1: no extra operator)."""
     (loss * scale if scale != 1.0 else loss).backward()
-
-
-def forward_buffer_sync(enabled: bool) -> dict[str, bool]:
-    """DDP's switch for the buffer broadcast before forward, by the name this torch knows.
-
-    Newer releases call it ``forward_sync_buffers`` (buffers are still made
-    equal once at construction) and deprecate ``broadcast_buffers``.
-    """
-    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
-        return {"forward_sync_buffers": enabled}
-    return {"broadcast_buffers": enabled}
 
 
 def fsdp_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -201,7 +191,7 @@ def build(module: nn.Module, cfg: RunConfig, hook: hooks.HookChoice, ctx: Contex
     sync_buffers = instrumented and any(True for _ in module.buffers())
     model = DDP(module, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
                 bucket_cap_mb=cfg.dist.bucket_cap_mb, gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,
-                **forward_buffer_sync(not sync_buffers))
+                **compat.ddp_buffer_sync(not sync_buffers))
     state = hooks.make_state(hook, cfg.comm)
     loss_scale = 1.0
     if instrumented and hook.builtin_reducer:
@@ -242,6 +232,8 @@ def _fsdp(module: nn.Module, cfg: RunConfig, ctx: Context, comm: CommTimer, inst
             if isinstance(sharded, FSDPModule):
                 sharded.set_custom_all_gather(TimedAllGather(comm, tracker))
                 sharded.set_custom_reduce_scatter(TimedReduceScatter(comm, tracker))
+        if ctx.device.type == "cuda":
+            time_compute_waits(module, comm)
     optimizer = make_optimizer(cfg.optim, module.parameters())
     return Parallel("fsdp", "fsdp", module, optimizer, specs=specs, blocks=[name for name, _ in blocks],
                     tracker=tracker, note=NO_CONTROLS_FSDP if cfg.instrument.control_steps else None)
