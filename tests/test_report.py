@@ -118,11 +118,12 @@ def test_weak_results_csv_equals_the_definitions_recomputed_from_run_json(weak):
 
 
 def test_table_shows_speedup_of_the_medians_over_repeats(strong):
-    """The scaling table's point value is T(b)/T(N) with medians over repeats, with the min-max of the repeats."""
+    """The scaling table's point value is T(b)/T(N) with medians over repeats, then its interval (±) and the
+    min-max of the repeats."""
     speedup = median_step_s(strong.dir, 1) / median_step_s(strong.dir, 2)
     row = next(line for line in (strong.dir / "report.md").read_text().splitlines() if line.startswith("| 2 | 4 | 8 |"))
-    assert f"| {speedup:.2f}x (" in row
-    assert f"| {100 * speedup / 2:.0f}% (" in row
+    assert f"| {speedup:.2f}x ±" in row
+    assert f"| {100 * speedup / 2:.0f}% ±" in row
 
 
 # -- report files -----------------------------------------------------------------------------

@@ -26,12 +26,13 @@ STALL_S = 0.2
 
 # zero1: rank 1 stalls in its optimizer step, so rank 0 waits in ZeRO's broadcast; fsdp without resharding:
 # rank 1 stalls before forward, so rank 0 waits in the first all-gather. Neither changes the arithmetic.
-# The stalled runs measure 8 steps: with 2 ranks, fewer steps all won by rank 1 could be chance at the
-# straggler test's level (scaling.records.waiting), and no rank would be named.
-RUNS = {"ddp": (["dist.strategy=ddp"], None),
-        "zero1": (["dist.strategy=zero1", "train.steps=8"], f"optimizer:{STALL_S}@rank=1"),
-        "fsdp": (["dist.strategy=fsdp"], None),
-        "fsdp_keep": (["dist.strategy=fsdp", "dist.fsdp.reshard_after_forward=false", "train.steps=8"],
+# Every run measures 8 steps (the same updates, so the same final loss): with 2 ranks, fewer steps all won by
+# rank 1 could be chance at the straggler test's level (scaling.records.waiting), and no rank would be named.
+STEPS = 8
+RUNS = {"ddp": (["dist.strategy=ddp", f"train.steps={STEPS}"], None),
+        "zero1": (["dist.strategy=zero1", f"train.steps={STEPS}"], f"optimizer:{STALL_S}@rank=1"),
+        "fsdp": (["dist.strategy=fsdp", f"train.steps={STEPS}"], None),
+        "fsdp_keep": (["dist.strategy=fsdp", "dist.fsdp.reshard_after_forward=false", f"train.steps={STEPS}"],
                       f"forward:{STALL_S}@rank=1")}
 
 
@@ -103,7 +104,7 @@ def test_collective_bytes_are_what_each_strategy_must_send(runs) -> None:
         _, steps, _ = runs[name]
         strategy = name.removesuffix("_keep")
         assert set(schema.STRATEGY_KINDS[strategy]) == set(kinds)
-        assert len(steps) == (8 if "train.steps=8" in RUNS[name][0] else 4)
+        assert len(steps) == STEPS
         for step in steps:
             for kind, nbytes in kinds.items():
                 assert step[f"comm_{kind}_bytes_min"] == step[f"comm_{kind}_bytes_max"] == nbytes, (name, kind, step)

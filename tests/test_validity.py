@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from tests.jobs import NO_WANDB, TINY, check, load_run, only_run_dir, torchrun
 
@@ -62,7 +61,8 @@ def test_a_blocking_hook_hides_nothing(tmp_path):
                  f"paths.root={tmp_path}"]
     check(torchrun(2, overrides))
     run, steps = load_run(only_run_dir(tmp_path / "adhoc"))
+    # What is not exposed is the hook's own bookkeeping between the launch mark and the blocking call: 12-25 us
+    # per bucket over 16 steps on 2 busy cores (0.05-0.1 ms a step), whatever the step's length; 50 us allowed.
     for step in steps:
         assert step["comm_buckets"] >= 3
-        assert step["comm_exposed_s"] == pytest.approx(step["comm_s"], rel=0.02)
-        assert step["overlap"] < 0.02
+        assert 0 <= step["comm_s"] - step["comm_exposed_s"] <= 50e-6 * step["comm_buckets"], step
