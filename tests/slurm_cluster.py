@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scaling.launch.lifetime import end_with_parent
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scontrol", "sinfo", "scancel", "srun")
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
@@ -182,8 +184,9 @@ PartitionName={self.partition} Nodes={",".join(self.nodes)} Default=YES MaxTime=
         log = self.root / "log" / f"{name}.stdout"
         self._logs.append(log)
         with open(log, "wb") as out:
+            # The daemons end with the test run, even one killed before its fixtures could stop them.
             self._procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                                 start_new_session=True)
+                                                 start_new_session=True, preexec_fn=end_with_parent())
 
     def start(self, timeout_s: float = 90) -> SlurmCluster:
         self._write_config()

@@ -56,6 +56,7 @@ expected = torch.stack(everyone).mean(dim=0)
 pathlib.Path(sys.argv[1], f"rank{ctx.rank}.json").write_text(json.dumps({"rank": ctx.rank, "buckets": len(calls),
       "max_abs_error": (reduced - expected).abs().max().item(), "grad_norm": reduced.norm().item(),
       "local_differs": (local - expected).abs().max().item()}))
+dist.barrier()  # both ranks done with gloo before either tears it down (without it 1 run in 6 aborted at exit)
 del ddp  # DDP's reducer holds the process group: release it first
 group.teardown()
 """

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from scaling.records import waiting as waiting_mod
+from scaling.records import waiting
 from scaling.records.schema import CROSS_RANK_KEYS, SHARES, verdict
 
 
@@ -146,7 +146,7 @@ def summarize(records: Sequence[dict[str, Any]], keys: Sequence[str], nulls: Seq
             summary[f"{name}_frac"] = part / total if total > 0 else 0.0
         else:
             summary[f"{name}_frac"] = 0.0 if name == "comm_exposed" else None
-    summary["waiting"] = waiting_mod.decide(records, totals, summary.get("comm_wait_max_frac"))
-    summary["straggler"] = waiting_mod.straggler(summary["waiting"])
+    summary["waiting"] = waiting.decide(records, totals, summary.get("comm_wait_max_frac"))
+    summary["straggler"] = waiting.straggler(summary["waiting"])
     summary["bound"] = verdict(summary)
     return summary

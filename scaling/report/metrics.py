@@ -20,7 +20,7 @@ from typing import Any
 
 from scaling.records.schema import KIND_SUFFIXES, MEMORY_CATEGORIES, SHARES, verdict
 from scaling.report.study_folder import RunRecord, StudyRecords, common_straggler, kinds_of
-from scaling.report import intervals as iv
+from scaling.report import intervals
 from scaling.report.intervals import Interval
 from scaling.report.waterfall import StudyWaterfall, study_waterfall
 
@@ -266,16 +266,16 @@ def add_intervals(stats: StudyStats) -> None:
     """Each size's intervals; speedup and efficiency from the drawn step times of the size and the baseline."""
     done = [r for r in stats.records.runs if r.completed]
     by_size = {s.world_size: [r for r in done if r.world_size == s.world_size] for s in stats.sizes}
-    steps = {n: iv.point_draws(runs, "step_s", iv.median_of("step_s")) for n, runs in by_size.items()}
+    steps = {n: intervals.point_draws(runs, "step_s", intervals.median_of("step_s")) for n, runs in by_size.items()}
     base = steps.get(stats.baseline)
     for size in stats.sizes:
         runs = by_size[size.world_size]
         for key in ("step_s", "samples_per_s", "busbw_GBps"):
-            found = iv.median_interval(runs, key)
+            found = intervals.median_interval(runs, key)
             if found is not None:
                 size.intervals[key] = found
         for name in SHARES:
-            found = iv.share_interval(runs, f"{name}_s")
+            found = intervals.share_interval(runs, f"{name}_s")
             if found is not None:
                 size.intervals[f"{name}_frac"] = found
         draws = steps.get(size.world_size)
@@ -289,8 +289,8 @@ def add_intervals(stats: StudyStats) -> None:
             speedup, efficiency = ratio * n / b, ratio
         else:
             continue
-        size.intervals["speedup"] = iv.of_draws(size.speedup.median, speedup)
-        size.intervals["efficiency"] = iv.of_draws(size.efficiency.median, efficiency)
+        size.intervals["speedup"] = intervals.of_draws(size.speedup.median, speedup)
+        size.intervals["efficiency"] = intervals.of_draws(size.efficiency.median, efficiency)
 
 
 def failed_points(stats: StudyStats) -> list[tuple[str, str]]:

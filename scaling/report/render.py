@@ -209,7 +209,8 @@ def _bandwidth(doc: Document) -> list[commbench_share.SizeComparison] | None:
 def console(doc: Document, out_dir: Path) -> str:
     headers, rows = size_rows(doc.studies, _bandwidth(doc))
     parts = [fixed_width(headers, rows) if rows else "no completed run to tabulate"]
-    parts.append("  (median over repeats, min-max in brackets)")
+    parts.append("  (median over repeats; ± half the 95% bootstrap interval of steps and repeats; min-max of the repeats "
+                 "in brackets)")
     headers, rows = kind_rows(doc.studies)
     if rows:
         parts += ["\ncommunication by kind (median over repeats)", fixed_width(headers, rows)]

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from scaling.report import intervals as iv
+from scaling.report import intervals
 from scaling.report.intervals import Interval
 from scaling.report.study_folder import RunRecord, StudyRecords, collectives, common_straggler
 
@@ -216,7 +216,7 @@ def solo_missing(records: StudyRecords, batch: int | None) -> str:
 
 
 def _draws(runs: Sequence[RunRecord], key: str) -> np.ndarray | None:
-    return iv.point_draws(runs, key, iv.median_of(key)) if runs else None
+    return intervals.point_draws(runs, key, intervals.median_of(key)) if runs else None
 
 
 def term_intervals(inputs: Inputs, terms: dict[str, float | None], done: Sequence[RunRecord],
@@ -229,15 +229,15 @@ def term_intervals(inputs: Inputs, terms: dict[str, float | None], done: Sequenc
     drawn = Inputs(
         kind=inputs.kind, world_size=inputs.world_size, baseline=inputs.baseline, step_s=step,
         ideal_step_s=base_draws * scale, solo_step_s=_draws(solo, "step_s"),
-        nocomm_step_s=iv.value_draws([r.controls.get("nocomm_step_s") for r in done],
+        nocomm_step_s=intervals.value_draws([r.controls.get("nocomm_step_s") for r in done],
                                      f"nocomm_step_s:{inputs.world_size}"),
         comm_exposed_s=_draws(done, "comm_exposed_s"), comm_wait_s=_draws(done, "comm_wait_s"),
         data_s=_draws(done, "data_s"), other_s=_draws(done, "other_s"),
         solo_data_s=_draws(solo, "data_s"), solo_other_s=_draws(solo, "other_s"))
-    out = {"ideal": iv.of_draws(inputs.ideal_step_s, drawn.ideal_step_s), "step": iv.of_draws(inputs.step_s, step)}
+    out = {"ideal": intervals.of_draws(inputs.ideal_step_s, drawn.ideal_step_s), "step": intervals.of_draws(inputs.step_s, step)}
     for term, draws in split(drawn).items():
         if terms.get(term) is not None and draws is not None:
-            out[term] = iv.of_draws(terms[term], np.broadcast_to(np.asarray(draws, dtype=float), step.shape))
+            out[term] = intervals.of_draws(terms[term], np.broadcast_to(np.asarray(draws, dtype=float), step.shape))
     return out
 
 
