@@ -88,7 +88,12 @@ def no_process_left(request: pytest.FixtureRequest) -> Iterator[None]:
     Slurm daemons, and what runs below them are theirs, not the test's)."""
     before = _descendants()
     yield
-    keys = {(pid, p.create_time()) for pid, p in before.items() if p.is_running()}
+    keys = set()
+    for pid, p in before.items():
+        try:
+            keys.add((pid, p.create_time()))
+        except psutil.Error:  # ended during the test
+            pass
     new = []
     for pid, p in _descendants().items():
         try:
