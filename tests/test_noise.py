@@ -29,6 +29,8 @@ JOB = [*TINY["mlp"], f"train.steps={STEPS}", f"train.warmup_steps={WARMUP}", "tr
 # The tolerances below are several times those spreads.
 EXCESS_TOL_S = 0.006
 WAIT_TOL_S = 0.006
+# One rank's own wait at 8 processes, three runs: 24.6-35.6 ms for a 30 ms stall (their means 28.4-31.6 ms).
+RANK_WAIT_TOL_S = 0.015
 
 
 def run_job(root: Path, nproc: int, stall: str | None, steps: int = STEPS) -> tuple[dict, list[dict], Path]:
@@ -67,8 +69,10 @@ def test_one_rank_stalled_in_forward_is_the_straggler(job, rank, world, request)
     assert named["last"] >= len(records) - 2
     assert named["p_value"] < s["waiting"]["level"]
     assert named["explained"] == pytest.approx(1.0, abs=0.2)
-    others = [r for r in s["waiting"]["ranks"] if r["rank"] != rank]
-    assert all(r["wait_s"] == pytest.approx(STALL_S, abs=EXCESS_TOL_S) for r in others), others
+    # What the others waited: on average the stall; each rank alone also carries its own scheduling delays.
+    waits = [r["wait_s"] for r in s["waiting"]["ranks"] if r["rank"] != rank]
+    assert statistics.mean(waits) == pytest.approx(STALL_S, abs=EXCESS_TOL_S), waits
+    assert all(w == pytest.approx(STALL_S, abs=RANK_WAIT_TOL_S) for w in waits), waits
 
 
 def test_a_random_rank_stalled_each_step_is_skew_not_a_straggler(skew4):
