@@ -18,7 +18,6 @@ import socket
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from scaling.instruments import probecache
 from scaling.records.provenance import cpu_model
@@ -26,6 +25,8 @@ from scaling.records.provenance import cpu_model
 
 def count_step_flops(model: torch.nn.Module, loss_fn, batch, amp_dtype: torch.dtype | None) -> int:
     """FLOPs of one forward + backward on ``batch`` (gradients are cleared after)."""
+    from torch.utils.flop_counter import FlopCounterMode  # imports triton where installed: only when counting
+
     inputs, targets = batch
     with FlopCounterMode(display=False) as counter:
         with torch.autocast(inputs.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -44,6 +45,8 @@ def count_step_flops_on_meta(model: torch.nn.Module, loss_fn, sample: tuple[torc
     FLOPs do not depend on the dtype, so autocast is left out. None when an
     operator of the model has no meta implementation.
     """
+    from torch.utils.flop_counter import FlopCounterMode
+
     inputs, targets = (torch.as_tensor(t) for t in sample)
     try:
         meta_model = copy.deepcopy(model).to("meta")

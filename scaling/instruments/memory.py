@@ -17,17 +17,24 @@ behind the local shards, FSDP's dim-0 padding included.
 from __future__ import annotations
 
 import resource
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psutil
 import torch
-from torch.distributed.tensor import DTensor
+
+
+def is_dtensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a DTensor, without importing ``torch.distributed.tensor`` (0.6 s of start-up on a
+    CPU) where nothing has: a DTensor exists only once its module is loaded."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """What this rank holds of ``tensor``: a DTensor's local shard, any other tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def tensor_bytes(tensors) -> int:
@@ -137,7 +144,7 @@ class SavedActivations:
         return False
 
     def _lookup_params(self) -> None:
-        params = [p for p in self._model.parameters() if not isinstance(p, DTensor)]
+        params = [p for p in self._model.parameters() if not is_dtensor(p)]
         self._params = {id(p) for p in params}
         self._param_storages = {p.untyped_storage().data_ptr() for p in params}
 

@@ -483,13 +483,31 @@ def stop_job(proc: subprocess.Popen, signum: int, run_dir: Path, srun: bool = Fa
         except subprocess.TimeoutExpired:
             pass
         family += [p for p in _descendants(proc.pid) if p not in family]
-        _, alive = psutil.wait_procs(family, timeout=max(0.0, deadline - time.monotonic()))
+        alive = wait_ended(family, deadline)
         if proc.poll() is None or alive:
             _kill(proc, alive)
         mark_stopped(run_dir, signum)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def wait_ended(processes: Sequence[psutil.Process], deadline: float) -> list[psutil.Process]:
+    """Wait until every one of ``processes`` has ended or ``deadline`` (monotonic) has passed; the ones still
+    running. A process that has exited but is not reaped yet (a zombie: an orphan adopted by a subreaper that
+    reaps late, such as a test runner or a container's init) has ended."""
+    while True:
+        alive = [p for p in processes if _running(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        psutil.wait_procs(alive, timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _descendants(pid: int) -> list[psutil.Process]:

@@ -37,8 +37,6 @@ from scaling.config import OptimConfig, RunConfig
 from scaling.instruments import memory
 from scaling.instruments.comm import CommTimer, wire_count
 from scaling.instruments.memory_model import ParamSpec, predict
-from scaling.instruments.sharded import (GatherTracker, TimedAllGather, TimedReduceScatter,
-                                         TimedZeroRedundancyOptimizer, time_compute_waits)
 from scaling.launch.group import Context
 from scaling.records.schema import STRATEGY_KINDS
 from scaling.train import hooks
@@ -119,7 +117,7 @@ class Parallel:
         """A context for steps without any communication, or None where no such step exists (fsdp)."""
         if self.effective == "fsdp":
             return None
-        if isinstance(self.optimizer, TimedZeroRedundancyOptimizer):
+        if self.effective == "zero1":
             return _without_broadcast(self.model, self.optimizer)
         return self.model.no_sync() if isinstance(self.model, DDP) else nullcontext()
 
@@ -130,7 +128,7 @@ class Parallel:
     def memory(self) -> dict[str, int | None]:
         """What this rank holds: its shards under fsdp, its optimizer partition under zero1."""
         module = self.model.module if isinstance(self.model, DDP) else self.model
-        state = self.optimizer.optim.state if isinstance(self.optimizer, TimedZeroRedundancyOptimizer) else self.optimizer.state
+        state = self.optimizer.optim.state if self.effective == "zero1" else self.optimizer.state
         states = [v for s in state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         if self.effective == "fsdp":
             out = {"params": memory.held_bytes(module.parameters()), "grads": memory.held_bytes(p.grad for p in module.parameters()),
@@ -203,6 +201,8 @@ def build(module: nn.Module, cfg: RunConfig, hook: hooks.HookChoice, ctx: Contex
     elif not hook.builtin_reducer:
         model.register_comm_hook(state, hook.hook)
     if requested == "zero1":
+        from scaling.instruments.sharded import TimedZeroRedundancyOptimizer
+
         cls, kwargs = optimizer_class(cfg.optim)
         optimizer: torch.optim.Optimizer = TimedZeroRedundancyOptimizer(model.parameters(), cls, comm if instrumented else None,
                                                            **kwargs)
@@ -216,6 +216,8 @@ def _fsdp(module: nn.Module, cfg: RunConfig, ctx: Context, comm: CommTimer, inst
           blocks: list[tuple[str, nn.Module]], specs: list[ParamSpec]) -> Parallel:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    from scaling.instruments.sharded import GatherTracker, TimedAllGather, TimedReduceScatter, time_compute_waits
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
