@@ -47,6 +47,10 @@ from scaling import cli, config
 from scaling.config import ConfigError
 from scaling.launch.lifetime import end_with_parent
 from scaling.records.files import flatten, previous_json, read_json, write_json
+from scaling.study.points import StudyInterrupted, fmt_duration, point_state, stop_job
+from scaling.study.run import EXIT_STOPPED, run_study, terminate_as_interrupt
+from scaling.study.spec import (check_points, check_resumable, spec_from_config, strategy_overrides, study_settings,
+                                study_strategies)
 
 SWEEP_JSON = "sweep.json"
 COMMANDS = ("train", "study")
@@ -173,15 +177,13 @@ def plan(command: str, args: Sequence[str]) -> tuple[Sweep, list[DictConfig]]:
     combos = name_combinations(swept, batches)
     first = cli.compose_config(combos[0].overrides)
     if command == "study":
-        from scaling.study import run as study
-
         if "study.strategies" in swept:
             raise ConfigError("study.strategies is not swept: list the strategies once, study.strategies=[ddp,fsdp] "
                               "(a study for each), or sweep dist.strategy=ddp,fsdp")
-        strategies = study.study_strategies(first)
-        if strategies is not None:  # the same sweep as dist.strategy=a,b (scaling.study.run.strategy_overrides)
+        strategies = study_strategies(first)
+        if strategies is not None:  # the same sweep as dist.strategy=a,b (scaling.study.spec.strategy_overrides)
             chosen_dir = [f"hydra.sweep.dir={chosen}"] if chosen else []
-            return plan(command, [*study.strategy_overrides(overrides, strategies), *chosen_dir])
+            return plan(command, [*strategy_overrides(overrides, strategies), *chosen_dir])
     sweep = Sweep(command, sweep_dir(command, first, swept, chosen), tuple(swept), tuple(combos), tuple(args))
     check_folder(sweep)
     cfgs = []
@@ -214,25 +216,21 @@ def earlier_combinations(sweep: Sweep) -> list[dict[str, Any]]:
     return [c for c in previous if isinstance(c, dict) and c.get("name") not in names]
 
 
-def comparable(raw: dict[str, Any]) -> dict[str, Any]:
+def job_settings(raw: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flatten(raw).items() if not k.startswith(FREE_KEYS)}
 
 
 def check_combination(sweep: Sweep, combo: Combination, cfg: DictConfig) -> None:
     """The job's or study's own checks, and, where the combination ran before, the same settings."""
     if sweep.command == "study":
-        from scaling.study import run as study
-
-        spec = study.spec_from_config(cfg, sweep.run_overrides(combo))
-        study.check_resumable(spec, study.comparable(study.check_points(spec)))
+        spec = spec_from_config(cfg, sweep.run_overrides(combo))
+        check_resumable(spec, study_settings(check_points(spec)))
         return
-    now = comparable(config.parse(cfg).raw)
-    from scaling.study.run import point_state
-
+    now = job_settings(config.parse(cfg).raw)
     config_yaml = sweep.dir / combo.name / "config.yaml"
     if point_state(sweep.dir / combo.name) != "completed" or not config_yaml.exists():
         return  # a failed or cut-short job is moved aside and run again
-    before = comparable(yaml.safe_load(config_yaml.read_text()) or {})
+    before = job_settings(yaml.safe_load(config_yaml.read_text()) or {})
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if changed:
         shown = "; ".join(f"{k}: {before.get(k)!r} then, {now.get(k)!r} now" for k in changed[:3])
@@ -269,8 +267,6 @@ def study_done(folder: Path) -> bool:
 
 def run_job(sweep: Sweep, combo: Combination, stamp: str) -> tuple[str, str]:
     """One combination of a train sweep: ``python -m scaling.train``; its status and a result line."""
-    from scaling.study.run import StudyInterrupted, fmt_duration, point_state, stop_job
-
     run_dir = sweep.dir / combo.name
     log_path = sweep.dir / "logs" / f"{combo.name}.log"
     if point_state(run_dir) == "incomplete":
@@ -305,8 +301,6 @@ def run_job(sweep: Sweep, combo: Combination, stamp: str) -> tuple[str, str]:
 
 
 def execute(sweep: Sweep, cfgs: Sequence[DictConfig]) -> int:
-    from scaling.study import run as study
-
     total = len(sweep.combinations)
     status: dict[str, str] = {}
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -316,12 +310,12 @@ def execute(sweep: Sweep, cfgs: Sequence[DictConfig]) -> int:
         f"one after another; records: {sweep.dir}")
     write_sweep_json(sweep, status, "running", earlier)
     try:
-        with study.terminate_as_interrupt():
+        with terminate_as_interrupt():
             code = run_all(sweep, cfgs, status, earlier, stamp)
-    except study.StudyInterrupted as exc:
+    except StudyInterrupted as exc:
         write_sweep_json(sweep, status, "interrupted", earlier)
         say(f"stopped by {exc}; run the same command again to continue (completed combinations are kept)")
-        return study.EXIT_STOPPED
+        return EXIT_STOPPED
     except KeyboardInterrupt:
         write_sweep_json(sweep, status, "interrupted", earlier)
         say("interrupted; run the same command again to continue (completed combinations are kept)")
@@ -342,14 +336,12 @@ def execute(sweep: Sweep, cfgs: Sequence[DictConfig]) -> int:
 def run_all(sweep: Sweep, cfgs: Sequence[DictConfig], status: dict[str, str], earlier: Sequence[dict[str, Any]],
             stamp: str) -> int:
     """Every combination in turn; 0, or the exit status of a study that was stopped (the sweep stops too)."""
-    from scaling.study import run as study
-
     total = len(sweep.combinations)
     for index, (combo, cfg) in enumerate(zip(sweep.combinations, cfgs), start=1):
         head = f"[{sweep.command} {index}/{total}] {combo.name}"
         folder = sweep.dir / combo.name
         if sweep.command == "train":
-            if study.point_state(folder) == "completed":
+            if point_state(folder) == "completed":
                 status[combo.name] = "skipped"
                 print(f"{head}: completed earlier, skipped", flush=True)
                 continue
@@ -362,7 +354,7 @@ def run_all(sweep: Sweep, cfgs: Sequence[DictConfig], status: dict[str, str], ea
                 print(f"{head}: completed earlier, skipped", flush=True)
                 continue
             print(f"{head}: {' '.join(f'{k}={v}' for k, v in combo.swept.items())}", flush=True)
-            rc = study.main(cfg, sweep.run_overrides(combo), sweep=sweep.dir)
+            rc = run_study(cfg, sweep.run_overrides(combo), sweep=sweep.dir)
             status[combo.name] = "completed" if rc == 0 else "failed"
             if rc not in (0, 1):  # stopped (Ctrl-C, scheduler): the sweep stops with it
                 write_sweep_json(sweep, status, "interrupted", earlier)

@@ -188,6 +188,12 @@ def wait_for(condition, timeout_s: float, every_s: float = 0.1) -> bool:
     return bool(condition())
 
 
+def measuring(run_dir: Path) -> bool:
+    """Whether rank 0 of the run in ``run_dir`` has recorded a measured step (its set-up is over)."""
+    steps = run_dir / "logs" / "rank0.steps.jsonl"
+    return steps.exists() and steps.stat().st_size > 0
+
+
 def wakeup_lateness_s(samples: int = 60, sleep_s: float = 0.001) -> float:
     """How late this host wakes a sleeping thread right now: the 90th percentile of how far past ``sleep_s``
     a sleep ends. A live-latency check's slack grows with it (a busy or shared host wakes threads late by

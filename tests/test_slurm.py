@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.jobs import measuring, wait_for
 from tests.slurm_cluster import Job, SlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -174,11 +175,7 @@ def test_invalid_override_fails_the_job_visibly(slurm_cluster: SlurmCluster, tmp
 
 def wait_until_measuring(run_dir: Path, timeout_s: float = 120) -> None:
     """Until rank 0 has recorded a measured step of this run."""
-    steps = run_dir / "logs" / "rank0.steps.jsonl"
-    deadline = time.monotonic() + timeout_s
-    while not (steps.exists() and steps.read_text().strip()):
-        assert time.monotonic() < deadline, f"{run_dir} never started measuring"
-        time.sleep(0.2)
+    assert wait_for(lambda: measuring(run_dir), timeout_s, every_s=0.2), f"{run_dir} never started measuring"
 
 
 # Long enough that the 2-node point is still running when the signal arrives.

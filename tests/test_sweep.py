@@ -6,14 +6,13 @@ import csv
 import json
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from scaling import cli, sweep
 from scaling.report.__main__ import main as report_main
-from tests.jobs import QUICK, TINY, check, end_tree, load_run, single, start, wait_for
+from tests.jobs import QUICK, TINY, check, end_tree, load_run, measuring, single, start, wait_for
 
 SHORT = [*TINY["mlp"], *QUICK, "instrument.ops=false", "instrument.control_steps=0"]
 TRAIN_SWEEP = [*(o for o in SHORT if not o.startswith("train.batch_size=")), "train.batch_size=2,4",
@@ -134,8 +133,8 @@ def test_a_stopped_train_sweep_records_the_stop_and_continues_where_it_stopped(r
     proc = start([sys.executable, "-m", "scaling.train", *overrides], merge_stderr=True)
     folder = root / "mlp-sweep-seed"
     try:
-        wait_for(lambda: (folder / "seed-0" / "run.json").exists(), 120, every_s=0.5)
-        time.sleep(2)
+        # Stopped while training (its first steps are on disk), however long its start-up took on this machine.
+        assert wait_for(lambda: measuring(folder / "seed-0") or proc.poll() is not None, 180, every_s=0.2), "never measured"
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:

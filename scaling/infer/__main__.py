@@ -4,9 +4,14 @@ import sys
 
 from scaling import compat
 
-compat.exit_if_unsupported("scaling.infer")  # before anything imports torch
 
-from scaling import cli  # noqa: E402
-from scaling.infer.job import main  # noqa: E402
+def main() -> int:
+    compat.exit_if_unsupported("scaling.infer")  # before anything imports torch
+    from scaling import cli
+    from scaling.infer import job
 
-sys.exit(cli.run("scaling.infer", main, config_name="infer"))
+    return cli.run("scaling.infer", job.main, config_name="infer")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,9 +31,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from scaling.instruments import ops as ops_mod
 from scaling.instruments.flops import runs_in_tf32
 from scaling.instruments.memory import tensor_bytes
+from scaling.instruments.ops import OpMeasurement, profile_ops
 from scaling.train.faults import Injector
 
 
@@ -91,7 +91,7 @@ class Point:
     """Single stream: each query's time (None when the scenario is offline alone)."""
     offline: Offline | None
     memory: dict[str, int]
-    ops: ops_mod.OpMeasurement | None
+    ops: OpMeasurement | None
     server_service_s: list[float] | None = None
     """Server scenario: each batch's service time in the serving loop (``scaling.infer.live.service_times``)."""
     server_issue_lag_s: list[float] | None = None
@@ -165,7 +165,7 @@ class Server:
             peak = weights + tensor_bytes([x]) + tracker.peak
         return {"weights": weights, "activations": tracker.peak, "peak": peak}
 
-    def profile(self, x: torch.Tensor) -> ops_mod.OpMeasurement:
+    def profile(self, x: torch.Tensor) -> OpMeasurement:
         """One counted forward and one profiled forward of this batch.
 
         Under ``no_grad`` rather than ``inference_mode``: the same kernels, but
@@ -176,7 +176,7 @@ class Server:
             with phase("forward"):
                 self.forward(x, torch.no_grad)
 
-        return ops_mod.profile_ops(step, 1, self.device, runs_in_tf32=runs_in_tf32)
+        return profile_ops(step, 1, self.device, runs_in_tf32=runs_in_tf32)
 
     def measure(self, batch_size: int, queries: int, warmup: int, single_stream: bool, offline: bool,
                 ops: bool) -> Point:

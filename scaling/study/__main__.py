@@ -4,9 +4,14 @@ import sys
 
 from scaling import compat
 
-compat.exit_if_unsupported("scaling.study")  # every point it runs would refuse it
 
-from scaling import sweep  # noqa: E402
-from scaling.study.run import entry  # noqa: E402
+def main() -> int:
+    compat.exit_if_unsupported("scaling.study")  # every point it runs would refuse it
+    from scaling import sweep
+    from scaling.study.run import entry
 
-sys.exit(entry(multirun=lambda swept: sweep.run("study", swept)))
+    return entry(multirun=lambda swept: sweep.run("study", swept))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,9 +4,14 @@ import sys
 
 from scaling import compat
 
-compat.exit_if_unsupported("scaling.train")  # before anything imports torch
 
-from scaling import cli, sweep  # noqa: E402
-from scaling.train.job import main  # noqa: E402
+def main() -> int:
+    compat.exit_if_unsupported("scaling.train")  # before anything imports torch
+    from scaling import cli, sweep
+    from scaling.train import job
 
-sys.exit(cli.run("scaling.train", main, multirun=lambda args: sweep.run("train", args)))
+    return cli.run("scaling.train", job.main, multirun=lambda args: sweep.run("train", args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
