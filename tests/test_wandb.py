@@ -103,47 +103,6 @@ def test_run_names_and_the_start_up_bound(monkeypatch):
 
 
 
-def test_two_process_job_writes_one_offline_run_with_the_records(tmp_path):
-    """Rank 0 alone logs; history = steps.jsonl, summary = run.json's summary, memory and flops."""
-    root = tmp_path / "runs"
-    proc = torchrun(2, [*JOB, f"paths.root={root}", "study.name=wb2", "paths.run_id=n2-r0",
-                        "logger.wandb.tags=[cpu,tiny]"], cwd=tmp_path)
-    check(proc)
-    run_dir = only_run_dir(root / "wb2")
-    run, steps = load_run(run_dir)
-
-    files = wandb_files(tmp_path)
-    assert len(files) == 1, f"one offline run expected (rank 0), found {files}"
-    offline = files[0].parent
-    assert offline.parent == run_dir / "wandb" and offline.name.startswith("offline-run-")
-    assert f"wandb sync {offline}" in proc.stdout
-
-    records = inspect(offline)
-    described = run_record(records)
-    assert described["display_name"] == "mlp-adhoc-n2-r0"
-    assert (described["run_group"], described["job_type"], described["project"]) == ("wb2", "adhoc", "scaling")
-    assert described["tags"] == ["cpu", "tiny"]
-    config = described["config"]["update"]
-    assert config["train"]["steps"] == 4 and config["model"]["hidden"] == 256
-    assert (config["run"]["world_size"], config["run"]["backend"], config["run"]["launcher"]) == (2, "gloo", "torchrun")
-    assert_same(config["provenance"], run["provenance"], "config.provenance")
-
-    rows = history(records)
-    assert [r["step"] for r in rows] == [s["step"] for s in steps]
-    for row, step in zip(rows, steps):
-        assert_same({k: row.get(k) for k in step}, step, f"history step {step['step']}")
-    assert any(r["type"] == "metric" and r["metric"].get("name") == "step" for r in records)
-
-    final = inspect(offline, summary=True)
-    assert (final["state"], final["exit_code"]) == ("finished", 0)
-    summary = final["summary"]
-    for key, value in run["summary"].items():  # the medians, not the last step's values
-        assert_same(summary.get(key), value, f"summary.{key}")
-    assert_same(summary["memory"], run["memory"], "summary.memory")
-    assert len(summary["memory"]["per_rank"]) == 2
-    assert summary["status"] == "completed"
-
-
 def test_disabled_writes_nothing(tmp_path):
     root = tmp_path / "runs"
     proc = single([*JOB, f"paths.root={root}", "logger.wandb.mode=disabled"], cwd=tmp_path)
@@ -211,13 +170,17 @@ def test_hung_wandb_service_does_not_trip_the_other_ranks(tmp_path):
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
-    """A two-point study (1 and 2 processes) with its local report and its study-level wandb run."""
+    """A two-point study (1 and 2 processes) with its local report and its study-level wandb run; the
+    2-process run's console output in ``n2-r0.out``."""
     base = tmp_path_factory.mktemp("wbstudy")
     root = base / "runs"
     common = [*JOB, f"paths.root={root}", "study.name=wbcmp", "logger.console=false"]
     check(single([*common, "paths.run_id=n1-r0"], cwd=base))
-    check(torchrun(2, [*common, "paths.run_id=n2-r0"], cwd=base))
+    two = torchrun(2, [*JOB, f"paths.root={root}", "study.name=wbcmp", "paths.run_id=n2-r0",
+                       "logger.wandb.tags=[cpu,tiny]"], cwd=base)
+    check(two)
     folder = root / "wbcmp"
+    (folder / "n2-r0.out").write_text(two.stdout)
     if importlib.util.find_spec("scaling.report") is not None:
         proc = subprocess.run([sys.executable, "-m", "scaling.report", str(folder), "--wandb"], cwd=base,
                               env=job_env(), capture_output=True, text=True, timeout=300)
@@ -246,6 +209,44 @@ def write_results_csv(folder: Path) -> None:
             writer.writerow(["wbcmp", "adhoc", n, 0, s["step_s"], s["samples_per_s"], speedup, speedup / n,
                              s["compute_frac"], s["comm_exposed_frac"], s["data_frac"], s["other_frac"], s["bound"],
                              run["run_id"]])
+
+
+def test_two_process_job_writes_one_offline_run_with_the_records(study):
+    """Rank 0 alone logs; history = steps.jsonl, summary = run.json's summary, memory and flops."""
+    run_dir = study / "n2-r0"
+    run, steps = load_run(run_dir)
+    stdout = (study / "n2-r0.out").read_text()
+
+    files = wandb_files(run_dir)
+    assert len(files) == 1, f"one offline run expected (rank 0), found {files}"
+    offline = files[0].parent
+    assert offline.parent == run_dir / "wandb" and offline.name.startswith("offline-run-")
+    assert f"wandb sync {offline}" in stdout
+
+    records = inspect(offline)
+    described = run_record(records)
+    assert described["display_name"] == "mlp-adhoc-n2-r0"
+    assert (described["run_group"], described["job_type"], described["project"]) == ("wbcmp", "adhoc", "scaling")
+    assert described["tags"] == ["cpu", "tiny"]
+    config = described["config"]["update"]
+    assert config["train"]["steps"] == 4 and config["model"]["hidden"] == 256
+    assert (config["run"]["world_size"], config["run"]["backend"], config["run"]["launcher"]) == (2, "gloo", "torchrun")
+    assert_same(config["provenance"], run["provenance"], "config.provenance")
+
+    rows = history(records)
+    assert [r["step"] for r in rows] == [s["step"] for s in steps]
+    for row, step in zip(rows, steps):
+        assert_same({k: row.get(k) for k in step}, step, f"history step {step['step']}")
+    assert any(r["type"] == "metric" and r["metric"].get("name") == "step" for r in records)
+
+    final = inspect(offline, summary=True)
+    assert (final["state"], final["exit_code"]) == ("finished", 0)
+    summary = final["summary"]
+    for key, value in run["summary"].items():  # the medians, not the last step's values
+        assert_same(summary.get(key), value, f"summary.{key}")
+    assert_same(summary["memory"], run["memory"], "summary.memory")
+    assert len(summary["memory"]["per_rank"]) == 2
+    assert summary["status"] == "completed"
 
 
 def test_offline_publish_prints_a_sync_command_that_finds_every_run(study):
