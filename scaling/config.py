@@ -179,6 +179,8 @@ class InstrumentConfig:
     """Profile operators on a few more steps (after the control steps): ops.json and the roofline."""
     ops_steps: int = 3
     """Steps run under the profiler when instrument.ops is true."""
+    timeline_steps: int = 4
+    """The first measured steps written to timeline.json (a Chrome trace of every rank); 0 = none."""
     host_probe: bool = True
     """A short GEMM and copy probe on every rank before and after the measured steps (scaling.instruments.hostprobe):
     run.json host_probe, and a slow host named in the findings."""
@@ -188,6 +190,7 @@ class InstrumentConfig:
             _boolean(f"instrument.{name}", getattr(self, name))
         _positive_int("instrument.control_steps", self.control_steps, allow_zero=True)
         _positive_int("instrument.ops_steps", self.ops_steps)
+        _positive_int("instrument.timeline_steps", self.timeline_steps, allow_zero=True)
 
 
 @dataclass(frozen=True)
