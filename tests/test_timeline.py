@@ -6,6 +6,8 @@ injected stall of known size.
 - per rank and step the phase slices are the phase times of the rank's own step records (within 1 %)
 - a 50 ms stall in rank 1's data loading is a ~50 ms data slice on rank 1 and ~50 ms of waiting on rank 0 at
   the same aligned time; rank 0 stops waiting when rank 1 launches its last bucket
+- ``instrument.profile_trace``: torch.profiler's trace of the profiled steps per rank, with its
+  ``distributedInfo`` (rank, world size, backend: what Holistic Trace Analysis reads)
 - one process: a trace of its steps without communication tracks; ``instrument.timeline_steps=0``: no file
 - the size bound keeps the fastest, median and slowest ranks and says so; the figure draws 2 and 64 ranks
 
@@ -34,17 +36,20 @@ STEPS, WARMUP, TIMELINE = 6, 2, 4
 JOB = [*TINY["mlp"], f"train.steps={STEPS}", f"train.warmup_steps={WARMUP}", "train.log_every=3",
        "instrument.flops=false", "instrument.ops=false", "instrument.memory=false", "instrument.control_steps=0",
        f"instrument.timeline_steps={TIMELINE}"]
-# Measured on this 2-core machine (shared with other jobs), three runs of the stalled job, 4 timeline steps each:
-# rank 1's data slice 50.3-53.0 ms (medians per run 50.4-50.9), rank 0's waiting 46.0-54.0 ms (medians 50.5-52.3),
-# the two slices' midpoints 0.3-3.1 ms apart (medians 0.8-2.8; rank 0's waiting starts after its own forward and
-# backward), the end of rank 0's waiting 0.0-3.3 ms from rank 1's last bucket launch (medians 0.1-1.3: the two
-# ranks' completion callbacks are scheduled apart on two shared cores); the barriers' offset for rank 1, on this
-# one host where the true offset is 0, -0.52 to -0.004 ms. Each tolerance is at least twice the largest deviation.
+# The stalled job also keeps torch.profiler's trace of one profiled step per rank (after the measured steps).
+PROFILED = ["instrument.ops=true", "instrument.ops_steps=1", "instrument.profile_trace=true"]
+# Measured on this 2-core machine, seven runs of the stalled job (three with the machine's load average near 7,
+# four near 12-22 from other jobs), 4 timeline steps each: rank 1's data slice 50.3-53.0 ms; rank 0's waiting
+# 45.3-55.7 ms (the medians per run 50.2-52.3 ms); the two slices' midpoints 0.1-5.1 ms apart (medians 0.8-3.0 ms:
+# rank 0's waiting starts after its own forward and backward); the end of rank 0's waiting 0.0-7.1 ms from rank 1's
+# last bucket launch (medians 0.1-4.8 ms: the two ranks' completion callbacks are scheduled apart on two busy
+# cores); the barriers' offset for rank 1, on this one host where the true offset is 0, -0.52 to +2.07 ms. Each
+# tolerance is at least twice the largest deviation seen.
 DATA_TOL_S, DATA_MEDIAN_TOL_S = 0.006, 0.002
-WAIT_TOL_S, WAIT_MEDIAN_TOL_S = 0.009, 0.005
-MIDPOINT_TOL_S, MIDPOINT_MEDIAN_TOL_S = 0.007, 0.006
-LAUNCH_TOL_S, LAUNCH_MEDIAN_TOL_S = 0.007, 0.003
-ALIGN_TOL_S = 0.002
+WAIT_TOL_S, WAIT_MEDIAN_TOL_S = 0.012, 0.005
+MIDPOINT_TOL_S, MIDPOINT_MEDIAN_TOL_S = 0.011, 0.007
+LAUNCH_TOL_S, LAUNCH_MEDIAN_TOL_S = 0.015, 0.010
+ALIGN_TOL_S = 0.005
 PHASE_REL_TOL = 0.01
 
 
@@ -74,7 +79,8 @@ def stall_figures(trace: dict) -> dict[str, list[float]]:
 
 
 def run_stalled(root: Path) -> Path:
-    check(torchrun(2, [*JOB, f"paths.root={root}"], env={"SCALING_INJECT_STALL": f"data:{STALL_S}@rank=1"}))
+    check(torchrun(2, [*JOB, *PROFILED, f"paths.root={root}"],
+                   env={"SCALING_INJECT_STALL": f"data:{STALL_S}@rank=1"}))
     return only_run_dir(root / "adhoc")
 
 
@@ -160,6 +166,16 @@ def test_a_stall_in_rank_1s_data_is_rank_0s_waiting_at_the_same_time(stalled):
         assert max(figures[key]) <= tol and statistics.median(figures[key]) <= median_tol, (key, figures)
     # rank 1, the late one, waits for no one
     assert not x_events(trace, 1, "waiting") or max(e["dur"] for e in x_events(trace, 1, "waiting")) < 0.005e6
+
+
+def test_the_profiled_steps_keep_torch_profilers_trace_per_rank_with_distributed_metadata(stalled):
+    run_dir, _ = stalled
+    for rank in (0, 1):
+        trace = json.loads((run_dir / "profile" / f"rank{rank}.json").read_text())
+        info = trace["distributedInfo"]  # what Holistic Trace Analysis reads a rank's identity from
+        assert (info["rank"], info["world_size"], info["backend"]) == (rank, 2, "gloo"), info
+        names = {e.get("name") for e in trace["traceEvents"]}
+        assert any(str(n).startswith("scaling::") for n in names), sorted(map(str, names))[:20]
 
 
 def test_one_process_has_its_steps_and_no_communication_and_zero_steps_no_file(tmp_path):

@@ -36,6 +36,8 @@ class TimelineRecorder:
         self.begin: list[float] = []
         self.end: list[float] = []
         self._anchor: tuple[Any, float] | None = None
+        self.cost_s: dict[str, float] = {}
+        """This rank's seconds in the alignments and in the gather, outside the measured steps (otherData.cost_s)."""
 
     def wants(self, step: int) -> bool:
         return self.first_step <= step < self.last_step
@@ -57,6 +59,7 @@ class TimelineRecorder:
 
     def align(self, when: str, group: Any, world_size: int) -> None:
         """Leave ``ROUNDS`` barriers with every rank, reading the host clock at each exit."""
+        began = time.perf_counter()
         if when == "begin":
             self._anchor_now()
         exits = self.begin if when == "begin" else self.end
@@ -64,6 +67,7 @@ class TimelineRecorder:
             if world_size > 1:
                 dist.barrier(group=group)
             exits.append(time.perf_counter())
+        self.cost_s[f"align_{when}"] = time.perf_counter() - began
 
     def add(self, step: int, marks: StepMarks, comm: StepComm, values: dict[str, float]) -> None:
         """Keep one resolved step's marks (a reference: they are turned into times at the end, in ``gather``)."""
@@ -83,6 +87,7 @@ class TimelineRecorder:
 
     def gather(self, ctx: Any, info: dict[str, Any]) -> dict[str, Any] | None:
         """Collective (every rank calls it): the trace on rank 0, None elsewhere."""
+        began = time.perf_counter()
         for taken in self._taken:
             self._convert(*taken)
         self._taken.clear()
@@ -104,4 +109,6 @@ class TimelineRecorder:
             return None
         clock = records.clock_offsets([e["begin"] for e in every], [e["end"] for e in every],
                                      [e["host"] for e in every])
-        return records.build_trace(payloads, [e["host"] for e in every], clock, wait, own_s, estimated, info)
+        trace = records.build_trace(payloads, [e["host"] for e in every], clock, wait, own_s, estimated, info)
+        trace["otherData"]["cost_s"] = {**self.cost_s, "gather": time.perf_counter() - began}
+        return trace

@@ -41,9 +41,9 @@ TRACK_COLLECTIVES = 30
 TRACKS = {TRACK_STEP: "step", TRACK_PHASES: "phases", TRACK_EXPOSED: "exposed communication",
           TRACK_WAITING: "waiting for slower ranks"}
 
-BYTES_PER_EVENT = 190
-"""Estimated size of one complete event in the file (its JSON with args; measured 150-185 B on real runs)."""
-BYTES_PER_RANK = 900
+BYTES_PER_EVENT = 220
+"""Estimated size of one complete event in the file (its JSON with args; 211 B on average in a 2-process MLP trace)."""
+BYTES_PER_RANK = 1600
 """The metadata events and otherData entry of one rank."""
 MAX_BYTES = 16_000_000
 """Above this estimate only the fastest, median and slowest ranks are written."""

@@ -251,8 +251,9 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad()
 
+        trace = self.files.dir / "profile" / f"rank{self.ctx.rank}.json" if cfg.instrument.profile_trace else None
         self.op_measurement = ops_mod.profile_ops(step, cfg.instrument.ops_steps, self.ctx.device,
-                                                  runs_in_tf32=flops_mod.runs_in_tf32)
+                                                  runs_in_tf32=flops_mod.runs_in_tf32, trace_path=trace)
 
     def _probe_host(self, when: str) -> None:
         """The short GEMM and copy probe (scaling.instruments.hostprobe), outside the steps and the memory peaks."""
