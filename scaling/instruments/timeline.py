@@ -11,6 +11,7 @@ counts and the exposed times decides which ranks are written (the size bound), o
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,8 +27,11 @@ ROUNDS = 5
 
 
 class TimelineRecorder:
-    def __init__(self, clock: Clock, device: torch.device, steps: int, first_step: int) -> None:
+    def __init__(self, clock: Clock, device: torch.device, steps: int, first_step: int,
+                 waited_kinds: Callable[[], frozenset[str]] = frozenset) -> None:
         self.clock = clock
+        self.waited_kinds = waited_kinds
+        """The kinds of collective whose exposed time is the compute stream's measured waits (CommTimer's)."""
         self.device = device
         self.first_step = first_step
         self.last_step = first_step + steps
@@ -81,8 +85,14 @@ class TimelineRecorder:
                    for e in comm.events if e.done is not None and e.returned is not None]
         collectives = [[c.kind, host(c.start), host(c.returned), host(c.done), c.nbytes]
                        for c in comm.collectives if c.done is not None and c.returned is not None]
+        # Their exposed parts, as CommTimer.resolve counts them: the calling thread held in the call, or, for the
+        # kinds waited for on the compute stream (FSDP's on CUDA), the waits.
+        waited = self.waited_kinds()
+        exposed = [[kind, start, returned] for kind, start, returned, _, _ in collectives if kind not in waited]
+        exposed += [[kind, host(a), host(b)] for kind, a, b in comm.waits if kind in waited]
         self.steps.append({"step": step, "phases": phases, "buckets": buckets,
                            "syncs": [[host(a), host(b)] for a, b in comm.syncs], "collectives": collectives,
+                           "collectives_exposed": exposed,
                            "values": {k: float(v) for k, v in values.items()}})
 
     def gather(self, ctx: Any, info: dict[str, Any]) -> dict[str, Any] | None:

@@ -10,8 +10,9 @@ events), ``displayTimeUnit`` and ``otherData`` (metadata of the trace, shown by 
 
 Tracks of each rank (``TRACKS``): ``step`` (one slice per step), ``phases`` (data, forward, backward, optimizer,
 other, back to back: they add up to ``step_s`` as steps.jsonl has them), ``exposed communication`` (the tail from
-the last bucket ready to the last all-reduce completion, and the buffer broadcast before forward), ``waiting for
-slower ranks`` (the step's ``comm_wait_s``, drawn at the start of the tail), ``all-reduce buckets`` (each
+the last bucket ready to the last all-reduce completion, the buffer broadcast before forward, and the other
+collectives' parts on the critical path: the calling thread held in the call, or the compute stream's waits),
+``waiting for slower ranks`` (the step's ``comm_wait_s``, from the start of its longest exposed slice), ``all-reduce buckets`` (each
 bucket from its launch to its completion, on as many lanes as buckets are in flight at once) and
 ``collectives`` (ZeRO-1's broadcast, FSDP's all-gathers and reduce-scatters, issue to completion).
 
@@ -69,7 +70,7 @@ def rank_payload(steps: list[dict[str, Any]]) -> dict[str, Any]:
 def events_of(step: dict[str, Any]) -> int:
     """Complete events one recorded step becomes."""
     return (1 + len(PHASES) + 2 + len(step.get("buckets", ())) + len(step.get("syncs", ()))
-            + len(step.get("collectives", ())))
+            + len(step.get("collectives", ())) + len(step.get("collectives_exposed", ())))
 
 
 def estimate_bytes(event_counts: Sequence[int]) -> int:
@@ -167,7 +168,9 @@ def build_trace(payloads: Sequence[dict[str, Any] | None], hosts: Sequence[str],
             for phase, a, b in zip(PHASES, marks, marks[1:]):
                 events.append(_x(phase, "phase", us(a), us(b), pid, TRACK_PHASES,
                                  {"step": step["step"], "seconds": b - a}))
+            exposed: list[tuple[float, float]] = []  # this step's exposed slices, where the waiting is drawn
             for a, b in step.get("syncs", ()):
+                exposed.append((a, b))
                 events.append(_x("broadcast buffers", "exposed", us(a), us(b), pid, TRACK_EXPOSED,
                                  {"step": step["step"], "seconds": b - a}))
             buckets = step.get("buckets", ())
@@ -179,12 +182,9 @@ def build_trace(payloads: Sequence[dict[str, Any] | None], hosts: Sequence[str],
                                   "held_s": returned - launch, "seconds": done - launch}))
             if buckets:
                 last_ready, last_done = max(b[1] for b in buckets), max(b[3] for b in buckets)
+                exposed.append((last_ready, last_done))
                 events.append(_x("exposed all-reduce", "exposed", us(last_ready), us(last_done), pid, TRACK_EXPOSED,
                                  {"step": step["step"], "seconds": last_done - last_ready}))
-                wait = min(wait_s[rank][s], last_done - last_ready) if s < len(wait_s[rank]) else 0.0
-                if wait > 0:
-                    events.append(_x("waiting for slower ranks", "waiting", us(last_ready), us(last_ready + wait),
-                                     pid, TRACK_WAITING, {"step": step["step"], "seconds": wait}))
             collectives = step.get("collectives", ())
             for (kind, start, returned, done, nbytes), lane in zip(collectives,
                                                                    _lanes([(c[1], c[3]) for c in collectives])):
@@ -193,6 +193,19 @@ def build_trace(payloads: Sequence[dict[str, Any] | None], hosts: Sequence[str],
                 events.append(_x(kind, "collective", us(start), us(done), pid, tid,
                                  {"step": step["step"], "bytes": nbytes, "held_s": returned - start,
                                   "seconds": done - start}))
+            for kind, a, b in step.get("collectives_exposed", ()):
+                if b > a:
+                    exposed.append((a, b))
+                    events.append(_x(f"exposed {kind}", "exposed", us(a), us(b), pid, TRACK_EXPOSED,
+                                     {"step": step["step"], "seconds": b - a}))
+            # The waiting is in the collective the rank entered first and left with the others: drawn from the start
+            # of its longest exposed slice (DDP: the all-reduce tail; ZeRO-1 or FSDP: the collective after a stall).
+            wait = wait_s[rank][s] if s < len(wait_s[rank]) else 0.0
+            if wait > 0 and exposed:
+                a, b = max(exposed, key=lambda ab: ab[1] - ab[0])
+                events.append(_x("waiting for slower ranks", "waiting", us(a), us(a + min(wait, b - a)), pid,
+                                 TRACK_WAITING, {"step": step["step"], "seconds": min(wait, b - a),
+                                                 "comm_wait_s": wait}))
         events.append(_meta("process_name", pid, 0, {"name": f"rank {rank} ({hosts[rank]})"}))
         events.append(_meta("process_sort_index", pid, 0, {"sort_index": rank}))
         for tid, name in sorted(tracks.items()):

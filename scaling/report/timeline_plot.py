@@ -175,7 +175,7 @@ def draw(panels: Sequence[tuple[str, dict[str, Any], str]], path: Path) -> Path:
     handles.append(Patch(facecolor=BUSY_COLOR, label="all-reduce / collectives in flight (thin strip)"))
     fig.legend(handles=handles, loc="upper center", ncol=3, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1.0))
     fig.text(0.01, 0.005, "from each run's timeline.json (first measured steps; warm-up, control and profiled steps "
-                          "left out); waiting: the step's comm_wait_s at the start of the exposed tail", fontsize=7,
+                          "left out); waiting: the step's comm_wait_s, from the start of its longest exposed slice", fontsize=7,
              color="#555555")
     fig.subplots_adjust(left=0.09, right=0.99, top=1 - 0.75 / fig.get_figheight(), bottom=0.5 / fig.get_figheight())
     path.parent.mkdir(parents=True, exist_ok=True)

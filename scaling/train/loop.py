@@ -118,7 +118,7 @@ class Trainer:
         self.timeline: TimelineRecorder | None = None  # the first measured steps' marks, for timeline.json
         if self.instrumented and cfg.instrument.timeline_steps > 0:
             self.timeline = TimelineRecorder(self.clock, self.ctx.device, cfg.instrument.timeline_steps,
-                                             cfg.train.warmup_steps)
+                                             cfg.train.warmup_steps, lambda: self.comm.waited_kinds)
         self.timeline_trace: dict[str, Any] | None = None  # timeline.json's content, on rank 0
         self.host_probes: dict[str, dict[str, float]] = {}  # "before" / "after" the measured steps
         self.rss_at_start = mem.rss_bytes()
