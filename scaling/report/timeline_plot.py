@@ -73,10 +73,13 @@ def _state_grid(by: dict[str, list[tuple[float, float]]], grid: np.ndarray) -> n
 
 def shown_ranks(trace: dict[str, Any], ranks: Sequence[int]) -> tuple[list[tuple[int, str]], bool]:
     """(rank, label) of the rows drawn, top to bottom, and whether the others are summarised."""
-    if len(ranks) <= ROWS_MAX:
-        return [(r, f"rank {r}") for r in ranks], False
     own = {e["rank"]: e.get("own_s") or 0.0 for e in trace["otherData"].get("alignment", {}).get("ranks", [])}
     order = sorted(ranks, key=lambda r: (own.get(r, 0.0), r))
+    if trace["otherData"].get("ranks_left_out") and len(ranks) == 3:  # the file itself kept these three
+        return [(order[-1], f"rank {order[-1]}\n(slowest)"), (order[1], f"rank {order[1]}\n(median)"),
+                (order[0], f"rank {order[0]}\n(fastest)")], False
+    if len(ranks) <= ROWS_MAX:
+        return [(r, f"rank {r}") for r in ranks], False
     picks = [(order[-1], "slowest"), (order[len(order) // 2], "median"), (order[0], "fastest")]
     return [(r, f"rank {r}\n({what})") for r, what in picks], True
 
@@ -143,8 +146,8 @@ def draw_panel(fig, spec, trace: dict[str, Any], title: str) -> None:
     ax.tick_params(labelsize=7)
     ax.grid(True, axis="x", alpha=0.3)
     if other.get("ranks_left_out"):
-        ax.text(1.0, -0.02, f"timeline.json kept {len(ranks)} of {world} ranks (size bound)", transform=ax.transAxes,
-                ha="right", va="top", fontsize=7, color="#555555")
+        ax.set_xlabel(f"time (ms, clocks aligned across ranks); timeline.json kept {len(ranks)} of {world} ranks "
+                      "(size bound)", fontsize=8)
 
 
 def _panel_title(label: str, trace: dict[str, Any], run_id: str, summarised: bool) -> str:
