@@ -179,15 +179,20 @@ class InstrumentConfig:
     """Profile operators on a few more steps (after the control steps): ops.json and the roofline."""
     ops_steps: int = 3
     """Steps run under the profiler when instrument.ops is true."""
+    timeline_steps: int = 4
+    """The first measured steps written to timeline.json (a Chrome trace of every rank); 0 = none."""
+    profile_trace: bool = False
+    """Keep torch.profiler's own trace of the profiled steps (instrument.ops), per rank: profile/rank<R>.json."""
     host_probe: bool = True
     """A short GEMM and copy probe on every rank before and after the measured steps (scaling.instruments.hostprobe):
     run.json host_probe, and a slow host named in the findings."""
 
     def __post_init__(self) -> None:
-        for name in ("enabled", "flops", "memory", "ops", "host_probe"):
+        for name in ("enabled", "flops", "memory", "ops", "host_probe", "profile_trace"):
             _boolean(f"instrument.{name}", getattr(self, name))
         _positive_int("instrument.control_steps", self.control_steps, allow_zero=True)
         _positive_int("instrument.ops_steps", self.ops_steps)
+        _positive_int("instrument.timeline_steps", self.timeline_steps, allow_zero=True)
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,7 @@ BAD = [
     (["+exp=mlp", "data=synthetic_images"], "model=mlp cannot train on data=synthetic_images"),
     (["+exp=mlp", "instrument.enabled=no"], "instrument.enabled must be true or false (got 'no')"),
     (["+exp=mlp", "train.warmup_steps=0"], "train.warmup_steps must be >= 1 when instrument.enabled=true"),
+    (["+exp=mlp", "instrument.timeline_steps=-1"], "instrument.timeline_steps must be an integer >= 0 (got -1)"),
     (["+exp=mlp", "train.batch_size=8", "data.num_samples=4"], "data has 4 samples, fewer than one global batch (8 x 1)"),
     (["+exp=mlp", "dist.strategy=zero3"], "dist.strategy must be one of ddp|zero1|fsdp (got 'zero3')"),
     (["+exp=mlp", "dist.fsdp.reshard_after_forward=maybe"],

@@ -22,7 +22,7 @@ from tests.jobs import PNG_SIGNATURE, explain, png_size, read_run, report as run
 from tests.shared_runs import HTML_TAG, copy_study
 
 PLOTS = ("throughput.png", "efficiency.png", "breakdown.png", "memory.png", "communication.png", "waterfall.png",
-         "roofline.png")
+         "roofline.png", "timeline.png")
 SUMMARY_COLUMNS = ("step_s", "samples_per_s", "compute_frac", "comm_exposed_frac", "data_frac", "other_frac",
                    "comm_s", "comm_exposed_s", "overlap", "busbw_GBps")
 

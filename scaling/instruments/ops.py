@@ -32,6 +32,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -288,8 +289,9 @@ class OpProfiler:
             yield
 
     def measure(self, step: Callable[[Callable[[str], Any]], None], steps: int,
-                runs_in_tf32: Callable[..., bool] | None = None) -> OpMeasurement:
-        """One counting step, then ``steps`` profiled ones."""
+                runs_in_tf32: Callable[..., bool] | None = None, trace_path: Path | None = None) -> OpMeasurement:
+        """One counting step, then ``steps`` profiled ones; with ``trace_path`` the profiler's own trace of them is
+        kept there (Chrome trace format, with the ``distributedInfo`` torch adds under a process group)."""
         cuda = self.device.type == "cuda"
         with self.counter:
             step(self._counting_phase)
@@ -309,6 +311,9 @@ class OpProfiler:
         finally:
             with _stderr_silenced():
                 prof.stop()
+        if trace_path is not None:
+            trace_path.parent.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(trace_path))
         counted = {name for _, name in self.counter.counts}
         times = operator_times(prof.events(), cuda, counted)
         tf32 = runs_in_tf32 or (lambda *args, **kwargs: False)
@@ -328,6 +333,6 @@ def ops_record(measurement: OpMeasurement, peaks: dict[str, float], peak_Bps: fl
 
 
 def profile_ops(step: Callable[[Callable[[str], Any]], None], steps: int, device: torch.device,
-                runs_in_tf32: Callable[..., bool] | None = None) -> OpMeasurement:
-    return OpProfiler(device).measure(step, steps, runs_in_tf32)
+                runs_in_tf32: Callable[..., bool] | None = None, trace_path: Path | None = None) -> OpMeasurement:
+    return OpProfiler(device).measure(step, steps, runs_in_tf32, trace_path)
 

@@ -80,9 +80,11 @@ def build_report(study_dirs: list[Path], out_dir: Path | None = None,
     out = Path(out_dir) if out_dir is not None else default_out_dir(study_dirs)
     out.mkdir(parents=True, exist_ok=True)
     doc = analyse(study_dirs, benches)
-    from scaling.report import plots, roofline_plot  # matplotlib only when figures are drawn
+    from scaling.report import plots, roofline_plot, timeline_plot  # matplotlib only when figures are drawn
 
     doc.plots = plots.draw_all(doc.studies, out / "plots") + roofline_plot.draw_all(doc.studies, out / "plots")
+    timeline = timeline_plot.draw_study(doc.studies, out / "plots" / "timeline.png")
+    doc.plots += [timeline] if timeline else []
     table.write_csv(out / "results.csv", doc.runs)
     (out / "report.md").write_text(render.markdown(doc, out))
     (out / "report.html").write_text(render.html_page(doc, out))

@@ -29,6 +29,7 @@ from scaling.instruments import roofline
 from scaling.instruments.clock import clock_for
 from scaling.instruments.comm import CommTimer, StepComm, bucket_records, bucket_timeline, timeline_array
 from scaling.instruments.timing import PHASES, StepMarks, StepTimer
+from scaling.instruments.timeline import TimelineRecorder
 from scaling.train.models import build_model, loss_fn_for
 from scaling.records.files import RunFiles
 from scaling.sinks import Sink
@@ -114,6 +115,11 @@ class Trainer:
         self._timelines: list[list[tuple[int, float, float, int, int]]] = []  # per measured step, this rank's buckets
         self.buckets: list[dict[str, Any]] | None = None  # buckets.json, every rank's timeline reduced
         self.faults = faults.Injector.from_env(self.ctx.rank, self.ctx.world_size)
+        self.timeline: TimelineRecorder | None = None  # the first measured steps' marks, for timeline.json
+        if self.instrumented and cfg.instrument.timeline_steps > 0:
+            self.timeline = TimelineRecorder(self.clock, self.ctx.device, cfg.instrument.timeline_steps,
+                                             cfg.train.warmup_steps, lambda: self.comm.waited_kinds)
+        self.timeline_trace: dict[str, Any] | None = None  # timeline.json's content, on rank 0
         self.host_probes: dict[str, dict[str, float]] = {}  # "before" / "after" the measured steps
         self.rss_at_start = mem.rss_bytes()
 
@@ -245,8 +251,9 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad()
 
+        trace = self.files.dir / "profile" / f"rank{self.ctx.rank}.json" if cfg.instrument.profile_trace else None
         self.op_measurement = ops_mod.profile_ops(step, cfg.instrument.ops_steps, self.ctx.device,
-                                                  runs_in_tf32=flops_mod.runs_in_tf32)
+                                                  runs_in_tf32=flops_mod.runs_in_tf32, trace_path=trace)
 
     def _probe_host(self, when: str) -> None:
         """The short GEMM and copy probe (scaling.instruments.hostprobe), outside the steps and the memory peaks."""
@@ -305,6 +312,8 @@ class Trainer:
             # The first steps (DDP's bucket rebuild among them) hold more than
             # any measured step: the peak is that of the measured steps.
             mem.reset_cuda_peak(self.ctx.device)
+        if self.timeline is not None:  # the clocks' alignment: barriers, before the wall clock starts
+            self.timeline.align("begin", self.ctx.meta_group, self.ctx.world_size)
         self.wall_start = time.perf_counter()
         self.timer.restart()
 
@@ -320,6 +329,18 @@ class Trainer:
         self._resolve_pending()
         self._gather_and_record()
         self._gather_buckets()
+        self._gather_timeline()
+
+    def _gather_timeline(self) -> None:
+        """After the measured steps: the alignment's second barriers, then the gathers of timeline.json."""
+        if self.timeline is None:
+            return
+        self.timeline.align("end", self.ctx.meta_group, self.ctx.world_size)
+        cfg = self.job.cfg
+        self.timeline_trace = self.timeline.gather(self.ctx, {
+            "run_id": self.files.dir.name, "backend": self.job.backend if self.ctx.world_size > 1 else None,
+            "device": self.ctx.device.type, "strategy": self.parallel.effective, "comm_hook": cfg.comm.hook,
+            "warmup_steps": cfg.train.warmup_steps})
 
     def _gather_buckets(self) -> None:
         """One gather of every rank's per-bucket timeline at the end: ``self.buckets``."""
@@ -371,6 +392,8 @@ class Trainer:
                     values.update(self.comm.resolve(pending.comm))
                     self._timelines.append(bucket_timeline(self.clock, pending.comm.events))
                 aggregate.derive(values)
+                if self.timeline is not None and self.timeline.wants(pending.step):
+                    self.timeline.add(pending.step, pending.marks, pending.comm, values)
             else:
                 values = {"step_s": values["step_s"]}
             self.files.append_rank_step(pending.step, values)
