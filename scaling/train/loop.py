@@ -95,7 +95,7 @@ class Trainer:
     files: RunFiles
     log: logging.Logger
     sinks: list[Sink] = field(default_factory=list)
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)  # steps.jsonl's records: rank 0's alone
     memory: dict[str, Any] = field(default_factory=dict)
     flops: dict[str, Any] = field(default_factory=dict)
 
@@ -111,7 +111,7 @@ class Trainer:
         self._previous: PendingStep | None = None  # the last finished step, queued at the next bookkeeping
         self._pending: list[PendingStep] = []  # measured steps not yet resolved into seconds
         self._resolved: list[tuple[int, dict[str, float]]] = []  # resolved, not yet gathered
-        self.rank_totals: dict[str, list[float]] = {}  # per key, each rank's sum over the measured steps
+        self.rank_totals: dict[str, list[float]] = {}  # per key, each rank's sum over the measured steps (rank 0)
         self.controls: dict[str, Any] | None = None
         self.op_measurement: ops_mod.OpMeasurement | None = None
         self._timelines: list[list[tuple[int, float, float, int, int]]] = []  # per measured step, this rank's buckets
