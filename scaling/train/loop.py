@@ -334,6 +334,10 @@ class Trainer:
         self._resolve_pending()
         self._gather_and_record()
         self.recorder.drain()  # every interval recorded before any other collective of the end
+        # Once every rank has drained (rank 0 holds every row), the records' group is closed on all ranks
+        # together, not at the teardown while a peer may still be writing its records.
+        dist.barrier(group=self.ctx.meta_group)
+        dist.destroy_process_group(self.recorder.group)
         self._gather_buckets()
 
     def _gather_buckets(self) -> None:

@@ -11,8 +11,9 @@ group never carries a record.
 
 Order: every rank queues the same intervals in the same order, and only this thread issues
 collectives on its group, so the gathers match. ``drain()`` (after the last measured step) waits
-for every queued interval; ``close()`` (on a failure) stops the thread's writes, so that the
-failure path's rebuild from the per-rank files is the last word on steps.jsonl.
+for every queued interval (the loop then closes the group on every rank together, after a
+barrier); ``close()`` (on a failure) stops the thread's writes, so that the failure path's
+rebuild from the per-rank files is the last word on steps.jsonl.
 """
 
 from __future__ import annotations
