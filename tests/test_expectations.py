@@ -175,7 +175,8 @@ def test_gemm_probe_agrees_with_a_timing_of_torch_mm():
 def test_the_probe_cache_is_the_sessions_own(plain_run, own_cache):
     cache = json.loads((own_cache / "scaling" / "peak_flops.json").read_text())
     assert plain_run["flops"]["peak_source"] == "probe"
-    assert plain_run["flops"]["peak_per_s"] in cache.values()
+    # This session's figure (its last digit may differ: the run's copy went through its own arithmetic).
+    assert any(plain_run["flops"]["peak_per_s"] == pytest.approx(v, rel=1e-12) for v in cache.values()), cache
 
 
 # -- the transformer ------------------------------------------------------------------------------

@@ -195,4 +195,4 @@ def test_report_states_the_share_of_commbench_bandwidth_reached(strong, bench_di
     assert table_row.endswith(f"| {100 * fraction:.0f}% |"), "the scaling table's vs-commbench column"
     page = (study / "report.html").read_text()
     assert f'href="{rel_json}"' in page and f"{100 * fraction:.0f}% of commbench" in page
-    assert page.count('src="data:image/png;base64,') == 8, "the seven study plots and commbench's, embedded"
+    assert page.count('src="data:image/png;base64,') == 9, "the eight study plots (the timeline's among them) and commbench's, embedded"
