@@ -158,7 +158,7 @@ for _ in range(7):  # side by side, so that a load that comes and goes hits both
 if ctx.rank == 0:
     with open(sys.argv[1], "w") as out:
         json.dump(rounds, out)
-group.teardown()
+group.teardown(ctx)
 '''
 
 

@@ -58,7 +58,7 @@ pathlib.Path(sys.argv[1], f"rank{ctx.rank}.json").write_text(json.dumps({"rank":
       "local_differs": (local - expected).abs().max().item()}))
 dist.barrier()  # both ranks done with gloo before either tears it down (without it 1 run in 6 aborted at exit)
 del ddp  # DDP's reducer holds the process group: release it first
-group.teardown()
+group.teardown(ctx)
 """
 
 

@@ -342,7 +342,7 @@ def run_benchmark(settings: Settings) -> dict[str, Any]:
         dist.barrier(group=ctx.meta_group)
         return record
     finally:
-        group.teardown()
+        group.teardown(ctx)
 
 
 def main(cfg: DictConfig) -> int:

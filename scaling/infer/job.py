@@ -165,7 +165,7 @@ def infer(run: InferRun) -> dict[str, Any]:
         try:
             return sweep(run, ctx, model, pool, log, guard)
         finally:
-            group.teardown()
+            group.teardown(ctx)
 
 
 def sweep(run: InferRun, ctx: group.Context, model: torch.nn.Module, pool: torch.Tensor,

@@ -89,7 +89,7 @@ def train(cfg: DictConfig | config.RunConfig, sinks: list[Sink] | None = None) -
         try:
             return run_job(job, ctx, log, guard, sinks)
         finally:
-            group.teardown()
+            group.teardown(ctx)
 
 
 def run_job(job: Job, ctx: group.Context, log: logging.Logger, guard: failure.SignalGuard,
