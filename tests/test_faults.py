@@ -9,7 +9,7 @@ import sys
 import time
 
 
-from tests.jobs import TINY, end_tree, load_run, only_run_dir, start, torchrun
+from tests.jobs import TINY, check, end_tree, load_run, only_run_dir, start, torchrun
 
 LONG = [*TINY["mlp"], "train.steps=200", "train.warmup_steps=1", "train.log_every=4", "instrument.flops=false"]
 FAULT_AFTER = 40  # buckets reduced on the faulty rank before it fails (a few per step)
@@ -108,3 +108,23 @@ def test_the_bare_loop_keeps_its_steps_too(root):
     kept_steps_are_whole(run_dir, steps)
     assert set(steps[0]) >= {"step", "step_s", "step_s_max", "step_s_min", "slowest_rank", "samples_per_s"}
     assert "comm_s" not in steps[0]
+
+
+def test_a_rank_slow_to_its_bookkeeping_holds_no_step_of_any_rank(root):
+    """Rank 1 reaches each log interval's gather 0.4 s late (its records thread sleeps first): the gather
+    waits for it, the training does not. Every rank's log step stays far below the stall, every measured
+    step is recorded, and the progress line still comes."""
+    stall = 0.4
+    proc = torchrun(2, [*TINY["mlp"], "train.steps=6", "train.warmup_steps=1", "train.log_every=2",
+                        "instrument.flops=false", "instrument.ops=false", "instrument.control_steps=0",
+                        f"paths.root={root}"], env={"SCALING_INJECT_STALL": f"records:{stall}@rank=1"}, timeout=120)
+    out = check(proc)
+    run, steps = load_run(only_run_dir(root / "adhoc"))
+    assert run["status"] == "completed"
+    assert [s["step"] for s in steps] == list(range(1, 7))
+    # The stall was in the bookkeeping path: rank 0 waited for rank 1 in every interval's gather.
+    assert run["records_gather"]["gathers"] == 3 and run["records_gather"]["gather_max_s"] > 0.75 * stall
+    log_steps = [s for s in steps if s["step"] in (3, 5)]  # measured steps 2 and 4: the log steps
+    assert max(s["step_s_max"] for s in log_steps) < stall / 2, log_steps
+    assert max(s["other_s_max"] for s in steps) < stall / 4
+    assert "step     2/6" in out and "step     6/6" in out

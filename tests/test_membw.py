@@ -28,7 +28,19 @@ def numpy_copy_Bps(nbytes: int, repeats: int = 5) -> float:
 
 def test_arrays_are_far_larger_than_the_last_level_cache():
     llc = membw.last_level_cache_bytes()
-    assert membw.array_bytes(CPU) >= max(4 * (llc or 0), 64 * 2**20)
+    cap = int(membw.MEMORY_SHARE * (membw.available_memory_bytes() or 2**62)) // 3
+    assert membw.array_bytes(CPU) >= min(max(4 * (llc or 0), 64 * 2**20), cap)
+
+
+def test_sixteen_probing_processes_fit_in_memory_and_still_exceed_the_cache():
+    """The ceiling probe of a 16-process job: before, each process took three arrays of 4x this VM's
+    260 MB cache (50 GB in all on a 23 GB host: the job was killed for memory)."""
+    llc, available = membw.last_level_cache_bytes() or 0, membw.available_memory_bytes()
+    each = membw.array_bytes(CPU, 16)
+    if available:
+        assert 3 * 16 * each <= membw.MEMORY_SHARE * available
+    if available is None or 3 * 4 * llc <= membw.MEMORY_SHARE * available:
+        assert 16 * each >= 4 * llc  # together they still stream 4x the shared cache
 
 
 def test_the_probe_copies_at_the_rate_of_a_plain_numpy_copy():

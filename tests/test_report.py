@@ -18,6 +18,7 @@ import pytest
 
 from scaling.report.__main__ import main as report_main
 from scaling.report.waterfall import TERMS
+from scaling.sinks import console
 from tests.jobs import PNG_SIGNATURE, explain, png_size, read_run, report as run_report, run_command
 from tests.shared_runs import HTML_TAG, copy_study
 
@@ -428,3 +429,15 @@ def test_weak_waterfall_has_no_batch_term(tmp_path, capsys):
     for term, seconds in expected.items():
         assert float(two[f"loss_{term}_s"]) == pytest.approx(seconds, abs=1e-12), term
     assert float(two["ideal_step_s"]) == 0.050
+
+
+def test_at_1024_ranks_the_skew_sentence_names_the_ranks_most_often_last_and_stays_short():
+    """The sentence listed every rank's count of last arrivals: 2,400 characters at 1,024 ranks."""
+    lasts = [1] * 1024
+    lasts[700], lasts[3] = 9, 5
+    summary = {"waiting": {"ranks": [{"rank": r, "last": n} for r, n in enumerate(lasts)], "steps": 20}}
+    clause = console.skew_clause(summary)
+    assert clause.startswith("ranks take turns: last to arrive rank 700 in 9, rank 3 in 5, rank 0 in 1")
+    assert "of 1024 ranks (every other rank in at most 1)" in clause and len(clause) < 200
+    few = {"waiting": {"ranks": [{"rank": r, "last": n} for r, n in enumerate([0, 3, 1])], "steps": 4}}
+    assert console.skew_clause(few) == "ranks take turns: last to arrive 0/3/1 of 4 steps by rank"

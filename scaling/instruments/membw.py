@@ -5,7 +5,7 @@ below, bytes per second, per process) and ``membw_source`` (probe | config);
 ``stream`` holds each kernel's best rate.
 
 The four kernels of McCalpin's STREAM, on arrays far larger than the last-level
-cache so that every byte comes from memory (on CUDA: device memory, copies from
+cache (all of a host's probing processes together: ``array_bytes``) so that every byte comes from memory (on CUDA: device memory, copies from
 device to device):
 
     copy   b = a          2 arrays of traffic
@@ -55,11 +55,37 @@ def last_level_cache_bytes() -> int | None:
     return max(sizes) if sizes else None
 
 
-def array_bytes(device: torch.device) -> int:
-    """Each array's size: 4x the last-level cache (on CUDA 1 GiB, some 20x an H100's L2)."""
+MEMORY_SHARE = 0.25
+"""At most this share of the host's available memory for the arrays of all its probing processes."""
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where it is not exposed)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def array_bytes(device: torch.device, concurrent: int = 1) -> int:
+    """Each array's size (on CUDA 1 GiB, some 20x an H100's L2).
+
+    On a CPU the ``concurrent`` processes of a host probe at once and share its last-level cache: their
+    arrays together make 4x that cache, each at least ``MIN_ARRAY_BYTES`` (so one process alone streams
+    4x the cache, 16 processes a 16th of that each). The three arrays of every process stay within
+    ``MEMORY_SHARE`` of the available memory: a host's probe costs the same memory whatever its
+    process count (before, each of 16 processes took 4x a 260 MB cache per array, 50 GB in all)."""
     if device.type == "cuda":
         return CUDA_ARRAY_BYTES
-    return max(MIN_ARRAY_BYTES, 4 * (last_level_cache_bytes() or 0))
+    concurrent = max(1, concurrent)
+    size = max(MIN_ARRAY_BYTES, 4 * (last_level_cache_bytes() or 0) // concurrent)
+    available = available_memory_bytes()
+    if available:
+        size = min(size, int(MEMORY_SHARE * available) // (3 * concurrent))
+    return max(size, 2**20)
 
 
 def stream_probe(device: torch.device, dtype: torch.dtype = torch.float32, nbytes: int | None = None,
@@ -108,7 +134,7 @@ def peak_membw(device: torch.device, dtype: torch.dtype = torch.float32, concurr
     """``{"peak_membw_Bps": best kernel, "<kernel>_Bps": ...}``, from the cache when probed before."""
 
     def probe() -> dict[str, float]:
-        rates = stream_probe(device, dtype)
+        rates = stream_probe(device, dtype, nbytes=array_bytes(device, concurrent))
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the probe's arrays must not count in the job's reserved memory
         return {"peak_membw_Bps": max(rates.values()), **{f"{k}_Bps": v for k, v in rates.items()}}

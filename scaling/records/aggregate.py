@@ -1,7 +1,8 @@
 """Cross-rank reduction of step metrics, and the summary of a run.
 
 Each rank keeps its own per-step values; at log intervals they are gathered
-once (one collective for many steps, never one per step). For every key the
+once (one collective for many steps, never one per step), by a thread of each
+rank on a group of its own (``scaling.train.recorder``), off the training path. For every key the
 record holds the mean over ranks and ``<key>_max`` / ``<key>_min``, plus
 ``slowest_rank`` and ``samples_per_s`` (global batch / the largest ``step_s``).
 
@@ -72,19 +73,22 @@ def reduce_ranks(per_rank: np.ndarray, keys: Sequence[str], steps: Sequence[int]
     values_all, keys = with_cross_rank(np.asarray(per_rank, dtype=float), keys)
     own = own_time(values_all, keys)
     step_col = keys.index("step_s")
+    # Over the ranks at once ([step, key]): the cost grows with the ranks only inside numpy.
+    means, maxima, minima = (values_all.mean(axis=0).tolist(), values_all.max(axis=0).tolist(),
+                             values_all.min(axis=0).tolist())
+    slowest_ranks = own.argmax(axis=0).tolist() if len(steps) else []
+    names = [(key, f"{key}_max", f"{key}_min") for key in keys]
     records = []
     for s, step in enumerate(steps):
-        values = values_all[:, s, :]
         record: dict[str, Any] = {"step": int(step)}
-        for k, key in enumerate(keys):
-            column = values[:, k]
-            record[key] = float(column.mean())
-            record[f"{key}_max"] = float(column.max())
-            record[f"{key}_min"] = float(column.min())
+        for (key, key_max, key_min), mean, high, low in zip(names, means[s], maxima[s], minima[s]):
+            record[key] = mean
+            record[key_max] = high
+            record[key_min] = low
         for key in nulls:
             record[key] = None
-        record["slowest_rank"] = int(own[:, s].argmax())
-        slowest = float(values[:, step_col].max())
+        record["slowest_rank"] = int(slowest_ranks[s])
+        slowest = maxima[s][step_col]
         record["samples_per_s"] = global_batch / slowest if slowest > 0 else 0.0
         records.append(record)
     return records

@@ -210,6 +210,12 @@ RUN_KEYS = (
     Metric("flops", "-", "per_sample (forward + backward), achieved_per_s, peak_per_s, peak_source, mfu"),
     Metric("fsdp", "-", "fsdp: blocks (what fully_shard wrapped) and root_params (what the root kept)"),
     Metric("final_loss", "-", "the last measured step's loss, mean over ranks"),
+    Metric("startup", "-", "rank 0's start-up: milestones (Unix times: process_start, imported, configured, "
+                           "group_ready, built, probe_start, probe_end, first_measured) and the parts between them "
+                           "in seconds (imports_s, config_s, group_s, build_s, warmup_s, probe_s, to_first_step_s)"),
+    Metric("records_gather", "-", "rank 0's live reduction of the records, in its own thread off the steps: gathers, "
+                                  "gather_s and gather_max_s (in the collective), gather_bytes (received), reduce_s "
+                                  "(reduction, steps.jsonl, sinks, progress line)"),
 )
 """The top-level keys of run.json (one that does not apply to a run is absent or null)."""
 

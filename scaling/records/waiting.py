@@ -161,3 +161,19 @@ def straggler(waiting: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"rank": rank["rank"], "phase": phase, "lost_s": excess[phase] if phase else None,
             "last": rank["last"], "steps": waiting["steps"], "p_value": waiting["p_value"],
             "explained": waiting["explained"]}
+
+
+LIST_RANKS_UP_TO = 16
+"""Up to this many ranks a sentence lists every rank's count; beyond, the ranks most often last."""
+
+
+def last_arrivals(ranks: Sequence[dict[str, Any]], steps: int) -> str:
+    """How often each rank arrived last, as a sentence says it: ``0/3/1 of 4 steps by rank`` up to
+    ``LIST_RANKS_UP_TO`` ranks; beyond, the five most often last and the most any other rank was."""
+    lasts = [int(r["last"]) for r in ranks]
+    if len(lasts) <= LIST_RANKS_UP_TO:
+        return f"{'/'.join(map(str, lasts))} of {steps} steps by rank"
+    order = sorted(range(len(lasts)), key=lambda r: (-lasts[r], r))
+    top, rest = order[:5], max((lasts[r] for r in order[5:]), default=0)
+    return (", ".join(f"rank {r} in {lasts[r]}" for r in top) + f" of {steps} steps, the five most often last of "
+            f"{len(lasts)} ranks (every other rank in at most {rest})")

@@ -6,6 +6,7 @@ from scaling.report import waterfall
 from scaling.report.configdiff import KeyDiff
 from scaling.report.metrics import SizeStats, StudyStats, failed_points
 from scaling.report.study_folder import KIND_LABELS, collectives
+from scaling.records import waiting as waiting_mod
 from scaling.records.schema import SHARE_LABELS, SHARES
 
 NOISE_WARN = 0.10
@@ -157,8 +158,7 @@ def skew_text(size: SizeStats) -> str:
     waiting = (f"waiting for slower ranks is {pct(size.comm_wait_frac or 0.0)} of the time, and no rank is to "
                "blame: the ranks take turns being last")
     if info.get("ranks"):
-        lasts = "/".join(str(r["last"]) for r in info["ranks"])
-        waiting += f" (last arrivals by rank {lasts} of {info['steps']} steps"
+        waiting += f" (last arrivals {waiting_mod.last_arrivals(info['ranks'], info['steps'])}"
         if info.get("own_spread_s") is not None:
             waiting += (f"; the slowest rank's own step is {info['own_spread_s'] * 1e3:.1f} ms longer than the "
                         "fastest's, median per step")

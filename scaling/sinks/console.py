@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from scaling.instruments import roofline
+from scaling.records import waiting
 from scaling.records.schema import COMM_KINDS, MEMORY_KEYS, SHARE_LABELS, SHARES, STRATEGY_KINDS
 
 GIB = 1024**3
@@ -97,10 +98,9 @@ def skew_clause(summary: dict[str, Any]) -> str:
     info = summary.get("waiting") or {}
     if not info.get("ranks"):
         return "ranks take turns"
-    lasts = "/".join(str(r["last"]) for r in info["ranks"])
     spread = f", the slowest rank's own time {1e3 * info['own_spread_s']:.1f} ms above the fastest's per step " \
              "(median)" if info.get("own_spread_s") is not None else ""
-    return f"ranks take turns: last to arrive {lasts} of {info['steps']} steps by rank{spread}"
+    return f"ranks take turns: last to arrive {waiting.last_arrivals(info['ranks'], info['steps'])}{spread}"
 
 
 def straggler_clause(summary: dict[str, Any]) -> str:

@@ -11,7 +11,10 @@ experiment or override can turn it on by accident::
 A stall is a sleep inside the phase it names (``data``, ``forward``,
 ``optimizer``): the host waits, as it would for a slow file system, a slow
 preprocessing step or a slower device. Each rule applies to every step the job
-runs, warm-up and control steps included.
+runs, warm-up and control steps included. ``records`` is the bookkeeping of a
+log interval instead: the rank's records thread sleeps before it joins the
+interval's gather (a rank slow to its bookkeeping: a slow disk, a busy host),
+once per interval; its step is the interval's last.
 
 ``rank=random`` draws the stalled rank anew for each step, the same draw on every
 rank (a generator seeded by the step number and ``@seed=S``, default 0), so that
@@ -27,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 ENV = "SCALING_INJECT_STALL"
-PHASES = ("data", "forward", "optimizer")
+PHASES = ("data", "forward", "optimizer", "records")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Works as a single process, under torchrun, srun or mpiexec. The loop lives in
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,32 @@ from scaling.sinks import Sink, console
 from scaling.sinks import wandb_sink
 from scaling.train import failure
 from scaling.train.loop import Job, Trainer, prepare
+
+
+def process_start_time() -> float | None:
+    """Unix time this process started (Linux: its start in clock ticks since boot against the uptime), or None."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+STARTUP_PHASES = (("imports_s", "process_start", "imported"), ("config_s", "imported", "configured"),
+                  ("group_s", "configured", "group_ready"), ("build_s", "group_ready", "built"),
+                  ("warmup_s", "built", "probe_start"), ("probe_s", "probe_start", "probe_end"),
+                  ("to_first_step_s", "process_start", "first_measured"))
+"""run.json ``startup``: each part of the start-up, between two of its milestones."""
+
+
+def startup_record(times: dict[str, float | None]) -> dict[str, float | None]:
+    """This rank's milestones (Unix times) and the parts of the start-up between them, in seconds."""
+    out: dict[str, float | None] = dict(times)
+    for name, start, end in STARTUP_PHASES:
+        a, b = times.get(start), times.get(end)
+        out[name] = b - a if a is not None and b is not None else None
+    return out
 
 
 def describe_run(job: Job, ctx: group.Context, files: RunFiles) -> dict[str, Any]:
@@ -77,6 +104,7 @@ def build_sinks(job: Job, ctx: group.Context, log: logging.Logger) -> list[Sink]
 
 def train(cfg: DictConfig | config.RunConfig, sinks: list[Sink] | None = None) -> dict[str, Any]:
     """Run one job; returns run.json's content (on every rank). Raises on failure."""
+    configured = time.time()
     run_cfg = cfg if isinstance(cfg, config.RunConfig) else config.parse(cfg)
     job = prepare(run_cfg)  # every configuration check happens before the process group
     log = console.make_logger(job.launch.rank, run_cfg.console)
@@ -86,14 +114,16 @@ def train(cfg: DictConfig | config.RunConfig, sinks: list[Sink] | None = None) -
         if run_cfg.dist.pin:
             hostprobe.pin(job.launch.local_rank, job.launch.local_world_size)
         ctx = group.init(job.launch, run_cfg.dist)
+        startup = {"process_start": process_start_time(), "imported": IMPORTED_AT, "configured": configured,
+                   "group_ready": time.time()}
         try:
-            return run_job(job, ctx, log, guard, sinks)
+            return run_job(job, ctx, log, guard, sinks, startup)
         finally:
             group.teardown(ctx)
 
 
 def run_job(job: Job, ctx: group.Context, log: logging.Logger, guard: failure.SignalGuard,
-            sinks: list[Sink] | None) -> dict[str, Any]:
+            sinks: list[Sink] | None, startup: dict[str, float | None] | None = None) -> dict[str, Any]:
     run_cfg = job.cfg
     prefix = f"{run_cfg.exp_name}-n{ctx.world_size}"
     files = RunFiles(ctx.agree_on_run_dir(Path(run_cfg.paths.root) / run_cfg.study_name, run_cfg.paths.run_id, prefix),
@@ -127,7 +157,8 @@ def run_job(job: Job, ctx: group.Context, log: logging.Logger, guard: failure.Si
                 summary["straggler"]["slow_host"] = summary["straggler"]["rank"] in host["slow_ranks"]
         run.update(status="completed", finished_at=time.time(), summary=summary, controls=trainer.controls,
                    memory=memory, hardware=hardware, host_probe=host, flops=trainer.flops_report(summary, ops),
-                   **sharding)
+                   startup=startup_record({**(startup or {}), **trainer.startup}),
+                   records_gather=trainer.recorder.stats(), **sharding)
     except BaseException as exc:
         guard.handling = True
         try:
@@ -163,3 +194,7 @@ def main(cfg: DictConfig) -> int:
     except DistError as exc:  # the rendezvous itself failed: no run folder exists yet
         print(f"scaling.train: error: could not reach the other ranks: {describe(exc)}", file=sys.stderr)
         return 1
+
+
+IMPORTED_AT = time.time()
+"""When this module's imports (torch and the framework) were done: the first milestone after the process start."""

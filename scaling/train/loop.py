@@ -11,14 +11,17 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from scaling.launch import detect, group
 from scaling.records import aggregate, schema
 from scaling.train import faults, hooks, strategy
+from scaling.train.recorder import Recorder
 from scaling.config import RunConfig
 from scaling.train.data import Batches, build_dataset, check_dataset_size
 from scaling.launch.group import Context
@@ -93,7 +96,7 @@ class Trainer:
     files: RunFiles
     log: logging.Logger
     sinks: list[Sink] = field(default_factory=list)
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)  # steps.jsonl's records: rank 0's alone
     memory: dict[str, Any] = field(default_factory=dict)
     flops: dict[str, Any] = field(default_factory=dict)
 
@@ -109,7 +112,7 @@ class Trainer:
         self._previous: PendingStep | None = None  # the last finished step, queued at the next bookkeeping
         self._pending: list[PendingStep] = []  # measured steps not yet resolved into seconds
         self._resolved: list[tuple[int, dict[str, float]]] = []  # resolved, not yet gathered
-        self.rank_totals: dict[str, list[float]] = {}  # per key, each rank's sum over the measured steps
+        self.rank_totals: dict[str, list[float]] = {}  # per key, each rank's sum over the measured steps (rank 0)
         self.controls: dict[str, Any] | None = None
         self.op_measurement: ops_mod.OpMeasurement | None = None
         self._timelines: list[list[tuple[int, float, float, int, int]]] = []  # per measured step, this rank's buckets
@@ -122,6 +125,8 @@ class Trainer:
         self.timeline_trace: dict[str, Any] | None = None  # timeline.json's content, on rank 0
         self.host_probes: dict[str, dict[str, float]] = {}  # "before" / "after" the measured steps
         self.rss_at_start = mem.rss_bytes()
+        self.startup: dict[str, float] = {}  # Unix times of the start-up's milestones (run.json ``startup``)
+        self.recorder: Recorder | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -143,6 +148,12 @@ class Trainer:
         self.sync_buffers = self.parallel.sync_buffers
         self.memory["params"] = self.parallel.memory()["params"]
         self.activations = mem.SavedActivations(model, gathered=self.parallel.effective == "fsdp")
+        # The records' gathers get a gloo group and a thread of their own: off the training path.
+        timeout = self.job.cfg.dist.timeout_s
+        self.recorder = Recorder(dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout)),
+                                 self.ctx.rank, self.ctx.world_size, self._record_gathered, timeout,
+                                 before_gather=(lambda step: self.faults.stall("records", step)) if self.faults else None)
+        self.startup["built"] = time.time()
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -154,7 +165,9 @@ class Trainer:
         self.timer.restart()
         for step in range(total):
             if step == train.warmup_steps:
+                self.startup["probe_start"] = time.time()
                 self._probe_host("before")
+                self.startup["probe_end"] = time.time()
                 self._begin_measuring()
             inputs, targets = self.batches.next()
             if self.faults:
@@ -315,6 +328,7 @@ class Trainer:
         if self.timeline is not None:  # the clocks' alignment: barriers, before the wall clock starts
             self.timeline.align("begin", self.ctx.meta_group, self.ctx.world_size)
         self.wall_start = time.perf_counter()
+        self.startup["first_measured"] = time.time()
         self.timer.restart()
 
     def _end_measuring(self) -> None:
@@ -328,6 +342,12 @@ class Trainer:
         self._take_previous()
         self._resolve_pending()
         self._gather_and_record()
+        self.recorder.drain()  # every interval recorded before any other collective of the end
+        # Once every rank has drained (rank 0 holds every row), the records' group is closed on all ranks
+        # together, not at the teardown while a peer may still be writing its records.
+        dist.barrier(group=self.ctx.meta_group)
+        dist.destroy_process_group(self.recorder.group)
+        self.recorder.group = None  # its last reference: the group and its gloo workers end here (group.teardown)
         self._gather_buckets()
         self._gather_timeline()
 
@@ -359,8 +379,12 @@ class Trainer:
         """After a failure: write this rank's finished steps that are still in memory.
 
         No collective: the other ranks may be gone. On CUDA only steps whose
-        events have completed can be resolved without waiting.
+        events have completed can be resolved without waiting. The records'
+        thread writes nothing more: the failure path rebuilds steps.jsonl from
+        the per-rank files.
         """
+        if self.recorder is not None:
+            self.recorder.close()
         self._take_previous()
         if self.ctx.device.type == "cuda":
             self._pending = [p for p in self._pending if p.marks.marks["other"].query()]
@@ -400,21 +424,24 @@ class Trainer:
             self._resolved.append((pending.step, values))
 
     def _gather_and_record(self) -> None:
+        """Queue the resolved steps for the records' thread (``scaling.train.recorder``); no waiting here."""
         if not self._resolved:
             return
         keys = self.job.step_keys
-        steps = [step for step, _ in self._resolved]
-        local = torch.tensor([[values[k] for k in keys] for _, values in self._resolved], dtype=torch.float64)
+        self.recorder.submit([step for step, _ in self._resolved],
+                             [[values[k] for k in keys] for _, values in self._resolved])
         self._resolved.clear()
-        gathered = self.ctx.gather_tensor(local).numpy()
+
+    def _record_gathered(self, steps: list[int], gathered: np.ndarray) -> None:
+        """In rank 0's records thread: one interval gathered from every rank, reduced and recorded."""
+        keys = self.job.step_keys
         records, totals = aggregate.reduce_steps(gathered, keys, steps, self.job.global_batch, self.job.null_keys)
         aggregate.add_totals(self.rank_totals, totals)
         self.records.extend(records)
-        if self.ctx.is_main:
-            self.files.append_steps(records)
-            for sink in self.sinks:
-                sink.on_steps(records)
-            self._progress(records[-1])
+        self.files.append_steps(records)
+        for sink in self.sinks:
+            sink.on_steps(records)
+        self._progress(records[-1])
 
     def _progress(self, last: dict[str, Any]) -> None:
         train = self.job.cfg.train
@@ -429,10 +456,13 @@ class Trainer:
     # -- results --------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
-        summary = aggregate.summarize(self.records, self.job.step_keys, self.job.null_keys, self.rank_totals)
-        summary["measured_wall_s"] = self.wall_s
-        summary["wall_samples_per_s"] = self.job.global_batch * len(self.records) / self.wall_s
-        return summary
+        """Made on rank 0, which holds the records, and sent to every rank."""
+        summary = None
+        if self.ctx.is_main:
+            summary = aggregate.summarize(self.records, self.job.step_keys, self.job.null_keys, self.rank_totals)
+            summary["measured_wall_s"] = self.wall_s
+            summary["wall_samples_per_s"] = self.job.global_batch * len(self.records) / self.wall_s
+        return self.ctx.broadcast_object(summary) if self.ctx.world_size > 1 else summary
 
     def memory_report(self) -> dict[str, Any]:
         """Every rank's categories, gathered once at the end."""
