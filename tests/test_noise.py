@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -92,6 +93,52 @@ def test_a_random_rank_stalled_each_step_is_skew_not_a_straggler(skew4):
     found = " ".join(analyse([run_dir.parent]).findings[run_dir.parent.name])
     assert "Skew-bound at 4 processes" in found and "take turns" in found, found
     assert "wait for rank" not in found, found
+
+
+def _two_ranks(step_s: float, lasts: list[int]) -> tuple[list[dict], dict[str, list[float]]]:
+    """Records of a 2-rank job whose rank 0 loses 2.3 ms per step in backward and arrives last as ``lasts``
+    say; rank 1 waits those 2.3 ms (a quarter of a 9 ms step and more)."""
+    n = len(lasts)
+    records = [{"step": i, "step_s": step_s, "slowest_rank": r} for i, r in enumerate(lasts)]
+    totals = {"step_s": [n * step_s] * 2, "comm_wait_s": [0.0, n * 0.0023], "data_s": [0.0, 0.0],
+              "forward_s": [n * 0.001] * 2, "backward_s": [n * 0.0043, n * 0.002], "optimizer_s": [0.0, 0.0],
+              "other_s": [0.0, 0.0]}
+    return records, totals
+
+
+@pytest.mark.parametrize("step_s, steps, named", [(0.0059, 12, False), (0.0059, 200, True), (0.030, 12, True)])
+def test_short_steps_are_pooled_into_stretches_before_the_last_arrivals_are_counted(step_s, steps, named):
+    """Rank 0 last in all but one step in twelve: the clean-clone suite's false straggler at 5.9 ms steps is
+    2 stretches of 25 ms, which chance explains; the same at 30 ms steps, or over 200 short steps, is not."""
+    from scaling.records import waiting
+
+    lasts = [0] * steps
+    lasts[3] = 1
+    records, totals = _two_ranks(step_s, lasts)
+    decision = waiting.decide(records, totals, 0.25)
+    winners = waiting.stretches(records)
+    per_stretch = max(1, math.ceil(waiting.STRETCH_S / step_s))
+    assert len(winners) == steps // per_stretch
+    assert decision["stretches"] == len(winners) and decision["candidate"] == 0
+    assert decision["kind"] == ("straggler" if named else "skew"), decision["reason"]
+    assert f"arrived last in {steps - 1} of {steps} steps" in decision["reason"]
+    if per_stretch > 1:
+        assert f"most often in {decision['stretches_won']} of {len(winners)} stretches of at least 25 ms" \
+            in decision["reason"]
+    # The step-by-step count alone would have named rank 0 every time (11 of 12: p = 0.0063).
+    assert waiting.last_arrival_p(steps - 1, steps, 2) < waiting.STRAGGLER_LEVEL
+
+
+def test_a_stretch_tied_between_ranks_counts_for_no_one():
+    from scaling.records import waiting
+
+    records = [{"step_s": 0.005, "slowest_rank": r} for r in (0, 1, 0, 1, 0, 1, 1, 1)]
+    # 24 ms close the first stretch after 5 steps (rank 0 last in 3 of 5); the last 3 steps, 15 ms, are too
+    # short for a stretch of their own and join it: 8 steps, rank 1 last in 5.
+    assert waiting.stretches(records, min_s=0.024) == [1]
+    assert waiting.stretches(records[:5], min_s=0.024) == [0]
+    assert waiting.stretches(records[:4], min_s=0.019) == [None]  # 2 and 2: a tie
+    assert waiting.stretches(records[:4], min_s=0.02) == [None]
 
 
 def test_the_straggler_report_names_the_rank_its_phase_and_the_test(straggler4):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from scaling.records import timeline as records
+from scaling.records import chrome_trace
 from scaling.report import timeline_plot
 from tests.jobs import PNG_SIGNATURE, TINY, check, only_run_dir, png_size, read_run, single, torchrun
 
@@ -54,7 +54,7 @@ PHASE_REL_TOL = 0.01
 
 
 def x_events(trace: dict, rank: int, cat: str | None = None, name: str | None = None) -> list[dict]:
-    return [e for e in records.slices_by_rank(trace)[rank] if (cat is None or e["cat"] == cat)
+    return [e for e in chrome_trace.slices_by_rank(trace)[rank] if (cat is None or e["cat"] == cat)
             and (name is None or e["name"] == name)]
 
 
@@ -87,14 +87,14 @@ def run_stalled(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def stalled(tmp_path_factory) -> tuple[Path, dict]:
     run_dir = run_stalled(tmp_path_factory.mktemp("timeline"))
-    return run_dir, json.loads((run_dir / records.TIMELINE_JSON).read_text())
+    return run_dir, json.loads((run_dir / chrome_trace.TIMELINE_JSON).read_text())
 
 
 def test_the_trace_carries_the_documented_fields(stalled):
     run_dir, trace = stalled
     assert set(trace) == {"traceEvents", "displayTimeUnit", "otherData"} and trace["displayTimeUnit"] == "ms"
     other = trace["otherData"]
-    assert other["format"] == records.FORMAT and other["world_size"] == 2 and other["run_id"] == run_dir.name
+    assert other["format"] == chrome_trace.FORMAT and other["world_size"] == 2 and other["run_id"] == run_dir.name
     assert other["steps"] == list(range(WARMUP, WARMUP + TIMELINE)) and other["ranks_kept"] == [0, 1]
     assert other["ranks_left_out"] == 0 and "control" in other["excluded"]
     events = trace["traceEvents"]
@@ -112,9 +112,9 @@ def test_the_trace_carries_the_documented_fields(stalled):
         assert meta[("process_sort_index", rank + 1, 0)] == {"sort_index": rank}
         tids = {e["tid"] for e in events if e["ph"] == "X" and e["pid"] == rank + 1}
         named = {tid for (kind, pid, tid) in meta if kind == "thread_name" and pid == rank + 1}
-        assert tids <= named and {records.TRACK_STEP, records.TRACK_PHASES, records.TRACK_EXPOSED,
-                                  records.TRACK_BUCKETS} <= tids
-        assert meta[("thread_name", rank + 1, records.TRACK_PHASES)] == {"name": "phases"}
+        assert tids <= named and {chrome_trace.TRACK_STEP, chrome_trace.TRACK_PHASES, chrome_trace.TRACK_EXPOSED,
+                                  chrome_trace.TRACK_BUCKETS} <= tids
+        assert meta[("thread_name", rank + 1, chrome_trace.TRACK_PHASES)] == {"name": "phases"}
     # Complete events on one track must nest (Perfetto and chrome://tracing draw a track as a stack).
     tracks: dict[tuple[int, int], list[dict]] = {}
     for e in events:
@@ -139,10 +139,10 @@ def test_phase_slices_are_the_recorded_phase_times(stalled):
             recorded[row["step"]] = row
         phases = x_events(trace, rank, "phase")
         steps = per_step(x_events(trace, rank, "step"))
-        assert len(phases) == TIMELINE * len(records.PHASES)
+        assert len(phases) == TIMELINE * len(chrome_trace.PHASES)
         for step, slice_ in steps.items():
             mine = [e for e in phases if e["args"]["step"] == step]
-            assert [e["name"] for e in mine] == list(records.PHASES)
+            assert [e["name"] for e in mine] == list(chrome_trace.PHASES)
             for e in mine:
                 want = recorded[step][f"{e['name']}_s"]
                 assert e["dur"] / 1e6 == pytest.approx(want, rel=PHASE_REL_TOL, abs=2e-6), (rank, step, e, want)
@@ -182,11 +182,11 @@ def test_one_process_has_its_steps_and_no_communication_and_zero_steps_no_file(t
     base = [*JOB, "instrument.timeline_steps=2"]
     check(single([*base, f"paths.root={tmp_path / 'one'}"]))
     run_dir = only_run_dir(tmp_path / "one" / "adhoc")
-    trace = json.loads((run_dir / records.TIMELINE_JSON).read_text())
+    trace = json.loads((run_dir / chrome_trace.TIMELINE_JSON).read_text())
     assert trace["otherData"]["steps"] == [WARMUP, WARMUP + 1] and trace["otherData"]["world_size"] == 1
-    assert {e["cat"] for e in records.slices_by_rank(trace)[0]} == {"step", "phase"}
+    assert {e["cat"] for e in chrome_trace.slices_by_rank(trace)[0]} == {"step", "phase"}
     check(single([*JOB, "instrument.timeline_steps=0", f"paths.root={tmp_path / 'off'}"]))
-    assert not (only_run_dir(tmp_path / "off" / "adhoc") / records.TIMELINE_JSON).exists()
+    assert not (only_run_dir(tmp_path / "off" / "adhoc") / chrome_trace.TIMELINE_JSON).exists()
 
 
 # -- the size bound and the figure (in-process, from the stalled job's records) ---------------------
@@ -194,23 +194,23 @@ def test_one_process_has_its_steps_and_no_communication_and_zero_steps_no_file(t
 
 def test_beyond_the_size_bound_the_fastest_median_and_slowest_ranks_are_kept():
     own = [0.010 + 0.001 * ((r * 7) % 10) for r in range(10)]
-    assert records.ranks_to_keep(own, estimated=100) == list(range(10))
-    kept = records.ranks_to_keep(own, estimated=records.MAX_BYTES + 1)
+    assert chrome_trace.ranks_to_keep(own, estimated=100) == list(range(10))
+    kept = chrome_trace.ranks_to_keep(own, estimated=chrome_trace.MAX_BYTES + 1)
     order = sorted(range(10), key=lambda r: own[r])
     assert kept == sorted({order[0], order[5], order[-1]})
     steps = [{"step": 3, "phases": [0.0, 0.001, 0.002, 0.003, 0.004, 0.005], "values": {"step_s": 0.005}}]
     payloads = [{"steps": steps} if r in kept else None for r in range(10)]
-    clock = records.clock_offsets([[0.0] * 5] * 10, [[1.0] * 5] * 10, ["h"] * 10)
-    trace = records.build_trace(payloads, ["h"] * 10, clock, [[0.0]] * 10, own, records.MAX_BYTES + 1, {})
+    clock = chrome_trace.clock_offsets([[0.0] * 5] * 10, [[1.0] * 5] * 10, ["h"] * 10)
+    trace = chrome_trace.build_trace(payloads, ["h"] * 10, clock, [[0.0]] * 10, own, chrome_trace.MAX_BYTES + 1, {})
     assert trace["otherData"]["ranks_kept"] == kept and trace["otherData"]["ranks_left_out"] == 7
     assert "fastest, median and slowest of 10" in trace["otherData"]["selection"]
-    assert sorted(records.slices_by_rank(trace)) == kept
+    assert sorted(chrome_trace.slices_by_rank(trace)) == kept
 
 
 def test_offsets_align_hosts_and_leave_one_hosts_ranks_on_its_clock():
     # rank 2 and 3 on a host whose clock reads 100 s more; the barrier exits differ by a little release skew
     begin = [[0.0, 1.0, 2.0], [0.0002, 1.0001, 2.0003], [100.0001, 101.0002, 102.0], [100.0003, 101.0, 102.0004]]
-    clock = records.clock_offsets(begin, None, ["a", "a", "b", "b"])
+    clock = chrome_trace.clock_offsets(begin, None, ["a", "a", "b", "b"])
     assert clock["offsets_s"][:2] == [0.0, 0.0]
     assert clock["offsets_s"][2] == clock["offsets_s"][3] == pytest.approx(100.0001, abs=1e-9)
     assert clock["barrier_offsets_s"][1] == pytest.approx(0.0002, abs=1e-9)
@@ -219,7 +219,7 @@ def test_offsets_align_hosts_and_leave_one_hosts_ranks_on_its_clock():
 def test_the_figure_draws_two_ranks_and_summarises_sixty_four(stalled, tmp_path):
     _, trace = stalled
     two = timeline_plot.draw([("stalled", trace, "2 ranks")], tmp_path / "two.png")
-    by = records.slices_by_rank(trace)
+    by = chrome_trace.slices_by_rank(trace)
     rng = random.Random(0)
     events = [dict(e, pid=r + 1, ts=e["ts"] + rng.uniform(-300, 300)) for r in range(64)
               for e in by[1 if r == 37 else 0]]

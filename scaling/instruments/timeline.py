@@ -1,4 +1,4 @@
-"""The per-rank side of ``timeline.json`` (``scaling.records.timeline``): a few measured steps' own marks.
+"""The per-rank side of ``timeline.json`` (``scaling.records.chrome_trace``): a few measured steps' own marks.
 
 Nothing is added to a measured step: the marks are those the step timer and the communication timer take
 anyway (``StepMarks``, ``StepComm``); when a step is resolved into seconds (``Trainer._resolve_pending``, at
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from scaling.instruments.clock import Clock
 from scaling.instruments.comm import StepComm
 from scaling.instruments.timing import StepMarks
-from scaling.records import timeline as records
+from scaling.records import chrome_trace
 
 ROUNDS = 5
 """Barriers per alignment: the offset is the median over them."""
@@ -80,7 +80,7 @@ class TimelineRecorder:
     def _convert(self, step: int, marks: StepMarks, comm: StepComm, values: dict[str, float]) -> None:
         """One step's phase boundaries, buckets, broadcasts and collectives in host seconds."""
         host = self.host
-        phases = [host(marks.start), *(host(marks.marks[p]) for p in records.PHASES)]
+        phases = [host(marks.start), *(host(marks.marks[p]) for p in chrome_trace.PHASES)]
         buckets = [[e.index, host(e.launch), host(e.returned), host(e.done), e.nbytes]
                    for e in comm.events if e.done is not None and e.returned is not None]
         collectives = [[c.kind, host(c.start), host(c.returned), host(c.done), c.nbytes]
@@ -103,22 +103,22 @@ class TimelineRecorder:
         self._taken.clear()
         exposed = [s["values"].get("comm_exposed_s", 0.0) for s in self.steps]
         own = [s["values"]["step_s"] for s in self.steps]
-        small = {"host": ctx.hostnames[ctx.rank], "events": sum(records.events_of(s) for s in self.steps),
+        small = {"host": ctx.hostnames[ctx.rank], "events": sum(chrome_trace.events_of(s) for s in self.steps),
                  "exposed": exposed, "step": own, "begin": self.begin, "end": self.end}
         every = ctx.gather_object(small) if ctx.world_size > 1 else [small]
         counts = [len(e["exposed"]) for e in every]
         if len(set(counts)) != 1:  # a rank with another count of steps: no trace rather than a wrong one
             return None
-        wait = records.waits([e["exposed"] for e in every])
+        wait = chrome_trace.waits([e["exposed"] for e in every])
         own_s = [sum(st - w for st, w in zip(e["step"], wr)) / max(1, len(e["step"])) for e, wr in zip(every, wait)]
-        estimated = records.estimate_bytes([e["events"] for e in every])
-        keep = set(records.ranks_to_keep(own_s, estimated))
-        mine = records.rank_payload(self.steps) if ctx.rank in keep else None
+        estimated = chrome_trace.estimate_bytes([e["events"] for e in every])
+        keep = set(chrome_trace.ranks_to_keep(own_s, estimated))
+        mine = chrome_trace.rank_payload(self.steps) if ctx.rank in keep else None
         payloads = ctx.gather_object(mine) if ctx.world_size > 1 else [mine]
         if not ctx.is_main:
             return None
-        clock = records.clock_offsets([e["begin"] for e in every], [e["end"] for e in every],
+        clock = chrome_trace.clock_offsets([e["begin"] for e in every], [e["end"] for e in every],
                                      [e["host"] for e in every])
-        trace = records.build_trace(payloads, [e["host"] for e in every], clock, wait, own_s, estimated, info)
+        trace = chrome_trace.build_trace(payloads, [e["host"] for e in every], clock, wait, own_s, estimated, info)
         trace["otherData"]["cost_s"] = {**self.cost_s, "gather": time.perf_counter() - began}
         return trace

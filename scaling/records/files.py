@@ -5,7 +5,7 @@
       run.json             provenance + summary, replaced atomically
       steps.jsonl          one object per measured step, aggregated over ranks
       buckets.json         per gradient bucket: bytes, ready time after backward start, all-reduce time
-      timeline.json        the first measured steps of every rank as a Chrome trace (scaling.records.timeline)
+      timeline.json        the first measured steps of every rank as a Chrome trace (scaling.records.chrome_trace)
       logs/rank<R>.log     each rank's log
       logs/rank<R>.steps.jsonl   each rank's own step values, flushed every step
 

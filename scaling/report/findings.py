@@ -6,7 +6,7 @@ from scaling.report import waterfall
 from scaling.report.configdiff import KeyDiff
 from scaling.report.metrics import SizeStats, StudyStats, failed_points
 from scaling.report.study_folder import KIND_LABELS, collectives
-from scaling.records import waiting as waiting_mod
+from scaling.records import waiting
 from scaling.records.schema import SHARE_LABELS, SHARES
 
 NOISE_WARN = 0.10
@@ -131,41 +131,44 @@ def operators(stats: StudyStats) -> str | None:
 
 def straggler_text(size: SizeStats) -> str:
     """Who the others wait for, where it loses its time, and how much of the step the waiting is."""
-    waiting = f"waiting for slower ranks is {pct(size.comm_wait_frac)} of the time" if size.comm_wait_frac else ""
+    share = f"waiting for slower ranks is {pct(size.comm_wait_frac)} of the time" if size.comm_wait_frac else ""
     who = size.straggler
     if not who:
-        return waiting or "ranks wait for each other"
+        return share or "ranks wait for each other"
     where = f" in {who['phase']}" if who.get("phase") else ""
     lost = f" ({who['lost_s'] * 1e3:.2f} ms per step more than the others)" if who.get("lost_s") else ""
     text = f"the ranks wait for rank {who['rank']}, which loses its time{where}{lost}"
     info = size.waiting or {}
     if info.get("kind") == "straggler":
         last = info["ranks"][info["candidate"]]["last"]
-        text += (f"; it arrived last in {last} of {info['steps']} steps (p = {info['p_value']:.2g} against 1 in "
-                 f"{len(info['ranks'])}) and its excess explains {pct(info['explained'])} of the others' waiting")
+        pooled = info.get("stretches", info["steps"]) != info["steps"]
+        drawn = (f", most often in {info['stretches_won']} of {info['stretches']} stretches of at least "
+                 f"{waiting.STRETCH_S * 1e3:.0f} ms," if pooled else "")
+        text += (f"; it arrived last in {last} of {info['steps']} steps{drawn} (p = {info['p_value']:.2g} against 1 "
+                 f"in {len(info['ranks'])}) and its excess explains {pct(info['explained'])} of the others' waiting")
     if who.get("of", 1) > 1:
         text += f" (named in {who['runs']} of {who['of']} repeats)"
     if who.get("slow_host") is True:
         text += "; its host was the slow one (the host probe: throttling or a noisy neighbour)"
     elif who.get("slow_host") is False:
         text += "; its host delivered what the others' did at the host probe, so look at what the rank itself does"
-    return f"{waiting}: {text}" if waiting else text
+    return f"{share}: {text}" if share else text
 
 
 def skew_text(size: SizeStats) -> str:
     """Waiting that no rank is to blame for: its size, who arrived last how often, and why no one is named."""
     info = size.waiting or {}
-    waiting = (f"waiting for slower ranks is {pct(size.comm_wait_frac or 0.0)} of the time, and no rank is to "
-               "blame: the ranks take turns being last")
+    text = (f"waiting for slower ranks is {pct(size.comm_wait_frac or 0.0)} of the time, and no rank is to "
+            "blame: the ranks take turns being last")
     if info.get("ranks"):
-        waiting += f" (last arrivals {waiting_mod.last_arrivals(info['ranks'], info['steps'])}"
+        text += f" (last arrivals {waiting.last_arrivals(info['ranks'], info['steps'])}"
         if info.get("own_spread_s") is not None:
-            waiting += (f"; the slowest rank's own step is {info['own_spread_s'] * 1e3:.1f} ms longer than the "
-                        "fastest's, median per step")
-        waiting += ")"
+            text += (f"; the slowest rank's own step is {info['own_spread_s'] * 1e3:.1f} ms longer than the "
+                     "fastest's, median per step")
+        text += ")"
     if info.get("reason"):
-        waiting += f"; no straggler named because {info['reason']}"
-    return waiting
+        text += f"; no straggler named because {info['reason']}"
+    return text
 
 
 SKEW_WORTH = 0.05

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from scaling.records import timeline as records  # noqa: E402
+from scaling.records import chrome_trace  # noqa: E402
 from scaling.report.metrics import StudyStats  # noqa: E402
 from scaling.report.plots import DPI, SHARE_COLORS  # noqa: E402
 
@@ -42,7 +42,7 @@ def rank_intervals(trace: dict[str, Any], steps: Sequence[int]) -> dict[int, dic
     """Per rank, per state (and ``busy``), the intervals [start, end] in ms of the aligned clock, for ``steps``."""
     wanted = set(steps)
     out: dict[int, dict[str, list[tuple[float, float]]]] = {}
-    for rank, events in records.slices_by_rank(trace).items():
+    for rank, events in chrome_trace.slices_by_rank(trace).items():
         by: dict[str, list[tuple[float, float]]] = {k: [] for k in (*STATES, "busy")}
         for e in events:
             if e.get("args", {}).get("step") not in wanted:
@@ -135,7 +135,7 @@ def draw_panel(fig, spec, trace: dict[str, Any], title: str) -> None:
     _draw_rows(ax, intervals, rows)
     first = rows[0][0]
     for step in steps:  # step boundaries of the first row's rank
-        begin = [e["ts"] / 1e3 - origin for e in records.slices_by_rank(trace)[first]
+        begin = [e["ts"] / 1e3 - origin for e in chrome_trace.slices_by_rank(trace)[first]
                  if e.get("cat") == "step" and e["args"].get("step") == step]
         for x in begin:
             ax.axvline(x, color="#333333", linewidth=0.6, linestyle=":")
@@ -194,8 +194,8 @@ def study_panels(studies: Sequence[StudyStats]) -> list[tuple[str, dict[str, Any
         chosen: dict[int, Any] = {}
         for run in sorted(st.records.runs, key=lambda r: (r.world_size, r.repeat or 0)):
             if run.completed and run.world_size not in chosen:
-                trace = records.read(run.folder / records.TIMELINE_JSON)
-                if trace is not None and records.slices_by_rank(trace):
+                trace = chrome_trace.read(run.folder / chrome_trace.TIMELINE_JSON)
+                if trace is not None and chrome_trace.slices_by_rank(trace):
                     chosen[run.world_size] = (st.label, trace, run.run_id)
         panels += [chosen[n] for n in sorted(chosen)]
     return panels
@@ -211,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m scaling.report.timeline_plot RUN_DIR OUT.png", file=sys.stderr)
         return 2
-    trace = records.read(Path(args[0]) / records.TIMELINE_JSON)
+    trace = chrome_trace.read(Path(args[0]) / chrome_trace.TIMELINE_JSON)
     if trace is None:
-        print(f"{args[0]}: no readable {records.TIMELINE_JSON}", file=sys.stderr)
+        print(f"{args[0]}: no readable {chrome_trace.TIMELINE_JSON}", file=sys.stderr)
         return 1
     draw([(Path(args[0]).parent.name, trace, Path(args[0]).name)], Path(args[1]))
     return 0

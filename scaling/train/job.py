@@ -20,7 +20,7 @@ from scaling import config
 from scaling.errors import describe
 from scaling.instruments import hostprobe
 from scaling.launch import group
-from scaling.records import provenance, timeline
+from scaling.records import chrome_trace, provenance
 from scaling.records.files import BUCKETS_JSON, OPS_JSON, RunFiles, read_json, write_json, write_run
 from scaling.sinks import Sink, console
 from scaling.sinks import wandb_sink
@@ -179,7 +179,7 @@ def run_job(job: Job, ctx: group.Context, log: logging.Logger, guard: failure.Si
                 "world_size": ctx.world_size, "comm_hook": run_cfg.comm.hook, "bucket_cap_mb": run_cfg.dist.bucket_cap_mb,
                 "steps": run_cfg.train.steps, "buckets": trainer.buckets})
         if trainer.timeline_trace is not None:
-            timeline.write(files.dir / timeline.TIMELINE_JSON, trainer.timeline_trace)
+            chrome_trace.write(files.dir / chrome_trace.TIMELINE_JSON, trainer.timeline_trace)
         write_run(files.run_json, run)
         for sink in trainer.sinks:
             sink.on_end(run)

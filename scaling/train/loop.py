@@ -6,6 +6,7 @@ configuration mistake never reaches one); ``Trainer.run()`` is the loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import statistics
@@ -26,7 +27,7 @@ from scaling.config import RunConfig
 from scaling.train.data import Batches, build_dataset, check_dataset_size
 from scaling.launch.group import Context
 from scaling.launch.layout import Launch
-from scaling.instruments import flops as flops_mod, hostprobe, membw, memory as mem, ops as ops_mod
+from scaling.instruments import flops, hostprobe, membw, memory, ops
 from scaling.instruments import probecache
 from scaling.instruments import roofline
 from scaling.instruments.clock import clock_for
@@ -114,7 +115,7 @@ class Trainer:
         self._resolved: list[tuple[int, dict[str, float]]] = []  # resolved, not yet gathered
         self.rank_totals: dict[str, list[float]] = {}  # per key, each rank's sum over the measured steps (rank 0)
         self.controls: dict[str, Any] | None = None
-        self.op_measurement: ops_mod.OpMeasurement | None = None
+        self.op_measurement: ops.OpMeasurement | None = None
         self._timelines: list[list[tuple[int, float, float, int, int]]] = []  # per measured step, this rank's buckets
         self.buckets: list[dict[str, Any]] | None = None  # buckets.json, every rank's timeline reduced
         self.faults = faults.Injector.from_env(self.ctx.rank, self.ctx.world_size)
@@ -124,7 +125,7 @@ class Trainer:
                                              cfg.train.warmup_steps, lambda: self.comm.waited_kinds)
         self.timeline_trace: dict[str, Any] | None = None  # timeline.json's content, on rank 0
         self.host_probes: dict[str, dict[str, float]] = {}  # "before" / "after" the measured steps
-        self.rss_at_start = mem.rss_bytes()
+        self.rss_at_start = memory.rss_bytes()
         self.startup: dict[str, float] = {}  # Unix times of the start-up's milestones (run.json ``startup``)
         self.recorder: Recorder | None = None
 
@@ -135,11 +136,11 @@ class Trainer:
         self.batches = Batches(job.dataset, job.batch_size, self.ctx.rank, self.ctx.world_size, device,
                                cfg.data.num_workers, cfg.train.seed)
         if self.instrumented and cfg.instrument.flops:
-            flops = flops_mod.count_step_flops_on_meta(job.model, self.loss_fn, job.dataset[0], job.batch_size)
-            if flops is None:  # an operator without a meta kernel: count on a real batch instead
-                flops = flops_mod.count_step_flops(job.model.to(device), self.loss_fn, self.batches.next(),
-                                                   self.amp_dtype)
-            self.flops["per_sample"] = flops / job.batch_size
+            step_flops = flops.count_step_flops_on_meta(job.model, self.loss_fn, job.dataset[0], job.batch_size)
+            if step_flops is None:  # an operator without a meta kernel: count on a real batch instead
+                step_flops = flops.count_step_flops(job.model.to(device), self.loss_fn, self.batches.next(),
+                                                    self.amp_dtype)
+            self.flops["per_sample"] = step_flops / job.batch_size
         model = self.module = job.model.to(device)
         self.buffers = [b for b in model.buffers()]
         # No peer (world size 1): the model a single-process user would train, unwrapped.
@@ -147,7 +148,8 @@ class Trainer:
         self.model, self.optimizer = self.parallel.model, self.parallel.optimizer
         self.sync_buffers = self.parallel.sync_buffers
         self.memory["params"] = self.parallel.memory()["params"]
-        self.activations = mem.SavedActivations(model, gathered=self.parallel.effective == "fsdp")
+        self.activations = memory.SavedActivations(model, gathered=self.parallel.effective == "fsdp")
+        self.measures_activations = self.instrumented and cfg.instrument.memory  # in the first step
         # The records' gathers get a gloo group and a thread of their own: off the training path.
         timeout = self.job.cfg.dist.timeout_s
         self.recorder = Recorder(dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout)),
@@ -170,25 +172,17 @@ class Trainer:
                 self.startup["probe_end"] = time.time()
                 self._begin_measuring()
             inputs, targets = self.batches.next()
-            if self.faults:
-                self.faults.stall("data", step)
+            self._stall("data", step)
             self.timer.mark("data")
             if self.sync_buffers:
                 self.comm.sync(lambda: strategy.broadcast_buffers(self.buffers))
-            if self.faults:
-                self.faults.stall("forward", step)
-            with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                if step == 0 and self.instrumented and self.job.cfg.instrument.memory:
-                    with self.activations.active():
-                        loss = self.loss_fn(self.model(inputs), targets)
-                else:
-                    loss = self.loss_fn(self.model(inputs), targets)
+            self._stall("forward", step)
+            loss = self._loss(inputs, targets, save_activations=step == 0 and self.measures_activations)
             self.timer.mark("forward")
             self.comm.begin_backward(self.clock.mark())
             self.parallel.backward(loss)
             self.timer.mark("backward")
-            if self.faults:
-                self.faults.stall("optimizer", step)
+            self._stall("optimizer", step)
             self.optimizer.step()
             if step == 0:
                 self.memory.update(self.parallel.memory())  # the gradients exist until zero_grad()
@@ -206,6 +200,18 @@ class Trainer:
         self._run_controls(total)
         self._profile_ops()
 
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, save_activations: bool = False) -> torch.Tensor:
+        """The forward pass under the run's autocast, the one every kind of step runs; ``save_activations``
+        measures what autograd keeps for backward (the first step)."""
+        with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None), \
+                (self.activations.active() if save_activations else contextlib.nullcontext()):
+            return self.loss_fn(self.model(inputs), targets)
+
+    def _stall(self, phase: str, step: int) -> None:
+        """The test-only fault injection's sleep in ``phase`` (scaling.train.faults), where one is set."""
+        if self.faults:
+            self.faults.stall(phase, step)
+
     def _run_controls(self, first_step: int) -> None:
         """``instrument.control_steps`` more steps with no communication at all: the counterfactual.
 
@@ -222,14 +228,10 @@ class Trainer:
         with no_sync:
             for step in range(first_step, first_step + count):
                 inputs, targets = self.batches.next()
-                if self.faults:
-                    self.faults.stall("data", step)
-                    self.faults.stall("forward", step)
-                with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    loss = self.loss_fn(self.model(inputs), targets)
-                self.parallel.backward(loss)
-                if self.faults:
-                    self.faults.stall("optimizer", step)
+                self._stall("data", step)
+                self._stall("forward", step)
+                self.parallel.backward(self._loss(inputs, targets))
+                self._stall("optimizer", step)
                 self.optimizer.step()
                 self.optimizer.zero_grad()
                 marks.append(self.clock.mark())
@@ -255,9 +257,8 @@ class Trainer:
             inputs, targets = self.batches.next()
             if self.sync_buffers:
                 strategy.broadcast_buffers(self.buffers)
-            with phase("forward"), torch.autocast(self.ctx.device.type, dtype=self.amp_dtype,
-                                                  enabled=self.amp_dtype is not None):
-                loss = self.loss_fn(self.model(inputs), targets)
+            with phase("forward"):
+                loss = self._loss(inputs, targets)
             with phase("backward"):
                 self.parallel.backward(loss)
             with phase("optimizer"):
@@ -265,14 +266,14 @@ class Trainer:
                 self.optimizer.zero_grad()
 
         trace = self.files.dir / "profile" / f"rank{self.ctx.rank}.json" if cfg.instrument.profile_trace else None
-        self.op_measurement = ops_mod.profile_ops(step, cfg.instrument.ops_steps, self.ctx.device,
-                                                  runs_in_tf32=flops_mod.runs_in_tf32, trace_path=trace)
+        self.op_measurement = ops.profile_ops(step, cfg.instrument.ops_steps, self.ctx.device,
+                                              runs_in_tf32=flops.runs_in_tf32, trace_path=trace)
 
     def _probe_host(self, when: str) -> None:
         """The short GEMM and copy probe (scaling.instruments.hostprobe), outside the steps and the memory peaks."""
         if not (self.instrumented and self.job.cfg.instrument.host_probe):
             return
-        with mem.outside_peaks(self.ctx.device):
+        with memory.outside_peaks(self.ctx.device):
             self.host_probes[when] = hostprobe.probe(self.ctx.device)
 
     def host_report(self) -> dict[str, Any] | None:
@@ -287,17 +288,17 @@ class Trainer:
         table = self.ctx.gather_tensor(torch.tensor(row, dtype=torch.float64)).tolist()
         cores = self.ctx.gather_object(hostprobe.cores())
         if cfg.peak_tflops is not None:
-            flops, flops_source = cfg.peak_tflops * 1e12, "config"
+            peak_flops, flops_source = cfg.peak_tflops * 1e12, "config"
         else:
-            flops = probecache.lookup("peak_flops", flops_mod.cache_key(device, torch.float32, concurrent))
-            flops_source = "cache" if flops else None
+            peak_flops = probecache.lookup("peak_flops", flops.cache_key(device, torch.float32, concurrent))
+            flops_source = "cache" if peak_flops else None
         if cfg.peak_membw_GBps is not None:
             bandwidth, membw_source = cfg.peak_membw_GBps * 1e9, "config"
         else:
             found = probecache.lookup("peak_membw", membw.cache_key(device, torch.float32, concurrent))
             bandwidth = found.get("peak_membw_Bps") if isinstance(found, dict) else None
             membw_source = "cache" if bandwidth else None
-        return hostprobe.record(table, self.ctx.hostnames, cores, flops, bandwidth, flops_source, membw_source)
+        return hostprobe.record(table, self.ctx.hostnames, cores, peak_flops, bandwidth, flops_source, membw_source)
 
     def ceilings(self) -> dict[str, Any] | None:
         """``hardware``: peak FLOP/s of each precision the operators use, peak bytes/s, the ridges.
@@ -316,7 +317,7 @@ class Trainer:
         """The content of ops.json (this rank's operators), or None when they were not profiled."""
         if self.op_measurement is None or hardware is None:
             return None
-        record = ops_mod.ops_record(self.op_measurement, hardware["peak_flops_per_s"], hardware["peak_membw_Bps"])
+        record = ops.ops_record(self.op_measurement, hardware["peak_flops_per_s"], hardware["peak_membw_Bps"])
         return {"rank": self.ctx.rank, **record, "hardware": hardware}
 
     def _begin_measuring(self) -> None:
@@ -324,7 +325,7 @@ class Trainer:
             torch.cuda.synchronize()  # once, so that the wall clock starts on an idle device
             # The first steps (DDP's bucket rebuild among them) hold more than
             # any measured step: the peak is that of the measured steps.
-            mem.reset_cuda_peak(self.ctx.device)
+            memory.reset_cuda_peak(self.ctx.device)
         if self.timeline is not None:  # the clocks' alignment: barriers, before the wall clock starts
             self.timeline.align("begin", self.ctx.meta_group, self.ctx.world_size)
         self.wall_start = time.perf_counter()
@@ -337,8 +338,8 @@ class Trainer:
         self.wall_s = time.perf_counter() - self.wall_start
         # The peaks of the measured steps alone: read before the control steps and the profiled
         # ones (whose buffers must not count) run.
-        self.memory["peak"] = mem.peak_bytes(self.ctx.device, self.rss_at_start)
-        self.memory["rss_peak"] = mem.rss_peak_bytes()
+        self.memory["peak"] = memory.peak_bytes(self.ctx.device, self.rss_at_start)
+        self.memory["rss_peak"] = memory.rss_peak_bytes()
         self._take_previous()
         self._resolve_pending()
         self._gather_and_record()
@@ -470,7 +471,7 @@ class Trainer:
         for key in ("params", "grads", "params_unsharded"):
             self.memory.setdefault(key, held[key])
         self.memory["optimizer_state"] = held["optimizer_state"]
-        measured = self.instrumented and self.job.cfg.instrument.memory
+        measured = self.measures_activations
         if self.parallel.effective == "fsdp" and not measured:
             self.memory["params_unsharded"] = None
         if self.instrumented:
@@ -483,8 +484,8 @@ class Trainer:
             else:
                 self.memory["comm_buffers"] = None
         self.memory["model_state"] = sum(self.memory[k] for k in schema.MODEL_STATE_KEYS)
-        self.memory.setdefault("peak", mem.peak_bytes(self.ctx.device, self.rss_at_start))
-        self.memory.setdefault("rss_peak", mem.rss_peak_bytes())
+        self.memory.setdefault("peak", memory.peak_bytes(self.ctx.device, self.rss_at_start))
+        self.memory.setdefault("rss_peak", memory.rss_peak_bytes())
         local = torch.tensor([float(self.memory.get(k) if self.memory.get(k) is not None else -1) for k in schema.MEMORY_KEYS],
                              dtype=torch.float64)
         table = self.ctx.gather_tensor(local).numpy()
@@ -503,21 +504,21 @@ class Trainer:
         return {**self.parallel.record(), "memory_model": self.parallel.memory_model(self.job.cfg, self.ctx.world_size),
                 "final_loss": float(losses.mean())}
 
-    def flops_report(self, summary: dict[str, Any], ops: dict[str, Any] | None = None) -> dict[str, Any]:
+    def flops_report(self, summary: dict[str, Any], ops_json: dict[str, Any] | None = None) -> dict[str, Any]:
         """MFU; with an op profile the peak is that of each operator's own precision (TF32 convolutions
         beside fp32 matrix products), weighted by their FLOPs."""
         if "per_sample" not in self.flops:
             return {}
         cfg = self.job.cfg
-        mixed = roofline.effective_peak(ops["rows"]) if ops else None
+        mixed = roofline.effective_peak(ops_json["rows"]) if ops_json else None
         if mixed is not None:
             peak, source = mixed, "probe" if cfg.peak_tflops is None else "config"
         elif cfg.peak_tflops is not None:
             peak, source = cfg.peak_tflops * 1e12, "config"
         else:
             dtype = self.amp_dtype or torch.float32
-            tf32 = flops_mod.runs_in_tf32(self.ctx.device, dtype, convolutions=cfg.model.kind == "resnet")
-            peak = flops_mod.peak_flops(self.ctx.device, dtype, concurrent=self.job.launch.local_world_size, tf32=tf32)
+            tf32 = flops.runs_in_tf32(self.ctx.device, dtype, convolutions=cfg.model.kind == "resnet")
+            peak = flops.peak_flops(self.ctx.device, dtype, concurrent=self.job.launch.local_world_size, tf32=tf32)
             source = "probe"
         achieved = self.flops["per_sample"] * self.job.batch_size / summary["step_s"]
         return {"per_sample": self.flops["per_sample"], "achieved_per_s": achieved, "peak_per_s": peak,
