@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from scaling import cli, config
 from scaling.train.job import main as train_main
-from scaling.train.loop import prepare
+from scaling.train.plan import prepare
 from tests.jobs import REPO, TINY, single, torchrun
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "exp").glob("*.yaml"))

@@ -10,7 +10,7 @@ import yaml
 
 from scaling import cli, config
 from scaling.records import schema
-from scaling.train.loop import prepare
+from scaling.train.plan import prepare
 from tests.jobs import QUICK, TINY, check, load_run, only_run_dir, single, torchrun
 
 COMM_KEYS = [*schema.COMM_KEYS, *schema.CROSS_RANK_KEYS]

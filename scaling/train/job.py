@@ -25,7 +25,8 @@ from scaling.records.files import BUCKETS_JSON, OPS_JSON, RunFiles, read_json, w
 from scaling.sinks import Sink, console
 from scaling.sinks import wandb_sink
 from scaling.train import failure
-from scaling.train.loop import Job, Trainer, prepare
+from scaling.train.loop import Trainer
+from scaling.train.plan import Job, prepare
 
 
 def process_start_time() -> float | None:

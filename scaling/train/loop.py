@@ -1,6 +1,6 @@
 """The instrumented data-parallel training loop (DDP, ZeRO-1 or FSDP: ``scaling.train.strategy``).
 
-``prepare()`` builds and checks everything that needs no process group (so a
+``scaling.train.plan.prepare()`` builds and checks everything that needs no process group (so a
 configuration mistake never reaches one); ``Trainer.run()`` is the loop.
 """
 
@@ -19,65 +19,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from scaling.launch import detect, group
-from scaling.records import aggregate, schema
-from scaling.train import faults, hooks, strategy
-from scaling.train.recorder import Recorder
-from scaling.config import RunConfig
-from scaling.train.data import Batches, build_dataset, check_dataset_size
-from scaling.launch.group import Context
-from scaling.launch.layout import Launch
 from scaling.instruments import flops, hostprobe, membw, memory, ops
 from scaling.instruments import probecache
 from scaling.instruments import roofline
 from scaling.instruments.clock import clock_for
 from scaling.instruments.comm import CommTimer, StepComm, bucket_records, bucket_timeline, timeline_array
-from scaling.instruments.timing import PHASES, StepMarks, StepTimer
 from scaling.instruments.timeline import TimelineRecorder
-from scaling.train.models import build_model, loss_fn_for
+from scaling.instruments.timing import PHASES, StepMarks, StepTimer
+from scaling.launch.group import Context
+from scaling.records import aggregate, schema
 from scaling.records.files import RunFiles
 from scaling.sinks import Sink
-
-@dataclass
-class Job:
-    """Everything decided before the process group exists."""
-
-    cfg: RunConfig
-    launch: Launch
-    backend: str
-    batch_size: int
-    dataset: Any
-    num_classes: int
-    model: torch.nn.Module
-    hook: hooks.HookChoice
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.launch.world_size
-
-    @property
-    def step_keys(self) -> tuple[str, ...]:
-        """What each rank measures per step."""
-        return schema.local_keys(self.cfg.instrument.enabled, self.launch.world_size, self.cfg.dist.strategy)
-
-    @property
-    def null_keys(self) -> tuple[str, ...]:
-        """Keys without a value in this run (communication, for a single process)."""
-        return schema.null_keys(self.cfg.instrument.enabled, self.launch.world_size)
-
-
-def prepare(cfg: RunConfig) -> Job:
-    launch = detect.detect()
-    backend = group.resolve_backend(cfg.dist.backend)
-    group.resolve_device(cfg.dist.device, backend)  # a CUDA request without CUDA fails here, not in the group
-    batch_size = cfg.train.per_rank_batch(launch.world_size)
-    hook = hooks.resolve(cfg.comm, backend, launch.launcher)
-    dataset, num_classes = build_dataset(cfg.data, cfg.train.seed)
-    check_dataset_size(len(dataset), batch_size, launch.world_size)
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, cfg.data, num_classes)
-    return Job(cfg, launch, backend, batch_size, dataset, num_classes, model, hook)
-
+from scaling.train import faults, strategy
+from scaling.train.data import Batches
+from scaling.train.models import loss_fn_for
+from scaling.train.plan import Job
+from scaling.train.recorder import Recorder
 
 CUDA_RESOLVE_LAG_STEPS = 2
 """Steps left queued on the device when a log interval reads its events."""
