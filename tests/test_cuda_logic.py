@@ -218,7 +218,7 @@ def test_the_memory_peak_is_that_of_the_measured_steps(tmp_path, monkeypatch):
         controls_run["n"] += 1
 
     monkeypatch.setattr(loop.Trainer, "_run_controls", counted_controls)
-    monkeypatch.setattr(loop.mem, "peak_bytes", lambda device, rss_at_start: 1000 + 1000 * controls_run["n"])
+    monkeypatch.setattr(loop.memory, "peak_bytes", lambda device, rss_at_start: 1000 + 1000 * controls_run["n"])
     cfg = cli.compose_config([*TINY["mlp"], "train.steps=2", "train.warmup_steps=1", "instrument.control_steps=2",
                               "instrument.ops=false", "instrument.flops=false", f"paths.root={tmp_path}"])
     job.train(cfg)
