@@ -4,10 +4,14 @@ import sys
 
 from scaling import compat
 
-compat.exit_if_unsupported("scaling.commbench")  # before anything imports torch
 
-from scaling import cli  # noqa: E402
-from scaling.bench.collectives import main  # noqa: E402
+def main() -> int:
+    compat.exit_if_unsupported("scaling.commbench")  # before anything imports torch
+    from scaling import cli
+    from scaling.bench import collectives
+
+    return cli.run("scaling.commbench", collectives.main, config_name="commbench")
+
 
 if __name__ == "__main__":
-    sys.exit(cli.run("scaling.commbench", main, config_name="commbench"))
+    sys.exit(main())
