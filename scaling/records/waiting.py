@@ -74,6 +74,13 @@ def last_arrival_p(count: int, steps: int, world_size: int) -> float:
     return min(1.0, world_size * binomial_tail(count, steps, 1.0 / world_size))
 
 
+def draws(steps: int, stretch_count: int, won: int) -> str:
+    """What the last-arrival test counted, in words: "12 steps", or the stretches too where steps were pooled."""
+    if stretch_count == steps:
+        return f"{steps} steps"
+    return f"{steps} steps, most often in {won} of {stretch_count} stretches of at least {STRETCH_S * 1e3:.0f} ms"
+
+
 def stretches(records: Sequence[dict[str, Any]], min_s: float = STRETCH_S) -> list[int | None]:
     """The winner of each stretch of consecutive steps at least ``min_s`` long together (the last ones, shorter,
     join the stretch before them): the rank that arrived last in most of its steps, None on a tie."""
@@ -155,8 +162,7 @@ def decide(records: Sequence[dict[str, Any]], totals: dict[str, list[float]] | N
     winners = stretches(records)
     won = sum(w == candidate["rank"] for w in winners)
     p_value = last_arrival_p(won, len(winners), world)
-    drawn = (f"{steps} steps" if len(winners) == steps else
-             f"{steps} steps, most often in {won} of {len(winners)} stretches of at least {STRETCH_S * 1e3:.0f} ms")
+    drawn = draws(steps, len(winners), won)
     spreads = [r["own_step_s_max"] - r["own_step_s_min"] for r in records
                if r.get("own_step_s_max") is not None and r.get("own_step_s_min") is not None]
     if (wait_max_frac or 0.0) < STRAGGLER_MIN_FRAC:

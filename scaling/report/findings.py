@@ -141,10 +141,8 @@ def straggler_text(size: SizeStats) -> str:
     info = size.waiting or {}
     if info.get("kind") == "straggler":
         last = info["ranks"][info["candidate"]]["last"]
-        pooled = info.get("stretches", info["steps"]) != info["steps"]
-        drawn = (f", most often in {info['stretches_won']} of {info['stretches']} stretches of at least "
-                 f"{waiting.STRETCH_S * 1e3:.0f} ms," if pooled else "")
-        text += (f"; it arrived last in {last} of {info['steps']} steps{drawn} (p = {info['p_value']:.2g} against 1 "
+        drawn = waiting.draws(info["steps"], info.get("stretches", info["steps"]), info.get("stretches_won", last))
+        text += (f"; it arrived last in {last} of {drawn} (p = {info['p_value']:.2g} against 1 "
                  f"in {len(info['ranks'])}) and its excess explains {pct(info['explained'])} of the others' waiting")
     if who.get("of", 1) > 1:
         text += f" (named in {who['runs']} of {who['of']} repeats)"

@@ -133,9 +133,9 @@ def draw_panel(fig, spec, trace: dict[str, Any], title: str) -> None:
         ax = fig.add_subplot(spec)
         ax.set_title(title, fontsize=9, loc="left")
     _draw_rows(ax, intervals, rows)
-    first = rows[0][0]
+    first_rank_slices = chrome_trace.slices_by_rank(trace)[rows[0][0]]
     for step in steps:  # step boundaries of the first row's rank
-        begin = [e["ts"] / 1e3 - origin for e in chrome_trace.slices_by_rank(trace)[first]
+        begin = [e["ts"] / 1e3 - origin for e in first_rank_slices
                  if e.get("cat") == "step" and e["args"].get("step") == step]
         for x in begin:
             ax.axvline(x, color="#333333", linewidth=0.6, linestyle=":")
