@@ -156,34 +156,38 @@ against the noise: on this shared 2-core machine, with two jobs at a time, the r
 and single steps 3-75 ms; a 5 ms slowdown was (rightly) called within noise there, and at 30 ms the step's
 interval once reached down to +0.6 % while compute's was +27..+35 ms."""
 PAIR_JOB = [*JOB, "train.steps=12"]
+REPEATS = 4
+"""Runs of REF and of AGAIN."""
 
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory) -> dict[str, Path]:
-    """Three small "studies" of two 2-process runs each (repeats): a reference, the same run again, and the
-    same with a 60 ms sleep in every rank's forward. Two jobs at a time, REF beside AGAIN, so that the machine's
-    load falls alike on both."""
+    """Three small "studies" of 2-process runs (repeats): a reference and the same run again, 4 runs each, and
+    2 runs with a 60 ms sleep in every rank's forward. Two jobs at a time, REF beside AGAIN, so that the
+    machine's load falls alike on both. Four runs a side, because the verdict needs a change beyond the runs'
+    combined spread, which unchanged runs exceed about 1 time in 8 with 2 runs a side and 1 in 1,000 with 4
+    (scaling.report.compare)."""
     from concurrent.futures import ThreadPoolExecutor
 
     root = tmp_path_factory.mktemp("compare")
 
     def launch(name: str) -> None:
-        study = name.rstrip("01")
+        study = name.rstrip("0123456789")
         env = {STALL_ENV: f"forward:{SLOWDOWN_S}"} if study == "slow" else None
         check(torchrun(2, [*PAIR_JOB, f"paths.root={root}", f"study.name={study}"], env=env))
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for pair in (("ref0", "again0"), ("ref1", "again1"), ("slow0", "slow1")):
+        for pair in (*((f"ref{i}", f"again{i}") for i in range(REPEATS)), ("slow0", "slow1")):
             list(pool.map(launch, pair))
     return {name: root / name for name in ("ref", "again", "slow")}
 
 
 def test_no_straggler_is_named_without_injection(studies):
-    """Four 2-process runs with nothing injected: whatever the machine's jitter, no rank is blamed."""
+    """Eight 2-process runs with nothing injected: whatever the machine's jitter, no rank is blamed."""
     from scaling.report.study_folder import load_study
 
     runs = [r for name in ("ref", "again") for r in load_study(studies[name]).runs]
-    assert len(runs) == 4 and all(r.completed for r in runs)
+    assert len(runs) == 2 * REPEATS and all(r.completed for r in runs)
     for run in runs:
         assert run.summary["straggler"] is None, run.summary["waiting"]
         assert run.summary["bound"] != "straggler"
@@ -198,6 +202,8 @@ def test_a_study_against_itself_run_again_is_within_noise(studies):
     verdicts = {c.metric.key: c.verdict for c in point.changes}
     assert set(verdicts) >= {"step_s", "samples_per_s", "busbw_GBps"}
     assert set(verdicts.values()) == {"within noise"}, compare.text(result)
+    assert point.runs == (REPEATS, REPEATS) and all(c.spread is not None for c in point.changes
+                                                     if c.metric.key in ("step_s", "busbw_GBps"))
 
 
 def test_a_slowdown_in_forward_is_a_regression_in_compute_with_exit_status_1(studies):
@@ -221,6 +227,22 @@ def test_a_slowdown_in_forward_is_a_regression_in_compute_with_exit_status_1(stu
     assert slow.returncode == 1 and "FAIL step_s at 2 processes" in slow.stdout, slow.stdout + slow.stderr
     assert again.returncode == 0 and "PASS" in again.stdout, again.stdout + again.stderr
     assert usage.returncode == 2 and "step_time" in usage.stderr and len(usage.stderr.strip().splitlines()) == 1
+
+
+def test_a_change_within_the_runs_spread_is_within_noise_however_narrow_its_bootstrap():
+    """Hand-made: +10 % with a bootstrap interval of +8..+12 % is a regression only when it is beyond the runs'
+    combined spread on a log scale: runs that ranged 9-12 ms and 10-12 ms (ln(12/9) + ln(12/10) = 0.47) leave
+    it within noise; runs within 1 % of each other (0.02) do not."""
+    from scaling.report.compare import METRICS, judge
+    from scaling.report.intervals import Interval
+
+    step, narrow = METRICS["step_s"], Interval(0.10, 0.08, 0.12)
+    assert judge(narrow, step, 0.05) == "regressed"  # one run a side: no spread to go by
+    assert judge(narrow, step, 0.05, spread=2 * math.log(1.01)) == "regressed"
+    assert judge(narrow, step, 0.05, spread=math.log(12 / 9) + math.log(12 / 10)) == "within noise"
+    assert judge(narrow, step, 0.05, spread=math.log(1.1)) == "within noise"  # exactly the spread: not beyond it
+    assert judge(Interval(-0.10, -0.12, -0.08), step, 0.05, spread=0.02) == "improved"
+    assert judge(narrow, step, 0.15, spread=0.02) == "within noise"  # below the threshold
 
 
 def test_a_missing_point_is_one_line(studies, straggler4):

@@ -7,8 +7,18 @@ differs, is one line and is not compared. For every matched point and metric the
 steps within runs and repeats across runs), and a verdict:
 
 - ``regressed`` / ``improved``: the change is at least the threshold (``MIN_CHANGE``, or the metric's own
-  from ``--fail-on``) *and* its interval excludes zero;
+  from ``--fail-on``), its interval excludes zero, *and*, where both sides have two runs or more, NEW's
+  median differs from REF's by more than the combined spread of the runs, on a log scale:
+  ``|ln(NEW / REF)| > ln(max / min)`` of NEW's run values plus that of REF's (a ratio, so that step time
+  and throughput, one the reciprocal of the other, get the same verdict);
 - ``within noise`` otherwise: a change the noise could make, or one too small to act on.
+
+Why the spread rule: a bootstrap over a handful of runs cannot see how much the next run may differ, and
+runs on a shared machine differ by more than their steps do (tests/test_noise.py: median steps of 6 to
+19 ms for one job). For runs drawn alike, the chance that the log medians of two sides differ by more than the
+sum of their ranges is about 13 % with 2 runs a side, 1.4 % with 3 and 0.1 % with 4 (simulated for normal,
+log-normal and Student-t(3) run values alike), so a verdict from 2 runs a side is marked as weak. With one
+run a side only the step-to-step noise is known, and the comparison says so.
 
 Then which part of the step moved (compute, exposed transfer, waiting for slower ranks, data loading,
 framework overhead: their means per step, which add up to the mean step), each with its interval.
@@ -19,6 +29,7 @@ some point, beyond the noise; 2 stays for usage errors; 0 otherwise.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -178,6 +189,8 @@ class Change:
     verdict: str
     """regressed | improved | within noise"""
     threshold: float
+    spread: float | None = None
+    """ln(max / min) of NEW's run values plus that of REF's (None with fewer than 2 runs on a side)."""
 
     @property
     def regressed(self) -> bool:
@@ -204,24 +217,42 @@ class PointComparison:
     runs: tuple[int, int] = (0, 0)
 
 
-def judge(relative: Interval, metric: Metric, threshold: float) -> str:
-    """``regressed`` or ``improved`` only when the change is at least the threshold and beyond the noise."""
+def judge(relative: Interval, metric: Metric, threshold: float, spread: float | None = None) -> str:
+    """``regressed`` or ``improved`` only when the change is at least the threshold and beyond the noise:
+    its interval excludes 0 and ``|ln(NEW / REF)|`` exceeds the runs' combined spread (``_spread``)."""
     if abs(relative.value) < threshold or relative.spans(0.0):
+        return "within noise"
+    if spread is not None and abs(math.log1p(relative.value)) <= spread:
         return "within noise"
     worse = relative.value > 0 if metric.lower_is_better else relative.value < 0
     return "regressed" if worse else "improved"
+
+
+def _run_values(point: Point, key: str) -> list[float]:
+    """Each run's own value of ``key`` (none for speedup and efficiency, which are the point's)."""
+    if key in ("speedup", "efficiency"):
+        return []
+    if key == "busbw_GBps":
+        return [v for v in (r.busbw_GBps() for r in point.runs) if v is not None]
+    return [v for v in (r.number(key) for r in point.runs) if v is not None]
 
 
 def _metric_draws(point: Point, key: str) -> tuple[np.ndarray, float] | None:
     if key in ("speedup", "efficiency"):
         return getattr(point, key)
     draws = intervals.point_draws(point.runs, key, intervals.median_of(key))
-    values = [v for v in (r.number(key) for r in point.runs) if v is not None]
-    if key == "busbw_GBps":
-        values = [v for v in (r.busbw_GBps() for r in point.runs) if v is not None]
+    values = _run_values(point, key)
     if draws is None or not values:
         return None
     return draws, statistics.median(values)
+
+
+def _spread(new: Point, ref: Point, key: str) -> float | None:
+    """ln(max / min) of NEW's run values plus that of REF's; None unless both sides have 2 positive runs or more."""
+    a, b = _run_values(new, key), _run_values(ref, key)
+    if len(a) < 2 or len(b) < 2 or min(a + b) <= 0:
+        return None
+    return math.log(max(a) / min(a)) + math.log(max(b) / min(b))
 
 
 def _part_column(steps: Sequence[dict[str, Any]], part: str) -> np.ndarray | None:
@@ -265,7 +296,9 @@ def compare_point(new: Point, ref: Point, thresholds: dict[str, float]) -> Point
             continue
         relative = intervals.of_draws(a[1] / b[1] - 1, a[0] / b[0] - 1)
         threshold = thresholds.get(key, MIN_CHANGE)
-        out.changes.append(Change(metric, a[1], b[1], relative, judge(relative, metric, threshold), threshold))
+        spread = _spread(new, ref, key)
+        verdict = judge(relative, metric, threshold, spread)
+        out.changes.append(Change(metric, a[1], b[1], relative, verdict, threshold, spread))
     total_new, total_ref = [], []
     for part in PARTS:
         a = intervals.point_draws(new.runs, f"part:{part}", _mean_part(part))
@@ -346,18 +379,28 @@ def moved_line(point: PointComparison) -> str | None:
     return f"{head}; moved by {100 * MIN_CHANGE:g}% of the step or more, beyond the noise: {parts}"
 
 
+def _runs_caveat(runs: tuple[int, int]) -> str:
+    fewest = min(runs)
+    if fewest == 1:
+        return "; one run on a side: step-to-step noise only, the run-to-run noise is not known"
+    if fewest == 2:
+        return "; 2 runs on a side: about 1 in 8 unchanged pairs would differ beyond their spread, 3 or more are surer"
+    return ""
+
+
 def text(comparison: Comparison) -> str:
     thresholds = ", ".join(f"{k} {100 * v:g}%" for k, v in comparison.thresholds.items())
     lines = [f"{comparison.new.folder} against {comparison.ref.folder}: change = NEW / REF - 1, "
              f"{100 * intervals.CONFIDENCE:.0f}% bootstrap interval (steps within runs, repeats across runs); "
              f"regressed or improved = at least {100 * MIN_CHANGE:g}%"
-             + (f" ({thresholds} for --fail-on)" if thresholds else "") + " and an interval that excludes 0"]
+             + (f" ({thresholds} for --fail-on)" if thresholds else "")
+             + ", an interval that excludes 0 and, with 2 runs a side or more, a change beyond the runs' spread"]
     for point in comparison.points:
         if point.note:
             lines.append(f"  {point.key}: {point.note}")
             continue
         runs = f"{point.runs[0]} vs {point.runs[1]} run(s)"
-        lines.append(f"  {point.key} ({runs}{'; one run a side: step-to-step noise only' if max(point.runs) == 1 else ''})")
+        lines.append(f"  {point.key} ({runs}{_runs_caveat(point.runs)})")
         lines += [f"    {change_line(c)}" for c in point.changes]
         moved = moved_line(point)
         if moved:
