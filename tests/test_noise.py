@@ -240,7 +240,7 @@ def test_a_change_within_the_runs_spread_is_within_noise_however_narrow_its_boot
     assert judge(narrow, step, 0.05) == "regressed"  # one run a side: no spread to go by
     assert judge(narrow, step, 0.05, spread=2 * math.log(1.01)) == "regressed"
     assert judge(narrow, step, 0.05, spread=math.log(12 / 9) + math.log(12 / 10)) == "within noise"
-    assert judge(narrow, step, 0.05, spread=math.log(1.1)) == "within noise"  # exactly the spread: not beyond it
+    assert judge(narrow, step, 0.05, spread=math.log1p(0.10)) == "within noise"  # exactly the spread: not beyond it
     assert judge(Interval(-0.10, -0.12, -0.08), step, 0.05, spread=0.02) == "improved"
     assert judge(narrow, step, 0.15, spread=0.02) == "within noise"  # below the threshold
 
