@@ -7,11 +7,21 @@
             copy loop on the other core: memory-bound operators should slow more. Each quiet/loud pair
             is bracketed by a probe of the job's own SGD update on core 0 without and with the hog,
             so that a pair where the two cores did not share a memory bottleneck can be told apart.
+  coverage  the op profile's operator times per profiled step against the measured steps' compute
+            time, over repeated one-process jobs: the two are different steps, so they agree only
+            within the host's noise (tests/test_ops.py bounds the ratio by more than twice the
+            deviation this prints).
+  links     interference (step - no-comm control step - exposed communication) of the same resnet
+            job on an unshaped, a 250 Mbit/s and a 100 Mbit/s link between two emulated hosts
+            (scripts/netns_cluster.py, as root), one job at a time: a slower link should add exposed
+            transfer, not interference.
 
     python scripts/experiments.py control [--pairs 5]
     python scripts/experiments.py hog [--pairs 4]
+    python scripts/experiments.py coverage [--pairs 10]
+    sudo python scripts/experiments.py links [--pairs 2]
 
-Both run real jobs (torchrun, gloo, one thread per process) in a temporary folder.
+All run real jobs (one thread per process) in a temporary folder.
 """
 
 from __future__ import annotations
@@ -185,16 +195,62 @@ def hog(pairs: int, work: Path) -> None:
     print(f"median rise over {pairs} pairs: {statistics.median(rises):.3f}")
 
 
+# -- coverage --------------------------------------------------------------------------------------
+
+MATRIX_MATRIX = ["+exp=mlp", "model.in_features=1024", "model.hidden=1024", "model.layers=2", "train.batch_size=256",
+                 "data.num_samples=1024", "logger.wandb.mode=disabled", "train.steps=3", "train.warmup_steps=1",
+                 "train.log_every=3", "instrument.flops=false", "instrument.control_steps=0"]
+
+
+def coverage(runs: int, work: Path) -> None:
+    ratios = []
+    for i in range(runs):
+        root = work / f"run{i}"
+        ops = ops_job(root, MATRIX_MATRIX, [])
+        compute_s = json.loads((only_run(root) / "run.json").read_text())["summary"]["compute_s"]
+        per_step = sum(r["time_s"] for r in ops["rows"]) / ops["steps"]
+        ratios.append(per_step / compute_s)
+        print(f"run {i + 1}: operators {per_step * 1e3:.2f} ms per profiled step, compute {compute_s * 1e3:.2f} ms "
+              f"per measured step, ratio {ratios[-1]:.3f}", flush=True)
+    print(f"ratio over {runs} runs: median {statistics.median(ratios):.3f}, {min(ratios):.3f}-{max(ratios):.3f}")
+
+
+# -- links -----------------------------------------------------------------------------------------
+
+LINK_RATES = ("unlimited", "250mbit", "100mbit")
+RESNET_JOB = ["-m", "scaling.train", "+exp=resnet", "data.image_size=32", "train.batch_size=16", "train.steps=2",
+              "train.warmup_steps=1", "train.log_every=2", "data.num_samples=256", "instrument.flops=false",
+              "instrument.ops=false", "logger.wandb.mode=disabled"]
+
+
+def links(rounds: int, work: Path) -> None:
+    if os.geteuid() != 0:
+        sys.exit("experiments.py links: must run as root (network namespaces and tc)")
+    tool = str(REPO / "scripts" / "netns_cluster.py")
+    for round_ in range(rounds):
+        for rate in LINK_RATES:
+            root = work / f"{rate}-{round_}"
+            run([sys.executable, tool, "--hosts", "2", "--rate", rate, "--mtu", "9000", "--torchrun", "--",
+                 *RESNET_JOB, f"paths.root={root}"], 600)
+            record = json.loads((only_run(root) / "run.json").read_text())
+            s, nocomm = record["summary"], record["controls"]["nocomm_step_s"]
+            print(f"round {round_ + 1} {rate:>9}: step {s['step_s']:.3f} s, no-comm control {nocomm:.3f} s, exposed "
+                  f"{s['comm_exposed_s']:.3f} s, interference {s['step_s'] - nocomm - s['comm_exposed_s']:+.3f} s",
+                  flush=True)
+
+
+EXPERIMENTS = {"control": (control, 5), "hog": (hog, 4), "coverage": (coverage, 10), "links": (links, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["control", "hog"])
-    parser.add_argument("--pairs", type=int, default=None, help="quiet/loud or control/plain pairs (5 and 4)")
+    parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="pairs, runs or rounds (control 5, hog 4, coverage 10, links 2)")
     args = parser.parse_args()
+    experiment, default = EXPERIMENTS[args.experiment]
     with tempfile.TemporaryDirectory(prefix="scaling-experiments-") as tmp:
-        if args.experiment == "control":
-            control(args.pairs or 5, Path(tmp))
-        else:
-            hog(args.pairs or 4, Path(tmp))
+        experiment(args.pairs or default, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -124,7 +124,8 @@ LINK_RATES = {"unlimited": None, "250mbit": 250_000_000, "100mbit": 100_000_000}
 RESNET18_GRAD_BYTES = 11_181_642 * 4  # fp32 parameters of resnet18 with 10 classes
 RESNET_JOB = ("-m", "scaling.train", "+exp=resnet", "data.image_size=32", "train.batch_size=16",
               "train.steps=2", "train.warmup_steps=1", "train.log_every=2", "data.num_samples=256",
-              "instrument.flops=false", "logger.wandb.mode=disabled")
+              "instrument.flops=false", "instrument.ops=false", "instrument.control_steps=0",
+              "logger.wandb.mode=disabled")
 
 
 def ring_all_reduce_s(grad_bytes: float, world_size: int, rate_bit_s: int) -> float:
@@ -168,14 +169,8 @@ def test_resnet_turns_communication_bound_as_the_link_slows(tmp_path: Path) -> N
 
     runs = {rate: read_json(only_run_dir(tmp_path / f"link-{rate}") / "run.json") for rate in LINK_RATES}
     summary = {rate: run["summary"] for rate, run in runs.items()}
-    # Interference: what communication costs beyond its exposed time (the step against the
-    # no-communication control steps of the same run).
-    interference = {rate: run["summary"]["step_s"] - run["controls"]["nocomm_step_s"] - run["summary"]["comm_exposed_s"]
-                    for rate, run in runs.items()}
-    print(json.dumps({rate: {**{k: s[k] for k in ("step_s", "compute_s", "comm_s", "comm_exposed_s", "comm_wait_s",
-                                                   "busbw_GBps", "compute_frac", "comm_exposed_frac", "bound")},
-                             "nocomm_step_s": runs[rate]["controls"]["nocomm_step_s"],
-                             "interference_s": interference[rate]}
+    print(json.dumps({rate: {k: s[k] for k in ("step_s", "compute_s", "comm_s", "comm_exposed_s", "comm_wait_s",
+                                               "busbw_GBps", "compute_frac", "comm_exposed_frac", "bound")}
                       for rate, s in summary.items()}, indent=1))
     for rate, run in runs.items():
         assert run["status"] == "completed"
@@ -197,11 +192,11 @@ def test_resnet_turns_communication_bound_as_the_link_slows(tmp_path: Path) -> N
     ring_s = {rate: ring_all_reduce_s(RESNET18_GRAD_BYTES, 2, bit_s) for rate, bit_s in LINK_RATES.items() if bit_s}
     assert exposed["100mbit"] - exposed["unlimited"] >= 0.5 * ring_s["100mbit"], (exposed, ring_s)
     assert exposed["100mbit"] - exposed["250mbit"] >= 0.5 * (ring_s["100mbit"] - ring_s["250mbit"]), (exposed, ring_s)
-
-    # The slower link adds exposed transfer, not interference: what communication costs beyond
-    # its exposed time (the gloo threads' CPU use) does not grow with the time spent on the wire.
-    assert interference["100mbit"] - interference["unlimited"] < 0.1 * (exposed["100mbit"] - exposed["unlimited"]), (
-        interference, exposed)
+    # That the slower link adds exposed transfer and not interference (the step beyond its no-comm
+    # control and its exposed time) is a measurement, not a test: with the three jobs side by side
+    # the control steps of one run while the others hold the CPUs or not (the 100 Mbit/s job once
+    # read a control step of 0.34 s against 0.86 s of compute). `scripts/experiments.py links`
+    # measures it one job at a time.
 
     # The bus bandwidth the training job measured matches the link: never above it (5% for
     # timing noise; more would mean communication time went uncounted), and close to it on

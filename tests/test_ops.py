@@ -219,9 +219,14 @@ def test_achieved_rates_are_the_operators_work_over_their_time(matrix_matrix, ma
 
 
 def test_operator_times_add_up_to_the_compute_time(matrix_matrix):
+    """Each operator's own time, once per profiled step: summing nested operators twice (aten::linear over
+    aten::addmm) reads about 2x the compute time, a wrong step count 3x. The profiled steps are other steps
+    than the measured ones, so the two agree only within the host's noise: over 10 runs of this job (scripts/
+    experiments.py coverage) the ratio read 0.82-1.13, and once 0.81 in a busy suite; the bound is more than
+    twice the largest of those deviations."""
     run, _, ops = matrix_matrix
     per_step = sum(r["time_s"] for r in ops["rows"]) / ops["steps"]
-    assert per_step == pytest.approx(run["summary"]["compute_s"], rel=0.15)
+    assert 0.5 <= per_step / run["summary"]["compute_s"] <= 1.5, (per_step, run["summary"]["compute_s"])
 
 
 def test_profiled_steps_stay_out_of_the_step_records(matrix_matrix, tmp_path):

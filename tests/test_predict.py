@@ -241,8 +241,14 @@ def test_a_real_job_records_its_bucket_timeline(tmp_path: Path) -> None:
     # The study report with a prediction section: the measured point is reproduced by the model fitted on it.
     proc = run_command([sys.executable, "-m", "scaling.report", str(tmp_path / "adhoc"), "--predict", "2,4"], 120)
     assert proc.returncode == 0, proc.stderr
-    assert "## Prediction" in (tmp_path / "adhoc" / "report.md").read_text()
-    assert "Prediction</h2>" in (tmp_path / "adhoc" / "report.html").read_text()
+    # A section of the report like the others: after the tables, before the plots; its figure inside the page.
+    md = (tmp_path / "adhoc" / "report.md").read_text()
+    assert md.index("## Scaling table") < md.index("## Prediction") < md.index("## Plots"), md
+    assert "![prediction](prediction.png)" in md and "step_s" in md.split("## Prediction")[1]
+    page = (tmp_path / "adhoc" / "report.html").read_text()
+    prediction_html = page.split("Prediction</h2>", 1)[1].split("<h2>", 1)[0]
+    assert '<img alt="prediction" src="data:image/png;base64,' in prediction_html
+    assert "written:" not in md and "written:" not in page and "written:" in proc.stdout
     record = json.loads((tmp_path / "adhoc" / "prediction.json").read_text())
     at_2 = next(p for p in record["predictions"] if p["world_size"] == 2)
     # How close the model comes on an unshaped link is a measurement (scripts/validate_predict.py: the gloo

@@ -178,9 +178,11 @@ def wait_until_measuring(run_dir: Path, timeout_s: float = 120) -> None:
     assert wait_for(lambda: measuring(run_dir), timeout_s, every_s=0.2), f"{run_dir} never started measuring"
 
 
-# Long enough that the 2-node point is still running when the signal arrives.
+# Long enough that the 2-node point is still running when the signal arrives; no solo control point, which
+# would run those steps once more in each test without being read.
 SLOW_STEPS = 800
-SLOW = TINY.replace("train.steps=3", f"train.steps={SLOW_STEPS}").replace("train.log_every=1", "train.log_every=50")
+SLOW = TINY.replace("train.steps=3", f"train.steps={SLOW_STEPS}").replace("train.log_every=1", "train.log_every=50") \
+    + " study.controls=false"
 
 
 def interrupt_second_point(cluster: SlurmCluster, tmp: Path, *sbatch_args: str, **env: str) -> tuple[int, Path]:

@@ -63,9 +63,17 @@ class Result:
     points: list[Point]
     link: Link | Links
     record: dict[str, Any]
-    text: str
+    table: str
+    """The prediction table and its notes, as the console and the report's Prediction section show them."""
     out_dir: Path | None = None
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """What ``scaling.predict`` prints: the table, then the files written (if any)."""
+        if self.out_dir is None:
+            return self.table
+        return f"{self.table}\n\n  written: {self.out_dir / PREDICTION_JSON}, {self.out_dir / PREDICTION_PNG}"
 
 
 def commbench_fit(path: Path) -> tuple[int, Link]:
@@ -180,15 +188,13 @@ def run_prediction(options: PredictOptions) -> Result:
         "measured": [measured_record(p) for p in points if not p.is_control],
         "assumptions": list(ASSUMPTIONS), "notes": notes, "warnings": warnings,
     }
-    text = render_text(predictions, record)
     out_dir = None
     if options.write:
         out_dir = options.out or output_dir(options.runs)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / PREDICTION_JSON, record)
         plot(out_dir / PREDICTION_PNG, record)
-        text += f"\n\n  written: {out_dir / PREDICTION_JSON}, {out_dir / PREDICTION_PNG}"
-    return Result(predictions, points, link, record, text, out_dir, warnings)
+    return Result(predictions, points, link, record, render_text(predictions, record), out_dir, warnings)
 
 
 def link_record(link: Link | Links) -> dict[str, Any]:

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scaling.report import commbench_share, configdiff, findings, metrics, render, strategies, table
 from scaling.report.study_folder import StudyRecords, load_study
+
+if TYPE_CHECKING:
+    from scaling.predict.report import Result as PredictResult
+    from scaling.report.prediction import PredictRequest
 
 
 @dataclass
@@ -22,6 +26,8 @@ class Report:
     out_dir: Path
     document: render.Document
     files: list[Path] = field(default_factory=list)
+    prediction: PredictResult | None = None
+    """What ``predict`` gave, when asked for."""
 
     @property
     def studies(self) -> list[metrics.StudyStats]:
@@ -68,18 +74,25 @@ def analyse(study_dirs: list[Path], benches: list[commbench_share.Bench] | None 
     )
 
 
-def build_report(study_dirs: list[Path], out_dir: Path | None = None,
-                 commbench_paths: list[Path] | None = None) -> Report:
+def build_report(study_dirs: list[Path], out_dir: Path | None = None, commbench_paths: list[Path] | None = None,
+                 predict: PredictRequest | None = None) -> Report:
     """Write results.csv, report.md, report.html and plots/ into ``out_dir``.
 
     ``commbench_paths``: commbench.json files or their folders to set beside the study
-    (CommbenchError when one is not a readable commbench result).
+    (CommbenchError when one is not a readable commbench result). ``predict``: the prediction
+    (prediction.json and .png) and its section (ValueError when the studies cannot be predicted from).
     """
     study_dirs = [Path(d) for d in study_dirs]
     benches = commbench_share.load(commbench_paths or [])
     out = Path(out_dir) if out_dir is not None else default_out_dir(study_dirs)
     out.mkdir(parents=True, exist_ok=True)
     doc = analyse(study_dirs, benches)
+    predicted, predicted_files = None, []
+    if predict is not None:
+        from scaling.report.prediction import prediction
+
+        predicted, section, predicted_files = prediction(study_dirs, out, predict)
+        doc.sections.append(section)
     from scaling.report import plots, roofline_plot, timeline_plot  # matplotlib only when figures are drawn
 
     doc.plots = plots.draw_all(doc.studies, out / "plots") + roofline_plot.draw_all(doc.studies, out / "plots")
@@ -88,7 +101,8 @@ def build_report(study_dirs: list[Path], out_dir: Path | None = None,
     table.write_csv(out / "results.csv", doc.runs)
     (out / "report.md").write_text(render.markdown(doc, out))
     (out / "report.html").write_text(render.html_page(doc, out))
-    return Report(out, doc, [out / "results.csv", out / "report.md", out / "report.html", *doc.plots])
+    return Report(out, doc, [out / "results.csv", out / "report.md", out / "report.html", *doc.plots,
+                             *predicted_files], predicted)
 
 
 def console_text(report: Report) -> str:

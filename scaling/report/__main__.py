@@ -10,6 +10,7 @@ from pathlib import Path
 from scaling.report import build_report, console_text, inference
 from scaling.report import sweep_report
 from scaling.report.commbench_share import CommbenchError
+from scaling.report.prediction import PredictError, PredictRequest
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,9 +87,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args.studies, args.out = sweep_report.study_folders(folder), args.out or folder / "compare"
     try:
-        report = build_report(args.studies, args.out, args.commbench)
+        predict = PredictRequest.parse(args.predict, args.predict_link) if args.predict else None
+        report = build_report(args.studies, args.out, args.commbench, predict)
     except CommbenchError as exc:
         print(f"scaling.report: error: {exc}", file=sys.stderr)
+        return 2
+    except PredictError as exc:
+        print(f"scaling.report: error: --predict: {exc}", file=sys.stderr)
         return 2
     if not any(st.records.runs for st in report.studies):
         print(console_text(report))
@@ -96,15 +101,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     print(console_text(report))
-    if args.predict:
-        from scaling.report.prediction import add_prediction
-
-        try:
-            nprocs = sorted({int(v) for v in args.predict.split(",") if v.strip()})
-            print("\n" + add_prediction(args.studies, report.out_dir, nprocs, args.predict_link).text)
-        except ValueError as exc:
-            print(f"scaling.report: error: --predict: {exc}", file=sys.stderr)
-            return 2
+    if report.prediction is not None:
+        print("\n" + report.prediction.text)
     if args.wandb:
         return publish_wandb(report)
     return 0

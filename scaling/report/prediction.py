@@ -1,35 +1,53 @@
-"""``scaling.report --predict 8,16,64``: the predictor's table and figure added to a study report.
+"""``scaling.report --predict 8,16,64``: the predictor's table and figure as a section of the study report.
 
 Runs ``scaling.predict`` on the report's study folders (the link fitted on their own bucket
 timelines, or ``--predict-link``), writes prediction.json and prediction.png into the report
-folder, and appends a "Prediction" section to report.md and report.html.
+folder, and gives the report its "Prediction" section (report.md and report.html).
 """
 
 from __future__ import annotations
 
-import html
+from dataclasses import dataclass
 from pathlib import Path
 
-from scaling.predict.report import PredictOptions, Result, parse_latency_s, parse_rate_bit_s, run_prediction
+from scaling.predict.report import (PREDICTION_JSON, PREDICTION_PNG, PredictOptions, Result, parse_latency_s, parse_rate_bit_s,
+                                    run_prediction)
+from scaling.report.render import Section
 
 
-def add_prediction(study_dirs: list[Path], out_dir: Path, nprocs: list[int], link: str | None = None) -> Result:
+class PredictError(ValueError):
+    """What the predictor cannot work from (no completed run, a link it cannot read), in one line."""
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """What ``--predict`` and ``--predict-link`` asked for."""
+
+    nprocs: list[int]
+    link: str | None = None
+    """``RATE[,LATENCY]`` (``10gbit,20us``); None: fitted on the studies' own bucket timelines."""
+
+    @classmethod
+    def parse(cls, nprocs: str, link: str | None) -> PredictRequest:
+        """From the command line's ``8,16,64``; PredictError on anything else."""
+        try:
+            return cls(sorted({int(v) for v in nprocs.split(",") if v.strip()}), link)
+        except ValueError as exc:
+            raise PredictError(str(exc)) from None
+
+
+def prediction(study_dirs: list[Path], out_dir: Path, request: PredictRequest) -> tuple[Result, Section, list[Path]]:
+    """The prediction written into ``out_dir``, the report section that shows it and the files written."""
     rate_bit_s = latency_s = None
-    if link is not None:
-        rate, _, latency = link.partition(",")
-        rate_bit_s = parse_rate_bit_s(rate)
-        latency_s = parse_latency_s(latency) if latency else None
-    result = run_prediction(PredictOptions(runs=list(study_dirs), nprocs=nprocs, link_bit_s=rate_bit_s,
-                                           link_latency_s=latency_s, link_given=link is not None, out=out_dir))
-    table = result.text.split("\n\n  written:")[0]
-    md = out_dir / "report.md"
-    if md.exists():
-        md.write_text(md.read_text().rstrip("\n") + "\n\n## Prediction\n\n```\n" + table
-                      + "\n```\n\n![prediction](prediction.png)\n")
-    page = out_dir / "report.html"
-    if page.exists():
-        section = (f"<h2>Prediction</h2><pre>{html.escape(table)}</pre>"
-                   f"<img src=\"prediction.png\" alt=\"prediction\">")
-        text = page.read_text()
-        page.write_text(text.replace("</body>", section + "</body>") if "</body>" in text else text + section)
-    return result
+    try:
+        if request.link is not None:
+            rate, _, latency = request.link.partition(",")
+            rate_bit_s = parse_rate_bit_s(rate)
+            latency_s = parse_latency_s(latency) if latency else None
+        result = run_prediction(PredictOptions(runs=list(study_dirs), nprocs=request.nprocs, link_bit_s=rate_bit_s,
+                                               link_latency_s=latency_s, link_given=request.link is not None,
+                                               out=out_dir))
+    except ValueError as exc:
+        raise PredictError(str(exc)) from None
+    return result, Section("Prediction", result.table, out_dir / PREDICTION_PNG), [out_dir / PREDICTION_JSON,
+                                                                                  out_dir / PREDICTION_PNG]

@@ -49,6 +49,16 @@ TABLE_HEADERS = ("world size", "batch/rank", "global batch", "runs ok", "step ti
                  "bound")
 
 
+@dataclass(frozen=True)
+class Section:
+    """A part of the report that another command computes (``--predict``): a title, its preformatted text and
+    its figure, shown after the waterfall in report.md and report.html."""
+
+    title: str
+    text: str
+    image: Path | None = None
+
+
 @dataclass
 class Document:
     """Everything the writers need, computed once."""
@@ -64,6 +74,7 @@ class Document:
     """The commbench results given with --commbench."""
     bandwidth: list[commbench_share.SizeComparison] = field(default_factory=list)
     """Each study's multi-process world sizes against the matching commbench result."""
+    sections: list[Section] = field(default_factory=list)
 
     def how_to_read(self) -> list[str]:
         return HOW_TO_READ + ([HOW_TO_READ_COMMBENCH] if self.benches else [])
@@ -261,6 +272,10 @@ def markdown(doc: Document, out_dir: Path) -> str:
     out += md_waterfall(doc)
     if doc.benches:
         out += md_commbench(doc, out_dir)
+    for section in doc.sections:
+        out += [f"## {section.title}", "", "```", section.text, "```", ""]
+        if section.image is not None and section.image.exists():
+            out += [f"![{section.image.stem}]({section.image.relative_to(out_dir).as_posix()})", ""]
     if len(doc.studies) > 1:
         out += ["## What differs between the studies", ""]
         if doc.diffs:
@@ -407,6 +422,10 @@ def html_page(doc: Document, out_dir: Path) -> str:
     parts += html_waterfall(doc)
     if doc.benches:
         parts += html_commbench(doc, out_dir)
+    for section in doc.sections:
+        parts.append(f"<h2>{_e(section.title)}</h2><pre>{_e(section.text)}</pre>")
+        if section.image is not None and section.image.exists():
+            parts.append(_img(section.image))
     if len(doc.studies) > 1:
         parts.append("<h2>What differs between the studies</h2>")
         parts.append(html_table(["key", *(st.name for st in doc.studies)],
