@@ -6,23 +6,28 @@ Every check runs before a process group exists, and every failure is a
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 import tempfile
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from omegaconf import DictConfig, OmegaConf
 
-BACKENDS = ("auto", "gloo", "nccl")
-DEVICES = ("auto", "cpu", "cuda")
+Backend = Literal["auto", "gloo", "nccl"]
+Device = Literal["auto", "cpu", "cuda"]
+AmpMode = Literal["none", "bf16"]
+WandbMode = Literal["offline", "online", "disabled"]
+Model = Literal["resnet18", "resnet50", "transformer", "mlp"]
+DataKind = Literal["images", "imagefolder", "tokens", "vectors"]
+Optimizer = Literal["sgd", "adamw"]
+Strategy = Literal["ddp", "zero1", "fsdp"]
+BACKENDS, DEVICES, AMP_MODES, WANDB_MODES = get_args(Backend), get_args(Device), get_args(AmpMode), get_args(WandbMode)
+MODELS, DATA_KINDS, OPTIMIZERS, STRATEGIES = get_args(Model), get_args(DataKind), get_args(Optimizer), get_args(Strategy)
 BUILTIN_HOOKS = ("allreduce", "fp16", "bf16", "powersgd", "mpi")
-AMP_MODES = ("none", "bf16")
-WANDB_MODES = ("offline", "online", "disabled")
-MODELS = ("resnet18", "resnet50", "transformer", "mlp")
-DATA_KINDS = ("images", "imagefolder", "tokens", "vectors")
-OPTIMIZERS = ("sgd", "adamw")
-STRATEGIES = ("ddp", "zero1", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -34,17 +39,57 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _positive_int(key: str, value: Any, allow_zero: bool = False) -> int:
-    lowest = 0 if allow_zero else 1
-    _require(
-        isinstance(value, int) and not isinstance(value, bool) and value >= lowest,
-        f"{key} must be an integer >= {lowest} (got {value!r})",
-    )
+KEY = "key"
+"""Field metadata: the key a user types when it is not ``<section>.<field>`` (``model=...`` for ModelConfig.name)."""
+
+
+@functools.cache
+def _declared(cls: type) -> tuple[tuple[str, str, tuple[Any, ...] | None], ...]:
+    """(field, key, choices) of each field whose type says what it may hold: a ``Literal`` (its choices) or
+    ``bool`` (None). The key is ``<cls.SECTION>.<field>`` unless the field's metadata names another."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        key = f.metadata.get(KEY, f"{cls.SECTION}.{f.name}")
+        if get_origin(hint) is Literal:
+            out.append((f.name, key, get_args(hint)))
+        elif hint is bool:
+            out.append((f.name, key, None))
+    return tuple(out)
+
+
+def check_declared(section: Any) -> None:
+    """What a section's annotations declare, checked: a Literal field holds one of its choices, a bool field is
+    true or false. The one-line errors come from the annotations, so the choices are written once."""
+    for name, key, choices in _declared(type(section)):
+        value = getattr(section, name)
+        if choices is None:
+            _require(isinstance(value, bool), f"{key} must be true or false (got {value!r})")
+        else:
+            _require(isinstance(value, str) and value in choices,
+                     f"{key} must be one of {'|'.join(choices)} (got {value!r})")
+
+
+def int_at_least(key: str, value: Any, lowest: int) -> int:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= lowest,
+             f"{key} must be an integer >= {lowest} (got {value!r})")
     return value
+
+
+def _positive_int(key: str, value: Any, allow_zero: bool = False) -> int:
+    return int_at_least(key, value, 0 if allow_zero else 1)
+
+
+def positive_number(key: str, value: Any, allow_zero: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    _require(ok, f"{key} must be a number {'>=' if allow_zero else '>'} 0 (got {value!r})")
+    return float(value)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    SECTION: typing.ClassVar[str] = "train"
     steps: int
     """Measured steps."""
     warmup_steps: int
@@ -55,18 +100,18 @@ class TrainConfig:
     """When set, per-rank batch = global / world size (strong scaling)."""
     log_every: int
     """Steps between cross-rank gathers, flushes of steps.jsonl and progress lines."""
-    amp: str
+    amp: AmpMode
     """none | bf16 autocast."""
     seed: int
 
     def __post_init__(self) -> None:
+        check_declared(self)
         _positive_int("train.steps", self.steps)
         _positive_int("train.warmup_steps", self.warmup_steps, allow_zero=True)
         _positive_int("train.batch_size", self.batch_size)
         if self.global_batch_size is not None:
             _positive_int("train.global_batch_size", self.global_batch_size)
         _positive_int("train.log_every", self.log_every)
-        _require(self.amp in AMP_MODES, f"train.amp must be one of {'|'.join(AMP_MODES)} (got {self.amp!r})")
 
     def per_rank_batch(self, world_size: int) -> int:
         if self.global_batch_size is None:
@@ -81,16 +126,18 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class FsdpConfig:
+    SECTION: typing.ClassVar[str] = "dist.fsdp"
     reshard_after_forward: bool = True
     """Free each block's gathered parameters after its forward and gather them again in backward."""
 
     def __post_init__(self) -> None:
-        _boolean("dist.fsdp.reshard_after_forward", self.reshard_after_forward)
+        check_declared(self)
 
 
 @dataclass(frozen=True)
 class DistConfig:
-    backend: str
+    SECTION: typing.ClassVar[str] = "dist"
+    backend: Backend
     """auto (nccl with CUDA, else gloo) | gloo | nccl."""
     bucket_cap_mb: float
     """DDP gradient bucket size."""
@@ -98,11 +145,11 @@ class DistConfig:
     """Process-group timeout: how long a rank waits for a dead or hung peer."""
     threads: int | str
     """Intra-op threads per process, or auto."""
-    device: str = "auto"
+    device: Device = "auto"
     """auto (CUDA with nccl, else CPU) | cpu | cuda (gloo can all-reduce CUDA tensors: several ranks on one GPU)."""
     gradient_as_bucket_view: bool = False
     """Gradients as views into DDP's buckets (PyTorch's default is false; see conf/config.yaml)."""
-    strategy: str = "ddp"
+    strategy: Strategy = "ddp"
     """ddp (everything replicated) | zero1 (DDP + optimizer state sharded) | fsdp (FSDP2 fully_shard per block)."""
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     """dist.strategy=fsdp only."""
@@ -110,14 +157,11 @@ class DistConfig:
     """Pin each process (and its threads) to its own equal share of the cores it may use, by local rank."""
 
     def __post_init__(self) -> None:
-        _require(self.strategy in STRATEGIES,
-                 f"dist.strategy must be one of {'|'.join(STRATEGIES)} (got {self.strategy!r})")
+        check_declared(self)
         if isinstance(self.fsdp, dict):
-            object.__setattr__(self, "fsdp", _typed(FsdpConfig, "dist.fsdp", self.fsdp))
+            object.__setattr__(self, "fsdp", typed_section(FsdpConfig, "dist.fsdp", self.fsdp))
         _require(isinstance(self.fsdp, FsdpConfig),
                  f"dist.fsdp must be a section with reshard_after_forward (got {self.fsdp!r})")
-        _require(self.backend in BACKENDS, f"dist.backend must be one of {'|'.join(BACKENDS)} (got {self.backend!r})")
-        _require(self.device in DEVICES, f"dist.device must be one of {'|'.join(DEVICES)} (got {self.device!r})")
         _require(not (self.backend == "nccl" and self.device == "cpu"),
                  "dist.device=cpu cannot use dist.backend=nccl (NCCL moves CUDA tensors only); use gloo")
         _require(
@@ -130,8 +174,6 @@ class DistConfig:
         )
         if self.threads != "auto":
             _positive_int("dist.threads", self.threads)
-        _boolean("dist.gradient_as_bucket_view", self.gradient_as_bucket_view)
-        _boolean("dist.pin", self.pin)
 
 
 @dataclass(frozen=True)
@@ -163,12 +205,15 @@ def resolve_user_hook(spec: str):
     return hook
 
 
-def _boolean(key: str, value: Any) -> None:
+def boolean(key: str, value: Any) -> bool:
+    """A setting read outside the typed sections (the study's) that must be true or false."""
     _require(isinstance(value, bool), f"{key} must be true or false (got {value!r})")
+    return value
 
 
 @dataclass(frozen=True)
 class InstrumentConfig:
+    SECTION: typing.ClassVar[str] = "instrument"
     enabled: bool
     """False: the same loop with nothing but a per-step wall clock."""
     flops: bool
@@ -188,8 +233,7 @@ class InstrumentConfig:
     run.json host_probe, and a slow host named in the findings."""
 
     def __post_init__(self) -> None:
-        for name in ("enabled", "flops", "memory", "ops", "host_probe", "profile_trace"):
-            _boolean(f"instrument.{name}", getattr(self, name))
+        check_declared(self)
         _positive_int("instrument.control_steps", self.control_steps, allow_zero=True)
         _positive_int("instrument.ops_steps", self.ops_steps)
         _positive_int("instrument.timeline_steps", self.timeline_steps, allow_zero=True)
@@ -226,13 +270,14 @@ def check_writable(key: str, path: Path) -> None:
 
 @dataclass(frozen=True)
 class WandbConfig:
-    mode: str
+    SECTION: typing.ClassVar[str] = "logger.wandb"
+    mode: WandbMode
     project: str
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _require(self.mode in WANDB_MODES, f"logger.wandb.mode must be one of {'|'.join(WANDB_MODES)} (got {self.mode!r})")
+        check_declared(self)
 
 
 MODEL_KINDS = {"resnet18": "resnet", "resnet50": "resnet", "transformer": "transformer", "mlp": "mlp"}
@@ -251,7 +296,8 @@ def _positive_ints(section: str, config: Any, keys: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str
+    SECTION: typing.ClassVar[str] = "model"
+    name: Model = field(metadata={KEY: "model"})
     """resnet18 | resnet50 (torchvision) | transformer (decoder-only LM) | mlp (wide, parameter-heavy)."""
     kind: str
     """resnet | transformer | mlp: what the model is built from and which data it takes."""
@@ -275,7 +321,7 @@ class ModelConfig:
     """mlp: hidden layers."""
 
     def __post_init__(self) -> None:
-        _require(self.name in MODELS, f"model must be one of {'|'.join(MODELS)} (got {self.name!r})")
+        check_declared(self)
         _require(self.kind == MODEL_KINDS[self.name],
                  f"model.kind must be {MODEL_KINDS[self.name]} for model={self.name} (got {self.kind!r})")
         _positive_ints("model", self, MODEL_SIZES.get(self.kind, ()))
@@ -286,9 +332,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    SECTION: typing.ClassVar[str] = "data"
     name: str
     """synthetic_images | imagefolder | synthetic_tokens | synthetic_vectors (the conf/data file)."""
-    kind: str
+    kind: DataKind
     """images | imagefolder | tokens | vectors."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
@@ -306,7 +353,7 @@ class DataConfig:
     """imagefolder: a folder of <class>/<image> files."""
 
     def __post_init__(self) -> None:
-        _require(self.kind in DATA_KINDS, f"data.kind must be one of {'|'.join(DATA_KINDS)} (got {self.kind!r})")
+        check_declared(self)
         _positive_int("data.num_workers", self.num_workers, allow_zero=True)
         _positive_ints("data", self, DATA_SIZES[self.kind])
         if self.kind == "imagefolder":
@@ -318,7 +365,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str
+    SECTION: typing.ClassVar[str] = "optim"
+    name: Optimizer = field(metadata={KEY: "optim"})
     """sgd | adamw."""
     lr: float
     weight_decay: float = 0.0
@@ -326,7 +374,7 @@ class OptimConfig:
     """sgd only."""
 
     def __post_init__(self) -> None:
-        _require(self.name in OPTIMIZERS, f"optim must be one of {'|'.join(OPTIMIZERS)} (got {self.name!r})")
+        check_declared(self)
         for key in ("lr", "weight_decay", "momentum"):
             value = getattr(self, key)
             _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
@@ -392,7 +440,8 @@ def _section(cfg: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def _typed(cls, key: str, section: dict[str, Any]):
+def typed_section(cls, key: str, section: dict[str, Any]):
+    """``cls(**section)``; an unknown key or a missing one is a ConfigError naming it."""
     names = {f.name for f in cls.__dataclass_fields__.values()}
     unknown = sorted(set(section) - names)
     if unknown:
@@ -419,19 +468,19 @@ def parse(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     hardware = raw.get("hardware") or {}
     return RunConfig(
         exp_name=str(raw.get("exp_name", "default")),
-        train=_typed(TrainConfig, "train", _section(raw, "train")),
-        dist=_typed(DistConfig, "dist", _section(raw, "dist")),
-        comm=_typed(CommConfig, "comm", _section(raw, "comm")),
-        instrument=_typed(InstrumentConfig, "instrument", _section(raw, "instrument")),
-        paths=_typed(PathsConfig, "paths", _section(raw, "paths")),
-        wandb=_typed(WandbConfig, "logger.wandb", _section(logger, "wandb")),
+        train=typed_section(TrainConfig, "train", _section(raw, "train")),
+        dist=typed_section(DistConfig, "dist", _section(raw, "dist")),
+        comm=typed_section(CommConfig, "comm", _section(raw, "comm")),
+        instrument=typed_section(InstrumentConfig, "instrument", _section(raw, "instrument")),
+        paths=typed_section(PathsConfig, "paths", _section(raw, "paths")),
+        wandb=typed_section(WandbConfig, "logger.wandb", _section(logger, "wandb")),
         console=bool(logger.get("console", True)),
         study_name=str(study.get("name", "adhoc")),
         study_kind=str(study.get("kind", "adhoc")),
         peak_tflops=hardware.get("peak_tflops"),
         peak_membw_GBps=hardware.get("peak_membw_GBps"),
-        model=_typed(ModelConfig, "model", _section(raw, "model")),
-        data=_typed(DataConfig, "data", _section(raw, "data")),
-        optim=_typed(OptimConfig, "optim", _section(raw, "optim")),
+        model=typed_section(ModelConfig, "model", _section(raw, "model")),
+        data=typed_section(DataConfig, "data", _section(raw, "data")),
+        optim=typed_section(OptimConfig, "optim", _section(raw, "optim")),
         raw=raw,
     )

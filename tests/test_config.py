@@ -99,7 +99,34 @@ BAD = [
     (["+exp=mlp", "dist.fsdp.reshard_after_forward=maybe"],
      "dist.fsdp.reshard_after_forward must be true or false (got 'maybe')"),
     (["+exp=mlp", "dist.strategy=fsdp", "comm.hook=fp16"], "comm.hook=fp16 is a DDP communication hook; dist.strategy=fsdp"),
+    (["+exp=mlp", "model.name=vgg"], "model must be one of resnet18|resnet50|transformer|mlp (got 'vgg')"),
+    (["+exp=mlp", "optim.name=lamb"], "optim must be one of sgd|adamw (got 'lamb')"),
+    (["+exp=mlp", "data.kind=audio"], "data.kind must be one of images|imagefolder|tokens|vectors (got 'audio')"),
+    (["+exp=mlp", "dist.device=tpu"], "dist.device must be one of auto|cpu|cuda (got 'tpu')"),
+    (["+exp=mlp", "dist.pin=1"], "dist.pin must be true or false (got 1)"),
 ]
+
+
+def test_every_choice_and_switch_of_a_section_is_checked_from_its_annotation():
+    """The choices are written once, as the field's Literal, and the checks come from the annotations: every
+    setting below that takes a choice or true/false is checked (a field annotated plain ``str`` would drop out
+    of this list and its check with it), and the error lists exactly the annotation's choices."""
+    from scaling import config
+    from scaling.infer.config import InferConfig
+
+    sections = (config.TrainConfig, config.FsdpConfig, config.DistConfig, config.InstrumentConfig, config.WandbConfig,
+                config.ModelConfig, config.DataConfig, config.OptimConfig, InferConfig)
+    declared = {key: choices for cls in sections for _, key, choices in config._declared(cls)}
+    switches = {"dist.fsdp.reshard_after_forward", "dist.gradient_as_bucket_view", "dist.pin", "instrument.enabled",
+                "instrument.flops", "instrument.memory", "instrument.ops", "instrument.profile_trace",
+                "instrument.host_probe", "infer.server_replay", "infer.ops"}
+    assert declared == {**dict.fromkeys(switches),
+                        "train.amp": ("none", "bf16"), "dist.backend": ("auto", "gloo", "nccl"),
+                        "dist.device": ("auto", "cpu", "cuda"), "dist.strategy": ("ddp", "zero1", "fsdp"),
+                        "logger.wandb.mode": ("offline", "online", "disabled"),
+                        "model": ("resnet18", "resnet50", "transformer", "mlp"),
+                        "data.kind": ("images", "imagefolder", "tokens", "vectors"), "optim": ("sgd", "adamw"),
+                        "infer.scenario": ("single_stream", "offline", "server", "all")}
 
 
 @pytest.mark.parametrize("overrides,message", BAD, ids=[" ".join(o[1:] or o) for o, _ in BAD])

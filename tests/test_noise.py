@@ -17,7 +17,7 @@ import pytest
 
 from scaling.report import analyse
 from scaling.train.faults import random_rank
-from tests.jobs import TINY, check, load_run, only_run_dir, report, torchrun
+from tests.jobs import TINY, check, load_run, only_run_dir, report, single, torchrun
 
 STALL_ENV = "SCALING_INJECT_STALL"
 STALL_S = 0.030
@@ -316,6 +316,7 @@ def test_a_rank_whose_core_is_hogged_is_named_a_slow_node(hogged):
     assert [r["cores"] for r in ranks] == [[0], [1]], ranks
     assert probe["ceiling_flops_source"] == probe["ceiling_membw_source"] == "config"
     assert 1 in probe["slow_ranks"] and ranks[1]["slow"], ranks[1]
+    assert probe["ceiling_below_delivered"] is False  # the ceiling is what these cores delivered just before
     for when in ("before", "after"):
         figures = ranks[1][when]
         # Below 0.7 of what the core delivered just before the hog started, at both probes. (On this loaded
@@ -329,3 +330,33 @@ def test_a_rank_whose_core_is_hogged_is_named_a_slow_node(hogged):
     found = " ".join(analyse([run_dir.parent]).findings[run_dir.parent.name])
     assert "Slow node: throttling or a noisy neighbour" in found and "rank 1 of 2 processes" in found, found
     assert "its host was the slow one" in found, found
+
+
+def test_a_ceiling_below_what_the_host_delivers_is_named(tmp_path):
+    """``hardware.peak_tflops=0.001``: a GEMM ceiling of 1 GFLOP/s, which a 512x512 product on one core of this
+    machine exceeds 50 to 150 times. The run records that the ceiling is below what it delivered, and the
+    findings say that MFU reads high and how to mend it (the fault a cached probe taken on a busy host makes)."""
+    check(single([*JOB, "train.steps=4", "hardware.peak_tflops=0.001", f"paths.root={tmp_path}"]))
+    run_dir = only_run_dir(tmp_path / "adhoc")
+    probe = load_run(run_dir)[0]["host_probe"]
+    assert probe["ceiling_gflops"] == pytest.approx(1.0) and probe["ceiling_flops_source"] == "config"
+    assert probe["ceiling_below_delivered"] is True, probe
+    found = " ".join(analyse([run_dir.parent]).findings[run_dir.parent.name])
+    assert "Peak FLOP/s too low: the ceiling of 1.0 GFLOP/s (config)" in found, found
+    assert "correct hardware.peak_tflops" in found, found
+
+
+def test_a_ceiling_is_too_low_only_when_every_rank_beats_it_at_both_probes():
+    from scaling.instruments import hostprobe
+
+    def table(*gflops_pairs):  # [before flops/s, before B/s, before s, after flops/s, after B/s, after s] per rank
+        return [[b * 1e9, 1e10, 0.1, a * 1e9, 1e10, 0.1] for b, a in gflops_pairs]
+
+    def low(*pairs):
+        return hostprobe.record(table(*pairs), ["h"] * len(pairs), [None] * len(pairs), 10e9, 1e10, "probe",
+                                "probe")["ceiling_below_delivered"]
+
+    assert low((16, 17), (18, 15.5))
+    assert not low((16, 17), (18, 14))  # one probe of one rank at 1.4x: the ceiling may be right
+    assert not low((9, 10), (10, 11))
+    assert not hostprobe.record(table((50, 50)), ["h"], [None], None, None, None, None)["ceiling_below_delivered"]

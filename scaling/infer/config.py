@@ -2,37 +2,26 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from omegaconf import DictConfig
 
 from scaling import config
-from scaling.config import ConfigError, RunConfig
+from scaling.config import ConfigError, RunConfig, check_declared, int_at_least, positive_number
 
-SCENARIOS = ("single_stream", "offline", "server", "all")
+Scenario = Literal["single_stream", "offline", "server", "all"]
 P99_MIN_QUERIES = 662
 """MLPerf LoadGen's smallest query count for a 99th-percentile latency bound (server scenario, ResNet-50)."""
 
 
-def _int_at_least(key: str, value: Any, lowest: int) -> int:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= lowest):
-        raise ConfigError(f"{key} must be an integer >= {lowest} (got {value!r})")
-    return value
-
-
-def _positive_number(key: str, value: Any, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise ConfigError(f"{key} must be a number {'>=' if allow_zero else '>'} 0 (got {value!r})")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class InferConfig:
+    SECTION: typing.ClassVar[str] = "infer"
     batch_sizes: list[int]
     """The sweep: one point per batch size, in the order given."""
-    scenario: str = "all"
+    scenario: Scenario = "all"
     """single_stream | offline | server | all."""
     queries: int = 100
     """Timed queries per batch size, each synchronised: the recorded latency samples."""
@@ -64,24 +53,20 @@ class InferConfig:
             raise ConfigError(f"infer.batch_sizes must be a non-empty list of integers >= 1 (got {sizes!r})")
         if len(set(sizes)) != len(sizes):
             raise ConfigError(f"infer.batch_sizes lists a batch size twice (got {sizes!r})")
-        if self.scenario not in SCENARIOS:
-            raise ConfigError(f"infer.scenario must be one of {'|'.join(SCENARIOS)} (got {self.scenario!r})")
-        _int_at_least("infer.queries", self.queries, 1)
-        _int_at_least("infer.warmup_queries", self.warmup_queries, 0)
-        _positive_number("infer.latency_budget_ms", self.latency_budget_ms)
-        _int_at_least("infer.replicas", self.replicas, 1)
+        check_declared(self)
+        int_at_least("infer.queries", self.queries, 1)
+        int_at_least("infer.warmup_queries", self.warmup_queries, 0)
+        positive_number("infer.latency_budget_ms", self.latency_budget_ms)
+        int_at_least("infer.replicas", self.replicas, 1)
         if self.server_max_batch is not None:
-            _int_at_least("infer.server_max_batch", self.server_max_batch, 1)
+            int_at_least("infer.server_max_batch", self.server_max_batch, 1)
             if self.server_max_batch > max(sizes):
                 raise ConfigError(f"infer.server_max_batch={self.server_max_batch} is larger than every batch size "
                                   f"measured (largest {max(sizes)}); add it to infer.batch_sizes")
-        _positive_number("infer.server_timeout_ms", self.server_timeout_ms, allow_zero=True)
-        _int_at_least("infer.server_queries", self.server_queries, P99_MIN_QUERIES)
-        _positive_number("infer.server_search_step", self.server_search_step)
-        _int_at_least("infer.seed", self.seed, 0)
-        for key in ("ops", "server_replay"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"infer.{key} must be true or false (got {getattr(self, key)!r})")
+        positive_number("infer.server_timeout_ms", self.server_timeout_ms, allow_zero=True)
+        int_at_least("infer.server_queries", self.server_queries, P99_MIN_QUERIES)
+        positive_number("infer.server_search_step", self.server_search_step)
+        int_at_least("infer.seed", self.seed, 0)
 
     @property
     def max_batch(self) -> int:
@@ -114,5 +99,5 @@ def parse(cfg: DictConfig | dict[str, Any]) -> InferRun:
     section = raw.get("infer")
     if not isinstance(section, dict):
         raise ConfigError("config section 'infer' is missing")
-    infer = config._typed(InferConfig, "infer", section)
+    infer = config.typed_section(InferConfig, "infer", section)
     return InferRun(config.parse(raw), infer)

@@ -23,7 +23,10 @@ probes, before and after the measured steps, of
 2. with peers, the other ranks' median of the same probe at the same time.
 
 The first catches a host slower than it was when its ceiling was cached; the second a host slower than
-its peers now, whatever the cache says. Both probes must fall short: on a shared machine one 25 ms window
+its peers now, whatever the cache says. The other way round, a GEMM ceiling **below what the host
+delivered** (every rank above ``LOW_CEILING_RATIO``, 1.5, of it at both probes) is recorded as
+``ceiling_below_delivered``: the cached probe was taken while the host was busy (or the configured
+``hardware.peak_tflops`` is wrong), and MFU and the op profile's ridge, measured against it, read high. Both probes must fall short: on a shared machine one 25 ms window
 can land on a neighbour's burst (single probes of one idle rank here read 60 to 150 GFLOP/s within
 seconds), and a host that is slow for the run is slow at both ends of it. A slowdown that starts in the
 middle of the run and shows only in the "after" probe is recorded, not named. Only ceilings already in
@@ -48,6 +51,8 @@ CUDA_ARRAY_BYTES = 256 * 2**20
 WINDOW_S = 0.025
 SLOW_RATIO = 0.7
 """Below this share of the ceiling, or of the other ranks' median, the host is named slow."""
+LOW_CEILING_RATIO = 1.5
+"""Above this multiple of the GEMM ceiling on every rank at both probes, the ceiling itself is too low."""
 PROBES = ("before", "after")
 RULES = (("gflops_of_ceiling", "GEMM at a share of the ceiling of"),
          ("GBps_of_ceiling", "copy bandwidth at a share of the ceiling of"),
@@ -143,9 +148,12 @@ def record(table: list[list[float]], hosts: list[str], cores_of: list[list[int] 
         entry["slow"] = bool(reasons)
         entry["reasons"] = reasons
         ranks.append(entry)
+    delivered = [entry[when]["gflops_of_ceiling"] for entry in ranks for when in PROBES]
     return {"ceiling_gflops": ceiling_flops / 1e9 if ceiling_flops else None,
             "ceiling_GBps": ceiling_Bps / 1e9 if ceiling_Bps else None,
             "ceiling_flops_source": flops_source, "ceiling_membw_source": membw_source,
+            "ceiling_below_delivered": bool(delivered) and all(v is not None and v > LOW_CEILING_RATIO
+                                                              for v in delivered),
             "slow_ratio": SLOW_RATIO, "window_s": WINDOW_S,
             "slow_ranks": [e["rank"] for e in ranks if e["slow"]], "ranks": ranks}
 

@@ -329,6 +329,23 @@ def slow_nodes(stats: StudyStats) -> str | None:
             "or the other ranks, before and after the measured steps): " + "; ".join(shown) + ".")
 
 
+def low_ceiling(stats: StudyStats) -> str | None:
+    """Runs whose GEMM ceiling is below what every rank's host probe delivered (run.json host_probe
+    ``ceiling_below_delivered``): their MFU and roofline read against too low a peak."""
+    low = [r for r in stats.records.runs if r.completed and (r.run.get("host_probe") or {}).get("ceiling_below_delivered")]
+    if not low:
+        return None
+    probe = low[0].run["host_probe"]
+    delivered = [rank[when]["gflops"] for r in low for rank in r.run["host_probe"]["ranks"] for when in ("before", "after")]
+    fix = ("delete peak_flops.json in the probe cache ($XDG_CACHE_HOME/scaling, ~/.cache/scaling) to probe again "
+           "on an idle host" if probe.get("ceiling_flops_source") == "probe" else "correct hardware.peak_tflops")
+    return (f"Peak FLOP/s too low: the ceiling of {probe['ceiling_gflops']:.1f} GFLOP/s "
+            f"({probe.get('ceiling_flops_source') or 'unknown source'}) is below what every rank's host probe "
+            f"delivered ({min(delivered):.1f}-{max(delivered):.1f} GFLOP/s) in {len(low)} of "
+            f"{sum(r.completed for r in stats.records.runs)} run(s), so MFU and the roofline's ridge read high; "
+            f"{fix}.")
+
+
 def failures(stats: StudyStats) -> list[str]:
     out = [f"Point {run_id} failed: {cause}." for run_id, cause in failed_points(stats)]
     done = {(r.solo_batch, r.repeat) for r in stats.records.controls if r.completed}
@@ -341,7 +358,7 @@ def failures(stats: StudyStats) -> list[str]:
 
 def study_findings(stats: StudyStats) -> list[str]:
     found = [headline(stats), lost_efficiency(stats), boundness(stats), stragglers(stats), slow_nodes(stats),
-             efficiency_loss(stats),
+             low_ceiling(stats), efficiency_loss(stats),
              communication(stats), operators(stats), memory(stats), noise(stats), fairness(stats), *failures(stats)]
     if not stats.sizes:
         found.insert(0, "No run of this study completed: nothing to measure.")

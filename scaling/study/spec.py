@@ -167,16 +167,8 @@ def _int_list(key: str, value: Any) -> tuple[int, ...]:
     return tuple(sorted(set(items)))
 
 
-def _boolean(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false (got {value!r})")
-    return value
-
-
 def _positive(key: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{key} must be an integer >= 1 (got {value!r})")
-    return value
+    return config.int_at_least(key, value, 1)
 
 
 def study_strategies(cfg: DictConfig) -> tuple[str, ...] | None:
@@ -256,8 +248,8 @@ def spec_from_config(cfg: DictConfig, user_overrides: Sequence[str]) -> StudySpe
     else:
         nprocs = _int_list("study.nprocs", study.get("nprocs"))
     repeats = _positive("study.repeats", study.get("repeats", 1))
-    fail_fast = _boolean("study.fail_fast", study.get("fail_fast", False))
-    controls = _boolean("study.controls", study.get("controls", True))
+    fail_fast = config.boolean("study.fail_fast", study.get("fail_fast", False))
+    controls = config.boolean("study.controls", study.get("controls", True))
     # The same threads at every point: explicit, else the cores of a task under srun
     # (--cpus-per-task), else the cores here shared by the largest point.
     study_threads = study.get("threads", "auto")
