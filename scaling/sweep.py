@@ -47,7 +47,7 @@ from scaling import cli, config
 from scaling.config import ConfigError
 from scaling.launch.lifetime import end_with_parent
 from scaling.records.files import flatten, previous_json, read_json, write_json
-from scaling.study.points import StudyInterrupted, fmt_duration, point_state, stop_job
+from scaling.study.points import StudyInterrupted, fmt_duration, move_attempt_aside, point_state, stop_job
 from scaling.study.run import EXIT_STOPPED, run_study, terminate_as_interrupt
 from scaling.study.spec import (check_points, check_resumable, spec_from_config, strategy_overrides, study_settings,
                                 study_strategies)
@@ -270,9 +270,7 @@ def run_job(sweep: Sweep, combo: Combination, stamp: str) -> tuple[str, str]:
     run_dir = sweep.dir / combo.name
     log_path = sweep.dir / "logs" / f"{combo.name}.log"
     if point_state(run_dir) == "incomplete":
-        for path in (run_dir, log_path):
-            if path.exists():
-                path.rename(path.with_name(f"{combo.name}.failed-{stamp}{path.suffix if path.is_file() else ''}"))
+        move_attempt_aside(run_dir, log_path, stamp)
         say(f"{combo.name}: an earlier attempt failed or was cut short; moved aside, running again")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "scaling.train", *sweep.run_overrides(combo)]

@@ -72,10 +72,16 @@ def point_state(run_dir: Path) -> str:
 
 def move_aside(spec: StudySpec, point: Point, stamp: str) -> list[str]:
     """Rename a failed or partial point's folder (and its launcher log) so the point can run again."""
+    return move_attempt_aside(spec.dir / point.run_id, launch_log(spec, point), stamp)
+
+
+def move_attempt_aside(run_dir: Path, log: Path, stamp: str) -> list[str]:
+    """``<name>`` and its log become ``<name>.failed-<stamp>`` (the log keeps its suffix): a study's point and a
+    sweep's job are run again beside what their cut-short attempt left. The new names."""
     moved = []
-    for path in (spec.dir / point.run_id, launch_log(spec, point)):
+    for path in (run_dir, log):
         if path.exists():
-            target = path.with_name(f"{point.run_id}.failed-{stamp}{path.suffix if path.is_file() else ''}")
+            target = path.with_name(f"{run_dir.name}.failed-{stamp}{path.suffix if path.is_file() else ''}")
             path.rename(target)
             moved.append(target.name)
     return moved
