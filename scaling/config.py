@@ -25,8 +25,7 @@ Model = Literal["resnet18", "resnet50", "transformer", "mlp"]
 DataKind = Literal["images", "imagefolder", "tokens", "vectors"]
 Optimizer = Literal["sgd", "adamw"]
 Strategy = Literal["ddp", "zero1", "fsdp"]
-BACKENDS, DEVICES, AMP_MODES, WANDB_MODES = get_args(Backend), get_args(Device), get_args(AmpMode), get_args(WandbMode)
-MODELS, DATA_KINDS, OPTIMIZERS, STRATEGIES = get_args(Model), get_args(DataKind), get_args(Optimizer), get_args(Strategy)
+STRATEGIES = get_args(Strategy)
 BUILTIN_HOOKS = ("allreduce", "fp16", "bf16", "powersgd", "mpi")
 
 
