@@ -23,16 +23,18 @@ probes, before and after the measured steps, of
 2. with peers, the other ranks' median of the same probe at the same time.
 
 The first catches a host slower than it was when its ceiling was cached; the second a host slower than
-its peers now, whatever the cache says. The other way round, a GEMM ceiling **below what the host
-delivered** (every rank above ``LOW_CEILING_RATIO``, 1.5, of it at both probes) is recorded as
-``ceiling_below_delivered``: the cached probe was taken while the host was busy (or the configured
-``hardware.peak_tflops`` is wrong), and MFU and the op profile's ridge, measured against it, read high. Both probes must fall short: on a shared machine one 25 ms window
+its peers now, whatever the cache says. Both probes must fall short: on a shared machine one 25 ms window
 can land on a neighbour's burst (single probes of one idle rank here read 60 to 150 GFLOP/s within
 seconds), and a host that is slow for the run is slow at both ends of it. A slowdown that starts in the
 middle of the run and shows only in the "after" probe is recorded, not named. Only ceilings already in
 the cache are read (none is probed for this); without one, the first rule has nothing to compare with. The short copy works on arrays smaller than the cached probe's
 (``membw.array_bytes``), so on a host with a large last-level cache it can read above the ceiling; the
 ratio is recorded as it is and only a shortfall counts.
+
+The other way round, a GEMM ceiling **below what the host delivered** (every rank above
+``LOW_CEILING_RATIO``, 1.5, of it at both probes) is recorded as ``ceiling_below_delivered``: the cached
+probe was taken while the host was busy (or the configured ``hardware.peak_tflops`` is wrong), and MFU and
+the op profile's ridge, measured against it, read high.
 """
 
 from __future__ import annotations

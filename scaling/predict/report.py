@@ -69,11 +69,14 @@ class Result:
     warnings: list[str] = field(default_factory=list)
 
     @property
+    def files(self) -> list[Path]:
+        """prediction.json and prediction.png, where they were written."""
+        return [] if self.out_dir is None else [self.out_dir / PREDICTION_JSON, self.out_dir / PREDICTION_PNG]
+
+    @property
     def text(self) -> str:
         """What ``scaling.predict`` prints: the table, then the files written (if any)."""
-        if self.out_dir is None:
-            return self.table
-        return f"{self.table}\n\n  written: {self.out_dir / PREDICTION_JSON}, {self.out_dir / PREDICTION_PNG}"
+        return self.table + (f"\n\n  written: {', '.join(map(str, self.files))}" if self.files else "")
 
 
 def commbench_fit(path: Path) -> tuple[int, Link]:

@@ -80,18 +80,18 @@ def build_report(study_dirs: list[Path], out_dir: Path | None = None, commbench_
 
     ``commbench_paths``: commbench.json files or their folders to set beside the study
     (CommbenchError when one is not a readable commbench result). ``predict``: the prediction
-    (prediction.json and .png) and its section (ValueError when the studies cannot be predicted from).
+    (prediction.json and .png) and its section (PredictError when the studies cannot be predicted from).
     """
     study_dirs = [Path(d) for d in study_dirs]
     benches = commbench_share.load(commbench_paths or [])
     out = Path(out_dir) if out_dir is not None else default_out_dir(study_dirs)
     out.mkdir(parents=True, exist_ok=True)
     doc = analyse(study_dirs, benches)
-    predicted, predicted_files = None, []
+    predicted = None
     if predict is not None:
         from scaling.report.prediction import prediction
 
-        predicted, section, predicted_files = prediction(study_dirs, out, predict)
+        predicted, section = prediction(study_dirs, out, predict)
         doc.sections.append(section)
     from scaling.report import plots, roofline_plot, timeline_plot  # matplotlib only when figures are drawn
 
@@ -102,7 +102,7 @@ def build_report(study_dirs: list[Path], out_dir: Path | None = None, commbench_
     (out / "report.md").write_text(render.markdown(doc, out))
     (out / "report.html").write_text(render.html_page(doc, out))
     return Report(out, doc, [out / "results.csv", out / "report.md", out / "report.html", *doc.plots,
-                             *predicted_files], predicted)
+                             *(predicted.files if predicted else [])], predicted)
 
 
 def console_text(report: Report) -> str:

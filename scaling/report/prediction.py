@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from scaling.predict.report import (PREDICTION_JSON, PREDICTION_PNG, PredictOptions, Result, parse_latency_s, parse_rate_bit_s,
+from scaling.predict.report import (PREDICTION_PNG, PredictOptions, Result, parse_latency_s, parse_rate_bit_s,
                                     run_prediction)
 from scaling.report.render import Section
 
@@ -36,8 +36,8 @@ class PredictRequest:
             raise PredictError(str(exc)) from None
 
 
-def prediction(study_dirs: list[Path], out_dir: Path, request: PredictRequest) -> tuple[Result, Section, list[Path]]:
-    """The prediction written into ``out_dir``, the report section that shows it and the files written."""
+def prediction(study_dirs: list[Path], out_dir: Path, request: PredictRequest) -> tuple[Result, Section]:
+    """The prediction written into ``out_dir`` and the report section that shows it."""
     rate_bit_s = latency_s = None
     try:
         if request.link is not None:
@@ -49,5 +49,4 @@ def prediction(study_dirs: list[Path], out_dir: Path, request: PredictRequest) -
                                                out=out_dir))
     except ValueError as exc:
         raise PredictError(str(exc)) from None
-    return result, Section("Prediction", result.table, out_dir / PREDICTION_PNG), [out_dir / PREDICTION_JSON,
-                                                                                  out_dir / PREDICTION_PNG]
+    return result, Section("Prediction", result.table, out_dir / PREDICTION_PNG)
